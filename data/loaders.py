@@ -1,0 +1,231 @@
+"""Loaders: LaMP files (official or LaMP-format) and generic JSONL interaction logs, into per-user
+data, `datasets.Dataset`s and `dspy.Example`s.
+
+Every loader returns a `TaskData`: the task spec and, per user, what goes to memory, the past
+items that can be replayed for alignment, and the held-out questions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import dspy
+
+from .tasks import Interaction, Kind, TaskSpec, generic_task, resolve_task
+
+
+class DataError(ValueError):
+    """A malformed input file; the message names the file, the record and the field."""
+
+    def __init__(self, path: Path | str, record: Any, problem: str):
+        super().__init__(f"{path}: record {record}: {problem}")
+
+
+@dataclass
+class UserData:
+    user_id: str
+    memories: list[Interaction] = field(default_factory=list)  # everything the user did, oldest first
+    replays: list[Interaction] = field(default_factory=list)  # past items phrased as task questions
+    questions: list[dspy.Example] = field(default_factory=list)  # held-out: id, question, answer
+
+    def recent(self, n: int) -> list[Interaction]:
+        """The user's latest n replayable interactions (the paper's test-time alignment window)."""
+        return self.replays[-n:] if n > 0 else []
+
+
+@dataclass
+class TaskData:
+    task: TaskSpec
+    users: dict[str, UserData]
+    source: str = ""
+
+    def select(self, n_users: int | None = None, user_ids: Iterable[str] | None = None) -> "TaskData":
+        """Users chosen deterministically: the named ones, else the first n in file order."""
+        if user_ids:
+            missing = [u for u in user_ids if u not in self.users]
+            if missing:
+                raise KeyError(f"users not in {self.source}: {', '.join(map(repr, missing))}")
+            chosen = list(user_ids)
+        else:
+            chosen = list(self.users)[: n_users or None]
+        return TaskData(self.task, {u: self.users[u] for u in chosen}, self.source)
+
+    def questions_dataset(self):
+        import datasets
+
+        rows = [{"user_id": u, "id": ex.id, "question": ex.question, "answer": ex.get("answer")}
+                for u, data in self.users.items() for ex in data.questions]
+        return datasets.Dataset.from_list(rows)
+
+    def memories_dataset(self):
+        import datasets
+
+        rows = [{"user_id": u, "input": m.input, "output": m.output, "timestamp": m.timestamp}
+                for u, data in self.users.items() for m in data.memories]
+        return datasets.Dataset.from_list(rows)
+
+
+def _replays(spec: TaskSpec, items: list[dict]) -> list[Interaction]:
+    """Replayable interactions, each tagged with its position in the history: when it is replayed,
+    memory shows only what came before it."""
+    found = []
+    for position, item in enumerate(items):
+        replay = spec.to_interaction(item, items[:position] + items[position + 1:])
+        if replay is not None:
+            found.append(replace(replay, metadata={**replay.metadata, "position": position}))
+    return found
+
+
+def _example(qid: str, question: str, answer: str | None) -> dspy.Example:
+    return dspy.Example(id=qid, question=question, answer=answer).with_inputs("question")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"at line {exc.lineno}", f"not valid JSON ({exc.msg})") from None
+
+
+# ---------------------------------------------------------------- LaMP
+
+def _lamp_files(path: Path) -> tuple[Path, Path | None]:
+    if path.is_file():
+        questions = path
+        outputs = path.with_name(path.name.replace("questions", "outputs"))
+        return questions, outputs if outputs != path and outputs.exists() else None
+    for pattern in ("questions.json", "*_questions.json", "*questions*.json"):
+        found = sorted(path.glob(pattern))
+        if found:
+            return _lamp_files(found[0])
+    raise FileNotFoundError(f"{path}: no LaMP questions file (questions.json or *_questions.json)")
+
+
+def _infer_lamp_task(name: str | None, questions: list[dict]) -> TaskSpec:
+    if name and re.fullmatch(r"lamp[-_ ]?2(?:[-_].*)?", name.strip().lower()):
+        # Official LaMP-2 files say 'LaMP_2' for both variants: the profile fields tell them apart.
+        fields = {k for q in questions[:5] for p in q.get("profile", [])[:3] for k in p}
+        name = "LaMP-2M" if "tag" in fields else "LaMP-2N"
+    if not name:
+        raise ValueError("the task is not named in the outputs file: pass --task (e.g. LaMP-3)")
+    return resolve_task(name)
+
+
+def _labels_in_question(question: str) -> tuple[str, ...] | None:
+    """LaMP-format classification questions list their labels: 'categories: [a, b, ...]'."""
+    match = re.search(r"(?:categories|tags): \[([^\]]+)\]", question)
+    return tuple(x.strip() for x in match.group(1).split(",")) if match else None
+
+
+def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
+    """Read LaMP files unchanged: `questions.json` (+ `outputs.json`) or `X_questions.json` (+ `X_outputs.json`).
+
+    Official LaMP has one profile per question; LaMP-format sets add `user_id` so a user's questions
+    share one profile. A user's memory is the profile that all of their questions share, so no
+    question's answer is ever in the memory used to answer it.
+    """
+    questions_path, outputs_path = _lamp_files(Path(path))
+    questions = _read_json(questions_path)
+    if not isinstance(questions, list):
+        raise DataError(questions_path, "(top level)", "expected a list of questions")
+    golds: dict[str, str] = {}
+    file_task = None
+    if outputs_path:
+        outputs = _read_json(outputs_path)
+        if not isinstance(outputs, dict) or not isinstance(outputs.get("golds"), list):
+            raise DataError(outputs_path, "(top level)", "expected {task, golds: [{id, output}]}")
+        file_task = outputs.get("task")
+        for i, gold in enumerate(outputs["golds"]):
+            if not isinstance(gold, dict) or "id" not in gold or "output" not in gold:
+                raise DataError(outputs_path, f"golds[{i}]", "missing field 'id' or 'output'")
+            golds[str(gold["id"])] = str(gold["output"])
+    spec = _infer_lamp_task(task or file_task, questions)
+    if spec.labels and questions:
+        spec = spec.with_labels(_labels_in_question(str(questions[0].get("input", ""))) or spec.labels)
+
+    users: dict[str, UserData] = {}
+    profile_ids: dict[str, set] = {}
+    profiles: dict[str, list[dict]] = {}
+    for i, q in enumerate(questions):
+        for name in ("id", "input", "profile"):
+            if name not in q:
+                raise DataError(questions_path, f"{i} (id {q.get('id', '?')})", f"missing field {name!r}")
+        if not isinstance(q["profile"], list):
+            raise DataError(questions_path, f"{i} (id {q['id']})", "field 'profile' must be a list")
+        user_id = str(q.get("user_id", q["id"]))
+        ids = {str(p.get("id", j)) for j, p in enumerate(q["profile"])}
+        if user_id not in users:
+            users[user_id] = UserData(user_id)
+            profiles[user_id], profile_ids[user_id] = q["profile"], ids
+        elif len(ids & profile_ids[user_id]) < len(profile_ids[user_id]):
+            profile_ids[user_id] &= ids
+        users[user_id].questions.append(_example(str(q["id"]), str(q["input"]), golds.get(str(q["id"]))))
+
+    for user_id, data in users.items():
+        items = [p for j, p in enumerate(profiles[user_id]) if str(p.get("id", j)) in profile_ids[user_id]]
+        items.sort(key=lambda p: (spec.to_memory(p).timestamp or 0))  # stable: file order breaks ties
+        data.memories = [spec.to_memory(p) for p in items]
+        data.replays = _replays(spec, items)
+    return TaskData(spec, users, str(questions_path))
+
+
+# ---------------------------------------------------------------- generic JSONL
+
+def load_jsonl(path: str | Path, kind: Kind = "generation", labels: tuple[str, ...] | None = None,
+               holdout: int = 1) -> TaskData:
+    """Read interaction logs: one JSON object per line with user_id, timestamp, input, output, metadata.
+
+    Each user's latest `holdout` interactions with an output become held-out questions; the rest
+    is their history. For classification without `labels`, the label set is the outputs seen.
+    """
+    path = Path(path)
+    rows: dict[str, list[dict]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, f"line {lineno}", f"not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(path, f"line {lineno}", "expected a JSON object")
+            for name in ("user_id", "input"):
+                if row.get(name) in (None, ""):
+                    raise DataError(path, f"line {lineno}", f"missing field {name!r}")
+            if row.get("metadata") is not None and not isinstance(row["metadata"], dict):
+                raise DataError(path, f"line {lineno}", "field 'metadata' must be an object")
+            ts = row.get("timestamp")
+            if ts is not None and not isinstance(ts, (int, float)):
+                raise DataError(path, f"line {lineno}", "field 'timestamp' must be a number (seconds)")
+            rows.setdefault(str(row["user_id"]), []).append(row)
+    if kind != "generation" and not labels:
+        labels = tuple(sorted({str(r["output"]) for rs in rows.values() for r in rs if r.get("output") is not None}))
+    spec = generic_task(kind, labels, name=path.stem)
+    users = {}
+    for user_id, items in rows.items():
+        items.sort(key=lambda r: r.get("timestamp") or 0)
+        answered = [i for i, r in enumerate(items) if r.get("output") not in (None, "")]
+        held = set(answered[-holdout:]) if holdout and len(answered) > holdout else set()
+        history = [r for i, r in enumerate(items) if i not in held]
+        data = UserData(user_id)
+        data.memories = [spec.to_memory(r) for r in history]
+        data.replays = _replays(spec, history)
+        data.questions = [_example(f"{user_id}/{i}", items[i]["input"], str(items[i]["output"])) for i in sorted(held)]
+        users[user_id] = data
+    return TaskData(spec, users, str(path))
+
+
+def load(path: str | Path, task: str | None = None, **jsonl_options) -> TaskData:
+    """Load a LaMP file or folder, or a `.jsonl` interaction log (`task` is then its kind)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.suffix == ".jsonl":
+        kind = task if task in ("classification", "rating", "generation") else "generation"
+        return load_jsonl(path, kind=kind, **jsonl_options)
+    return load_lamp(path, task)

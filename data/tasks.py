@@ -1,0 +1,326 @@
+"""Task specifications: what a task's answer is, how it is scored, and how a user's past item
+becomes a replayable interaction (question, what the user really did).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Literal
+
+Kind = Literal["classification", "rating", "generation"]
+
+LAMP_2M_TAGS = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
+    "classic", "psychology", "fantasy", "romance", "thought-provoking", "social commentary",
+    "violence", "true story",
+)
+LAMP_2N_CATEGORIES = (
+    "women", "religion", "politics", "style & beauty", "entertainment", "culture & arts", "sports",
+    "science & technology", "travel", "business", "crime", "education", "healthy living",
+    "parents", "food & drink",
+)
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One thing a user did: the question they faced and what they answered (None if unknown)."""
+
+    input: str
+    output: str | None = None
+    timestamp: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- scoring
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"\w+", str(text).lower())
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def _f1(overlap: float, n_pred: int, n_gold: int) -> float:
+    if overlap == 0 or n_pred == 0 or n_gold == 0:
+        return 0.0
+    p, r = overlap / n_pred, overlap / n_gold
+    return 2 * p * r / (p + r)
+
+
+def rouge_1(pred: str, gold: str) -> float:
+    p, g = _tokens(pred), _tokens(gold)
+    return _f1(sum((Counter(p) & Counter(g)).values()), len(p), len(g))
+
+
+def rouge_l(pred: str, gold: str) -> float:
+    p, g = _tokens(pred), _tokens(gold)
+    return _f1(_lcs(p, g), len(p), len(g))
+
+
+def _as_rating(text: Any) -> float | None:
+    match = re.search(r"-?\d+(\.\d+)?", str(text))
+    return float(match.group()) if match else None
+
+
+def macro_f1(preds: list[str], golds: list[str]) -> float:
+    labels = set(golds) | set(preds)
+    scores = []
+    for label in labels:
+        tp = sum(p == g == label for p, g in zip(preds, golds))
+        scores.append(_f1(tp, sum(p == label for p in preds), sum(g == label for g in golds)))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+# ---------------------------------------------------------------- the spec
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task: its answer type, its metrics, and how profile items become interactions.
+
+    `labels` fixes the answer to a closed set (a `Literal` in the signature); `None` means free text.
+    `to_interaction` turns one raw profile item into an `Interaction` whose input is phrased like
+    the task's questions, so the persona can be replayed on it; it returns None for items that
+    cannot be replayed. Every item also goes to episodic memory as `to_memory(item)`: its content
+    fields as the input and its output field as what the user did.
+    """
+
+    name: str
+    kind: Kind
+    description: str
+    labels: tuple[str, ...] | None
+    to_interaction: Callable[[dict, list[dict]], Interaction | None]
+    content_fields: tuple[str, ...]
+    output_field: str | None
+
+    def to_memory(self, item: dict) -> Interaction:
+        parts = [f"{name}: {item[name]}" for name in self.content_fields if item.get(name) not in (None, "")]
+        output = item.get(self.output_field) if self.output_field else None
+        if isinstance(output, list):
+            output = "; ".join(_reference_titles(item)[:20]) or None
+        return Interaction(" | ".join(parts), None if output in (None, "") else str(output),
+                           _time(item), {"id": item.get("id")})
+
+    @property
+    def answer_type(self) -> Any:
+        return Literal[self.labels] if self.labels else str  # type: ignore[valid-type]
+
+    def with_labels(self, labels: tuple[str, ...]) -> "TaskSpec":
+        return replace(self, labels=tuple(labels))
+
+    def normalize(self, answer: Any) -> str:
+        return str(answer).strip()
+
+    def score(self, pred: Any, gold: str) -> float:
+        """Per-example score in [0, 1]: what the alignment loop and GEPA maximize."""
+        pred, gold = self.normalize(pred), self.normalize(gold)
+        if self.kind == "classification":
+            return float(pred.lower() == gold.lower())
+        if self.kind == "rating":
+            p, g = _as_rating(pred), _as_rating(gold)
+            if p is None or g is None:
+                return 0.0
+            return max(0.0, 1.0 - abs(p - g) / 4.0)
+        return rouge_l(pred, gold)
+
+    def metrics(self, preds: list[Any], golds: list[str]) -> dict[str, float]:
+        preds = [self.normalize(p) for p in preds]
+        golds = [self.normalize(g) for g in golds]
+        n = len(golds)
+        if n == 0:
+            return {"n": 0}
+        if self.kind == "classification":
+            return {
+                "accuracy": sum(p.lower() == g.lower() for p, g in zip(preds, golds)) / n,
+                "macro_f1": macro_f1([p.lower() for p in preds], [g.lower() for g in golds]),
+                "n": n,
+            }
+        if self.kind == "rating":
+            errors = []
+            for p, g in zip(preds, golds):
+                pv, gv = _as_rating(p), _as_rating(g)
+                # An unparseable rating counts as the worst error on a 1-5 scale.
+                errors.append(4.0 if pv is None or gv is None else abs(pv - gv))
+            return {"mae": sum(errors) / n, "rmse": math.sqrt(sum(e * e for e in errors) / n), "n": n}
+        return {
+            "rouge_1": sum(rouge_1(p, g) for p, g in zip(preds, golds)) / n,
+            "rouge_l": sum(rouge_l(p, g) for p, g in zip(preds, golds)) / n,
+            "n": n,
+        }
+
+    def output_stats(self, outputs: list[str]) -> str:
+        """Facts about a user's past answers, computed without an LLM (label habits, mean rating)."""
+        outputs = [self.normalize(o) for o in outputs if o is not None]
+        if not outputs:
+            return "No past answers recorded."
+        if self.kind == "rating":
+            values = [v for v in map(_as_rating, outputs) if v is not None]
+            counts = Counter(int(v) for v in values)
+            dist = ", ".join(f"{k}: {counts[k]}" for k in sorted(counts, reverse=True))
+            return (f"{len(values)} past ratings, mean {sum(values) / len(values):.2f}; "
+                    f"count per rating: {dist}.")
+        if self.kind == "classification":
+            counts = Counter(outputs)
+            dist = ", ".join(f"{label}: {c}" for label, c in counts.most_common(8))
+            return f"{len(outputs)} past answers; most frequent: {dist}."
+        lengths = [len(_tokens(o)) for o in outputs]
+        return f"{len(outputs)} past texts, {sum(lengths) / len(lengths):.0f} words on average."
+
+
+# ---------------------------------------------------------------- LaMP tasks
+
+def _stable_choice(key: str, options: list[str]) -> str:
+    return options[zlib.crc32(key.encode()) % len(options)]
+
+
+def _citation_interaction(item: dict, profile: list[dict]) -> Interaction | None:
+    """A past paper becomes a two-choice citation question: one of its own references against a
+    title this author cited elsewhere but not here. Both come from the same user's history, so no
+    other user's data enters the question."""
+    cited = _reference_titles(item)
+    if not cited:
+        return None
+    own = set(cited)
+    elsewhere = sorted({t for p in profile for t in _reference_titles(p) if t not in own})
+    if not elsewhere:
+        return None
+    key = str(item.get("id", item.get("title")))
+    positive, negative = _stable_choice(key, cited), _stable_choice(key + "/neg", elsewhere)
+    first_is_positive = zlib.crc32(key.encode()) % 2 == 0
+    a, b = (positive, negative) if first_is_positive else (negative, positive)
+    question = (f'For an author who has written the paper with the title "{item["title"]}", which '
+                f'reference is related? Just answer with [1] or [2] without explanation. '
+                f'[1]: "{a}" [2]: "{b}"')
+    return Interaction(question, "[1]" if first_is_positive else "[2]", _time(item), {"id": item.get("id")})
+
+
+def _reference_titles(item: dict) -> list[str]:
+    """References as LaMP-format files list them: plain titles, or records with a title."""
+    refs = item.get("references") or []
+    return [t for t in (r if isinstance(r, str) else r.get("title") for r in refs) if t]
+
+
+def _time(item: dict) -> float | None:
+    for key in ("time", "date", "year"):
+        if key in item and item[key] is not None:
+            value = item[key]
+            if isinstance(value, (int, float)):
+                return float(value)
+            digits = re.sub(r"\D", "", str(value))[:8]
+            return float(digits) if digits else None
+    return None
+
+
+def _categories_prompt(categories: tuple[str, ...], text: str) -> str:
+    return ("Which category does this article relate to among the following categories? Just answer "
+            "with the category name without further explanation. categories: ["
+            + ", ".join(categories) + f"] article: {text}")
+
+
+def _news_text(item: dict) -> str:
+    return ". ".join(x for x in (item.get("title"), item.get("text")) if x)
+
+
+def _news_interaction(categories: tuple[str, ...]) -> Callable[[dict, list[dict]], Interaction | None]:
+    def convert(item: dict, _profile: list[dict]) -> Interaction | None:
+        if not item.get("category"):
+            return None
+        return Interaction(_categories_prompt(categories, _news_text(item)), item["category"],
+                           _time(item), {"id": item.get("id")})
+    return convert
+
+
+def _movie_interaction(item: dict, _profile: list[dict]) -> Interaction | None:
+    if not item.get("tag"):
+        return None
+    question = ("Which tag does this movie relate to among the following tags? Just answer with the tag "
+                "name without further explanation. tags: [" + ", ".join(LAMP_2M_TAGS)
+                + f"] description: {item.get('description', '')}")
+    return Interaction(question, item["tag"], _time(item), {"id": item.get("id")})
+
+
+def _review_interaction(item: dict, _profile: list[dict]) -> Interaction | None:
+    if item.get("score") in (None, ""):
+        return None
+    question = ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, "
+                f"3, 4, or 5 without further explanation. review: {item.get('text', '')}")
+    return Interaction(question, str(item["score"]).strip(), _time(item), {"id": item.get("id")})
+
+
+def _generation_interaction(prompt: str, source: str, target: str) -> Callable[[dict, list[dict]], Interaction | None]:
+    def convert(item: dict, _profile: list[dict]) -> Interaction | None:
+        if not item.get(source) or not item.get(target):
+            return None
+        return Interaction(f"{prompt} {item[source]}", item[target], _time(item), {"id": item.get("id")})
+    return convert
+
+
+def _no_interaction(_item: dict, _profile: list[dict]) -> None:
+    return None
+
+
+LAMP_TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("LaMP-1", "classification", "choose which of two papers the author would cite",
+                 ("[1]", "[2]"), _citation_interaction, ("title", "abstract"), "references"),
+        TaskSpec("LaMP-2N", "classification", "pick the category the journalist files an article under",
+                 LAMP_2N_CATEGORIES, _news_interaction(LAMP_2N_CATEGORIES), ("title", "text"), "category"),
+        TaskSpec("LaMP-2M", "classification", "pick the tag the user gives a movie",
+                 LAMP_2M_TAGS, _movie_interaction, ("description",), "tag"),
+        TaskSpec("LaMP-3", "rating", "predict the star rating (1-5) the user gives with a review",
+                 ("1", "2", "3", "4", "5"), _review_interaction, ("summary", "text"), "score"),
+        TaskSpec("LaMP-4", "generation", "write the headline the journalist gives an article",
+                 None, _generation_interaction("Generate a headline for the following article:", "text", "title"),
+                 ("text",), "title"),
+        TaskSpec("LaMP-5", "generation", "write the title the author gives a paper abstract",
+                 None, _generation_interaction("Generate a title for the following abstract of a paper:", "abstract", "title"),
+                 ("abstract",), "title"),
+        TaskSpec("LaMP-7", "generation", "paraphrase a tweet in the user's own style",
+                 None, _no_interaction, ("text",), None),
+    )
+}
+
+
+def generic_task(kind: Kind, labels: tuple[str, ...] | None = None, name: str = "generic") -> TaskSpec:
+    """A task for the user's own interaction logs: their input/output pairs replay as they are."""
+    def convert(item: dict, _profile: list[dict]) -> Interaction | None:
+        if item.get("output") in (None, ""):
+            return None
+        return Interaction(item["input"], str(item["output"]), item.get("timestamp"), item.get("metadata") or {})
+    return TaskSpec(name, kind, "answer the way this user would", labels, convert, ("input",), "output")
+
+
+def resolve_task(name: str) -> TaskSpec:
+    """Map a task name as files spell it ('LaMP_2', 'LaMP-2N-huffpost', 'lamp3') to its spec."""
+    match = re.fullmatch(r"lamp[-_ ]?(\d)([mn])?(?:[-_].*)?", name.strip().lower())
+    if not match:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(LAMP_TASKS)}")
+    key = f"LaMP-{match.group(1)}" + (match.group(2) or "").upper()
+    if key == "LaMP-2":
+        key = "LaMP-2N"
+    if key not in LAMP_TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(LAMP_TASKS)}")
+    return LAMP_TASKS[key]
+
+
+def task_to_dict(task: TaskSpec) -> dict:
+    return {"name": task.name, "kind": task.kind, "labels": list(task.labels) if task.labels else None}
+
+
+def task_from_dict(payload: dict) -> TaskSpec:
+    labels = tuple(payload["labels"]) if payload.get("labels") else None
+    if payload["name"] in LAMP_TASKS:
+        spec = LAMP_TASKS[payload["name"]]
+        return spec.with_labels(labels) if labels else spec
+    return generic_task(payload["kind"], labels, payload["name"])

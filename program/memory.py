@@ -1,0 +1,322 @@
+"""Personalized memory of one user.
+
+Episodic memory: an append-only SQLite log of the user's interactions (the source of truth, with
+each record's embedding) and a FAISS index over it whose ids are the log's row ids. The index is
+a cache: it is rebuilt from the log whenever it is missing or stale, so a crash between the two
+writes loses nothing. Each user has their own files, so a search can only ever return that
+user's records.
+
+Semantic memory: an LLM-written profile of the user (summary and stable preferences), updated
+incrementally as interactions arrive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dspy
+import faiss
+import numpy as np
+
+from ..data.tasks import Interaction, TaskSpec
+from .embedder import Embedder
+from .storage import atomic_path, write_json_atomic
+
+# Exact search up to this size; above it an inverted-file index keeps search well under a millisecond.
+IVF_THRESHOLD = 20_000
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    id: int
+    input: str
+    output: str | None
+    timestamp: float | None
+    metadata: dict
+    score: float = 0.0
+
+    def render(self, width: int = 240) -> str:
+        text = self.input if len(self.input) <= width else self.input[:width] + "..."
+        return f"{text}\n  -> the user's answer: {self.output}" if self.output else text
+
+
+def _key(item: Interaction) -> str:
+    """Identity of an interaction: re-ingesting the same data adds nothing."""
+    return hashlib.sha256(json.dumps([item.input, item.output, item.timestamp], ensure_ascii=False).encode()).hexdigest()
+
+
+class EpisodicMemory:
+    """One user's interactions: `add`, `search`, `delete`; thread-safe.
+
+    `as_of(n)` limits what is visible to the first n records, so replaying a past interaction
+    never sees that interaction (or later ones) in memory.
+    """
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS records (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        input TEXT NOT NULL, output TEXT, timestamp REAL, metadata TEXT NOT NULL,
+        embedding BLOB NOT NULL, added_at REAL NOT NULL, key TEXT NOT NULL UNIQUE);
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """
+
+    def __init__(self, directory: Path, embedder: Embedder):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.embedder = embedder
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.directory / "episodic.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(self.SCHEMA)
+        self._index_path = self.directory / "episodic.faiss"
+        self._index, self._index_version = self._load_or_rebuild_index()
+        self._visible_below: contextvars.ContextVar[int | None] = contextvars.ContextVar("visible_below", default=None)
+
+    # -------------------------------------------------------------- index upkeep
+
+    def _version(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _bump_version(self) -> None:
+        self._db.execute(
+            "INSERT INTO meta VALUES ('version', '1') ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    def _load_or_rebuild_index(self):
+        version = self._version()
+        stamp = self._index_path.with_suffix(".version")
+        if self._index_path.exists() and stamp.exists() and stamp.read_text().strip() == str(version):
+            return faiss.read_index(str(self._index_path)), version
+        return self._rebuild(), -1  # -1: the file on disk is stale until the next flush
+
+    def _rebuild(self) -> faiss.Index:
+        rows = self._db.execute("SELECT id, embedding FROM records ORDER BY id").fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, self.embedder.dim)
+        return self._new_index(vectors, ids)
+
+    def _new_index(self, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+        dim = self.embedder.dim
+        if len(ids) < IVF_THRESHOLD:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        else:
+            nlist = int(4 * np.sqrt(len(ids)))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.nprobe = 16
+            index = faiss.IndexIDMap2(index)
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+        return index
+
+    def flush(self) -> None:
+        """Write the index beside the log; until then a reopened memory rebuilds it from the log."""
+        with self._lock:
+            version = self._version()
+            if self._index_version == version:
+                return
+            with atomic_path(self._index_path) as tmp:
+                faiss.write_index(self._index, str(tmp))
+            with atomic_path(self._index_path.with_suffix(".version")) as tmp:
+                tmp.write_text(str(version))
+            self._index_version = version
+
+    # -------------------------------------------------------------- the API
+
+    def add(self, interactions: list[Interaction]) -> list[int]:
+        """Append interactions (embedding their text, no LLM call); returns the ids of the new records.
+
+        Interactions already in the log (same input, output and timestamp) are skipped.
+        """
+        for i, item in enumerate(interactions):
+            if not isinstance(item.input, str) or not item.input.strip():
+                raise ValueError(f"interaction {i}: 'input' must be a non-empty string")
+        keyed = {_key(item): item for item in interactions}
+        with self._lock:
+            known = self._known_keys(list(keyed))
+        fresh = [(k, item) for k, item in keyed.items() if k not in known]
+        if not fresh:
+            return []
+        vectors = self.embedder.embed([item.input for _, item in fresh])
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ids, added = [], []
+                for (key, item), vector in zip(fresh, vectors):
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO records (input, output, timestamp, metadata, embedding, added_at, key)"
+                        " VALUES (?,?,?,?,?,?,?)",
+                        (item.input, item.output, item.timestamp, json.dumps(item.metadata or {}), vector.tobytes(), now, key),
+                    )
+                    if cur.rowcount:  # another writer may have added the same interaction meanwhile
+                        ids.append(cur.lastrowid)
+                        added.append(vector)
+                self._bump_version()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            if not ids:
+                return []
+            total = self._index.ntotal + len(ids)
+            if isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat) and total >= IVF_THRESHOLD:
+                self._index = self._rebuild()
+            else:
+                self._index.add_with_ids(np.stack(added), np.array(ids, dtype=np.int64))
+            self._index_version = -1
+        return ids
+
+    def _known_keys(self, keys: list[str]) -> set[str]:
+        known = set()
+        for start in range(0, len(keys), 500):  # SQLite caps the number of bound parameters
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(r[0] for r in self._db.execute(f"SELECT key FROM records WHERE key IN ({marks})", chunk))
+        return known
+
+    @contextlib.contextmanager
+    def as_of(self, n_records: int | None):
+        """Within the block, only the first `n_records` records are visible (None: all)."""
+        below = None
+        if n_records is not None:
+            with self._lock:
+                row = self._db.execute("SELECT id FROM records ORDER BY id LIMIT 1 OFFSET ?", (n_records,)).fetchone()
+            below = row[0] if row else None
+        token = self._visible_below.set(below)
+        try:
+            yield self
+        finally:
+            self._visible_below.reset(token)
+
+    def search(self, query: str, k: int = 4) -> list[MemoryRecord]:
+        return self.search_vector(self.embedder.embed([query])[0], k)
+
+    def search_vector(self, vector: np.ndarray, k: int = 4) -> list[MemoryRecord]:
+        below = self._visible_below.get()
+        with self._lock:
+            if self._index.ntotal == 0 or k <= 0:
+                return []
+            params = None
+            if below is not None:
+                selector = faiss.IDSelectorRange(0, below)
+                inner = faiss.downcast_index(self._index.index)
+                params = (faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
+                          if isinstance(inner, faiss.IndexIVF) else faiss.SearchParameters(sel=selector))
+            scores, ids = self._index.search(vector.reshape(1, -1).astype(np.float32), min(k, self._index.ntotal), params=params)
+            found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+            rows = self._fetch([i for i, _ in found])
+        return [MemoryRecord(**{**asdict(rows[i]), "score": s}) for i, s in found if i in rows]
+
+    def _fetch(self, ids: list[int]) -> dict[int, MemoryRecord]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._db.execute(
+            f"SELECT id, input, output, timestamp, metadata FROM records WHERE id IN ({marks})", ids
+        ).fetchall()
+        return {r[0]: MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
+
+    def all(self) -> list[MemoryRecord]:
+        below = self._visible_below.get()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, input, output, timestamp, metadata FROM records WHERE id < ? ORDER BY id",
+                (below if below is not None else 2**62,),
+            ).fetchall()
+        return [MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def recent(self, n: int) -> list[MemoryRecord]:
+        return self.all()[-n:] if n > 0 else []
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+
+    def delete(self, record_id: int) -> bool:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM records WHERE id = ?", (record_id,))
+            if cur.rowcount:
+                self._bump_version()
+                self._index.remove_ids(np.array([record_id], dtype=np.int64))
+                self._index_version = -1
+            return bool(cur.rowcount)
+
+    def close(self) -> None:
+        with self._lock:
+            self.flush()
+            self._db.close()
+
+    def drop(self) -> None:
+        """Close without writing anything: the user's files are about to be removed."""
+        with self._lock:
+            self._db.close()
+
+
+# ------------------------------------------------------------------ semantic memory
+
+class SummarizeUser(dspy.Signature):
+    """Update a concise profile of one user from their recent interactions. Write only what the
+    interactions and the computed facts support: stable preferences, topics, style, and how this
+    user tends to answer. Keep what the previous profile got right; never copy interactions verbatim."""
+
+    task: str = dspy.InputField(desc="what the user does in these interactions")
+    facts: str = dspy.InputField(desc="statistics computed from the user's whole history")
+    previous_profile: str = dspy.InputField(desc="the profile so far (empty for a new user)")
+    interactions: str = dspy.InputField(desc="recent interactions with the user's own answers")
+    summary: str = dspy.OutputField(desc="2-4 sentences about this user")
+    preferences: list[str] = dspy.OutputField(desc="3-6 short, concrete preferences or habits")
+
+
+@dataclass
+class Profile:
+    summary: str = ""
+    preferences: list[str] = field(default_factory=list)
+    covered: int = 0  # how many of the user's records the profile has read
+    updated_at: float = 0.0
+
+    def render(self) -> str:
+        if not self.summary and not self.preferences:
+            return "No profile yet."
+        return self.summary + "".join(f"\n- {p}" for p in self.preferences)
+
+
+class SemanticMemory(dspy.Module):
+    """Writes and updates the user's profile: one LM call per update, over the records not yet read."""
+
+    def __init__(self, max_items: int = 12, width: int = 240):
+        super().__init__()
+        self.summarize = dspy.Predict(SummarizeUser)
+        self.max_items = max_items
+        self.width = width
+
+    def forward(self, task: TaskSpec, records: list[MemoryRecord], previous: Profile) -> Profile:
+        new = records[previous.covered:][-self.max_items:]
+        if not new:
+            return previous
+        facts = task.output_stats([r.output for r in records])
+        out = self.summarize(
+            task=task.description,
+            facts=facts,
+            previous_profile=previous.render() if previous.covered else "",
+            interactions="\n".join(f"- {r.render(self.width)}" for r in new),
+        )
+        return Profile(out.summary.strip(), [p.strip() for p in out.preferences if p.strip()][:6], len(records), time.time())
+
+
+def load_profile(path: Path) -> Profile:
+    return Profile(**json.loads(path.read_text())) if path.exists() else Profile()
+
+
+def save_profile(path: Path, profile: Profile) -> None:
+    write_json_atomic(path, asdict(profile))

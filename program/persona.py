@@ -1,0 +1,97 @@
+"""The persona: one system prompt per user, kept as fields an LM fills and rendered into the
+instruction of the user's program.
+
+Keeping fields rather than free prose lets a small reflection LM rewrite one part at a time, and
+lets `problems()` reject degenerate rewrites (empty, bloated, or copied from the examples).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..data.tasks import TaskSpec
+from .memory import Profile
+
+MAX_CHARS = 1600
+MAX_SUMMARY_CHARS = 400
+MAX_COPIED_WORDS = 12  # a persona quoting this many consecutive words of an example has copied it
+
+
+def clean_text(text: str, limit: int = MAX_SUMMARY_CHARS) -> str:
+    """Drop repeated sentences (small models loop) and cut at a sentence boundary within `limit`."""
+    seen, kept = set(), []
+    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+        key = re.sub(r"\W+", " ", sentence.lower()).strip()
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(sentence)
+    out = ""
+    for sentence in kept:
+        if len(out) + len(sentence) + 1 > limit:
+            break
+        out = f"{out} {sentence}".strip()
+    return out or text[:limit]
+
+
+def clean_items(items: list[str], limit: int, width: int = 160) -> list[str]:
+    """Non-empty, distinct, short items, at most `limit` of them."""
+    out: list[str] = []
+    for item in items:
+        item = clean_text(item, width)
+        if item and item.lower() not in (o.lower() for o in out):
+            out.append(item)
+    return out[:limit]
+
+
+FIXED_RULE = "Use the tool results about this user as evidence; prefer them to general knowledge."
+
+
+@dataclass
+class Persona:
+    summary: str
+    preferences: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.summary = clean_text(self.summary)
+        self.preferences = clean_items(self.preferences, 6)
+        self.rules = clean_items([r for r in self.rules if r.strip().lower() not in (FIXED_RULE.lower(),)], 4)
+
+    @classmethod
+    def from_profile(cls, profile: Profile, task: TaskSpec) -> "Persona":
+        """The initial persona: the semantic memory, and the task's default rule."""
+        return cls(profile.summary or f"A user who will {task.description}.", list(profile.preferences),
+                   [f"Answer as this user would: {task.description}, in the exact answer format asked for."])
+
+    def render(self, task: TaskSpec) -> str:
+        lines = [
+            f"You act for one specific user. Your job: {task.description}, exactly as this user would.",
+            f"About this user: {self.summary}",
+        ]
+        if self.preferences:
+            lines.append("This user's preferences and habits:" + "".join(f"\n- {p}" for p in self.preferences))
+        if self.rules:
+            lines.append("How to answer for this user:" + "".join(f"\n- {r}" for r in self.rules))
+        lines.append(FIXED_RULE)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def problems(self, task: TaskSpec, examples: list[str] = ()) -> list[str]:
+        """Why this persona should not be used (empty list: it is fine)."""
+        found = []
+        if len(self.summary.split()) < 3:
+            found.append("summary is empty or too short")
+        text = self.render(task)
+        if len(text) > MAX_CHARS:
+            found.append(f"persona is {len(text)} characters, over {MAX_CHARS}")
+        words = re.findall(r"\w+", text.lower())
+        grams = {" ".join(words[i:i + MAX_COPIED_WORDS]) for i in range(len(words) - MAX_COPIED_WORDS + 1)}
+        for example in examples:
+            ex = re.findall(r"\w+", example.lower())
+            if any(" ".join(ex[i:i + MAX_COPIED_WORDS]) in grams for i in range(len(ex) - MAX_COPIED_WORDS + 1)):
+                found.append("persona copies example text verbatim")
+                break
+        return found

@@ -1,0 +1,156 @@
+"""The store: one directory per user holding their memory, profile and compiled program.
+
+    <root>/users/<user_id>/episodic.sqlite, episodic.faiss   episodic memory
+    <root>/users/<user_id>/profile.json                      semantic memory
+    <root>/users/<user_id>/program.json                      persona, its versions, task, LM
+
+Every file is written atomically, and `program.json` carries a format version, so a crash while
+saving leaves the previous program loadable and an old file is never misread.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..data.tasks import TaskSpec, task_from_dict, task_to_dict
+from .agent import PersonaProgram
+from .embedder import Embedder, default_embedder
+from .memory import EpisodicMemory, Profile, load_profile, save_profile
+from .persona import Persona
+from .storage import validate_user_id, write_json_atomic
+from .tools import build_tools
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PersonaVersion:
+    version: int
+    persona: dict
+    instructions: dict[str, str]  # per predictor: what the program actually runs with
+    score: float | None = None
+    feedback: str = ""
+    accepted: bool = True
+    note: str = ""
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class ProgramState:
+    """What is saved of a user's program; the persona in force is the last accepted version."""
+
+    user_id: str
+    task: dict
+    lm: str
+    versions: list[PersonaVersion]
+    compile_key: str = ""
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def current(self) -> PersonaVersion:
+        return next(v for v in reversed(self.versions) if v.accepted)
+
+    @property
+    def persona(self) -> Persona:
+        return Persona(**self.current.persona)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict, source: str = "") -> "ProgramState":
+        version = payload.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{source}: program format version {version!r}, this PersonaAgent reads {FORMAT_VERSION}")
+        payload = dict(payload)
+        payload["versions"] = [PersonaVersion(**v) for v in payload["versions"]]
+        return cls(**payload)
+
+
+class UserStore:
+    """Users' memories, profiles and programs under one directory; safe to share between threads."""
+
+    def __init__(self, root: str | Path, embedder: Embedder | None = None):
+        self.root = Path(root)
+        (self.root / "users").mkdir(parents=True, exist_ok=True)
+        self._embedder = embedder
+        self._memories: dict[str, EpisodicMemory] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = default_embedder()
+        return self._embedder
+
+    def user_dir(self, user_id: str) -> Path:
+        return self.root / "users" / validate_user_id(user_id)
+
+    def users(self) -> list[str]:
+        """Users with a compiled program."""
+        return sorted(p.parent.name for p in (self.root / "users").glob("*/program.json"))
+
+    def memory(self, user_id: str) -> EpisodicMemory:
+        with self._lock:
+            if user_id not in self._memories:
+                self._memories[user_id] = EpisodicMemory(self.user_dir(user_id), self.embedder)
+            return self._memories[user_id]
+
+    def profile(self, user_id: str) -> Profile:
+        return load_profile(self.user_dir(user_id) / "profile.json")
+
+    def save_profile(self, user_id: str, profile: Profile) -> None:
+        save_profile(self.user_dir(user_id) / "profile.json", profile)
+
+    def program_path(self, user_id: str) -> Path:
+        return self.user_dir(user_id) / "program.json"
+
+    def load_state(self, user_id: str) -> ProgramState | None:
+        path = self.program_path(user_id)
+        if not path.exists():
+            return None
+        return ProgramState.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+    def save_state(self, state: ProgramState) -> None:
+        state.updated_at = time.time()
+        write_json_atomic(self.program_path(state.user_id), state.to_dict())
+
+    def build(self, user_id: str, task: TaskSpec, persona: Persona | None = None, method: str = "persona",
+              k: int = 4) -> PersonaProgram:
+        memory, profile = self.memory(user_id), self.profile(user_id)
+        return PersonaProgram(task, memory, profile, build_tools(task, memory, profile, k), persona, method, k)
+
+    def load_program(self, user_id: str, method: str = "persona") -> PersonaProgram:
+        """The user's compiled program, with the persona in force."""
+        state = self.load_state(user_id)
+        if state is None:
+            raise KeyError(f"no compiled program for user {user_id!r} in {self.root}")
+        program = self.build(user_id, task_from_dict(state.task), state.persona, method)
+        if method == "persona":
+            program.load_instructions(state.current.instructions)
+        return program
+
+    def delete_user(self, user_id: str) -> bool:
+        """Forget the user completely: memory, profile, persona and its versions."""
+        directory = self.user_dir(user_id)
+        with self._lock:
+            memory = self._memories.pop(user_id, None)
+        if memory is not None:
+            memory.drop()
+        if not directory.exists():
+            return False
+        shutil.rmtree(directory)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            for memory in self._memories.values():
+                memory.close()
+            self._memories.clear()
