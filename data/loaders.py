@@ -115,6 +115,12 @@ def _infer_lamp_task(name: str | None, questions: list[dict]) -> TaskSpec:
     return resolve_task(name)
 
 
+def _is_asked(spec: TaskSpec, item: dict, questions: list[str]) -> bool:
+    """A profile item that is one of the user's own questions (same content) must not be memory."""
+    contents = [str(item[f]) for f in spec.content_fields if len(str(item.get(f) or "")) > 20]
+    return any(c in q for c in contents for q in questions)
+
+
 def _labels_in_question(question: str) -> tuple[str, ...] | None:
     """LaMP-format classification questions list their labels: 'categories: [a, b, ...]'."""
     match = re.search(r"(?:categories|tags): \[([^\]]+)\]", question)
@@ -125,8 +131,8 @@ def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
     """Read LaMP files unchanged: `questions.json` (+ `outputs.json`) or `X_questions.json` (+ `X_outputs.json`).
 
     Official LaMP has one profile per question; LaMP-format sets add `user_id` so a user's questions
-    share one profile. A user's memory is the profile that all of their questions share, so no
-    question's answer is ever in the memory used to answer it.
+    share a profile. A user's memory is the union of their questions' profiles less any item that
+    is one of their questions, so no question's answer is ever in the memory used to answer it.
     """
     questions_path, outputs_path = _lamp_files(Path(path))
     questions = _read_json(questions_path)
@@ -148,8 +154,7 @@ def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
         spec = spec.with_labels(_labels_in_question(str(questions[0].get("input", ""))) or spec.labels)
 
     users: dict[str, UserData] = {}
-    profile_ids: dict[str, set] = {}
-    profiles: dict[str, list[dict]] = {}
+    profiles: dict[str, dict[str, dict]] = {}
     for i, q in enumerate(questions):
         for name in ("id", "input", "profile"):
             if name not in q:
@@ -157,16 +162,14 @@ def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
         if not isinstance(q["profile"], list):
             raise DataError(questions_path, f"{i} (id {q['id']})", "field 'profile' must be a list")
         user_id = str(q.get("user_id", q["id"]))
-        ids = {str(p.get("id", j)) for j, p in enumerate(q["profile"])}
-        if user_id not in users:
-            users[user_id] = UserData(user_id)
-            profiles[user_id], profile_ids[user_id] = q["profile"], ids
-        elif len(ids & profile_ids[user_id]) < len(profile_ids[user_id]):
-            profile_ids[user_id] &= ids
-        users[user_id].questions.append(_example(str(q["id"]), str(q["input"]), golds.get(str(q["id"]))))
+        users.setdefault(user_id, UserData(user_id)).questions.append(
+            _example(str(q["id"]), str(q["input"]), golds.get(str(q["id"]))))
+        for j, item in enumerate(q["profile"]):
+            profiles.setdefault(user_id, {}).setdefault(str(item.get("id", f"{q['id']}/{j}")), item)
 
     for user_id, data in users.items():
-        items = [p for j, p in enumerate(profiles[user_id]) if str(p.get("id", j)) in profile_ids[user_id]]
+        asked = [ex.question for ex in data.questions]
+        items = [p for p in profiles.get(user_id, {}).values() if not _is_asked(spec, p, asked)]
         items.sort(key=lambda p: (spec.to_memory(p).timestamp or 0))  # stable: file order breaks ties
         data.memories = [spec.to_memory(p) for p in items]
         data.replays = _replays(spec, items)

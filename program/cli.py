@@ -91,6 +91,77 @@ def cmd_compile(args) -> int:
     return 1 if report.all_failed else 0
 
 
+# ---------------------------------------------------------------- serve
+
+def cmd_serve(args) -> int:
+    from ..data.tasks import generic_task, resolve_task
+    from .http import serve
+    from .lm import make_lm
+
+    token = args.token or os.environ.get("PERSONAAGENT_TOKEN")
+    if not token:
+        print("error: set PERSONAAGENT_TOKEN (or pass --token): requests must carry it as a bearer token", file=sys.stderr)
+        return 2
+    kinds = ("classification", "rating", "generation")
+    default_task = generic_task(args.default_task) if args.default_task in kinds else resolve_task(args.default_task)
+    # Uncached: a deleted user's prompts must not outlive them in DSPy's disk cache.
+    lm = make_lm(_lm_spec(args), cache=False, **_lm_kwargs(args))
+    reflection_lm = make_lm(args.reflection_lm, cache=False) if args.reflection_lm else None
+    print(f"serving {args.store} on http://{args.host}:{args.port} (OpenAPI description at /openapi.json)", flush=True)
+    serve(args.store, token=token, host=args.host, port=args.port, lm=lm, reflection_lm=reflection_lm,
+          default_task=default_task, max_loaded=args.max_loaded)
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+def cmd_demo(args) -> int:
+    """The README's main job: compile the bundled sample users, show the personas, answer with one."""
+    from ..data import SAMPLE_DIR, load
+    from ..optimizers.compile import CompileConfig, compile_users
+    from .lm import make_lm, use_lm
+    from .store import UserStore
+
+    data = load(SAMPLE_DIR / args.sample).select(args.users)
+    config = CompileConfig(lm=_lm_spec(args))
+    print(f"Compiling {len(data.users)} sample users of {data.task.name} on {config.lm} "
+          f"(persona alignment, n={config.n_recent}, {config.iterations} iteration) into {args.store}\n", flush=True)
+    report = compile_users(data, args.store, config, tracking_uri=args.tracking_uri)
+    for r in report.results:
+        print(f"=== user {r.user_id}: {r.status}" + (f" ({r.lm_calls} LM calls, {r.seconds:.0f} s)" if r.lm_calls else ""))
+        if r.status == "failed":
+            print(f"    {r.error}")
+            continue
+        state = UserStore(args.store, embedder=object()).load_state(r.user_id)
+        first, current = state.versions[0], state.current
+        print(f"--- persona before (v{first.version}, replay score {_score(first.score)}):\n{first.instructions['answer']}")
+        for v in state.versions[1:]:
+            print(f"--- v{v.version}: {'accepted' if v.accepted else 'rejected'} ({v.note or 'rewritten from feedback'}); "
+                  f"feedback: {v.feedback.splitlines()[0] if v.feedback else '-'}")
+        print(f"--- persona after (v{current.version}):\n{current.instructions['answer']}\n")
+    compiled = [r.user_id for r in report.results if r.status != "failed"]
+    if not compiled:
+        print("every user failed to compile", file=sys.stderr)
+        return 1
+    user = data.users[compiled[0]]
+    store = UserStore(args.store)
+    program = store.load_program(user.user_id)
+    with use_lm(make_lm(config.lm)):
+        for question in user.questions:
+            pred = program(question=question.question)
+            tools = ", ".join(step["tool"] for step in pred.trajectory) or "none"
+            print(f"Asked as user {user.user_id} (tools used: {tools}):\n  {question.question[:160]}...\n"
+                  f"  answer: {pred.answer}   what the user really gave: {question.answer}")
+    store.close()
+    print(f"\nSee the runs: personaagent ui --tracking-uri {args.tracking_uri or DEFAULT_TRACKING_URI}  "
+          "(then open http://127.0.0.1:5000)")
+    return 0
+
+
+def _score(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 # ---------------------------------------------------------------- ui
 
 def cmd_ui(args) -> int:
@@ -100,6 +171,12 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     os.execvpe(command[0], command, os.environ)
     return 0
+
+
+def cmd_eval(args) -> int:
+    from ..experiments import eval as evaluation
+
+    return evaluation.run(args, _lm_spec(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +214,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads its own model)")
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("serve", help="serve the users' programs over HTTP", description="Answer, remember and align for every user of a store over an HTTP API (OpenAPI description at /openapi.json); requests carry the bearer token from --token or PERSONAAGENT_TOKEN.")
+    p.add_argument("--store", required=True, help="compile output directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="bearer token (default: $PERSONAAGENT_TOKEN, preferred: arguments show in ps)")
+    _add_lm(p)
+    p.add_argument("--reflection-lm", default=None, help="LM that critiques and rewrites personas when aligning (default: --lm)")
+    p.add_argument("--default-task", default="generation",
+                   help="task of users with no compiled program: classification, rating, generation or a LaMP task name")
+    p.add_argument("--max-loaded", type=int, default=256, help="programs kept loaded, least recently used dropped first")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="compile the bundled sample users and answer with one", description="The main job: compile personas for bundled sample users on the embedded model, print them before and after, answer with one.")
+    p.add_argument("--store", default=".demo/store", help="where to write the users' programs")
+    p.add_argument("--sample", default="LaMP-3-amazon", choices=["LaMP-3-amazon", "LaMP-2N-huffpost"])
+    p.add_argument("--users", type=int, default=3)
+    p.add_argument("--tracking-uri", default=None, help=f"default {DEFAULT_TRACKING_URI}")
+    _add_lm(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="compare methods on the same users", description="Run every method on the same users' held-out questions; writes results.json, results.md and plots.")
+    from ..experiments.eval import add_arguments
+
+    add_arguments(p)
+    _add_lm(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1", description="Start the MLflow UI over the compile runs, offline.")
     p.add_argument("--tracking-uri", default=None, help=f"default {DEFAULT_TRACKING_URI}")

@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import threading
 import time
 import uuid
 
 import dspy
+import jsonschema
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
 
 from . import models
@@ -46,7 +48,9 @@ class LlamaCppEngine:
         self._llama = Llama(
             model_path=str(path),
             n_ctx=n_ctx or spec.context_window,
-            n_threads=n_threads or max(1, os.cpu_count() or 1),
+            # llama.cpp slows down sharply when its threads outnumber free cores: set
+            # PERSONAAGENT_THREADS when other work shares the machine.
+            n_threads=n_threads or int(os.environ.get("PERSONAAGENT_THREADS") or os.cpu_count() or 1),
             seed=seed,
             verbose=False,
         )
@@ -64,6 +68,9 @@ class LlamaCppEngine:
         return messages
 
     def complete(self, request) -> Response:
+        """One completion. A JSON schema is enforced as a llama.cpp grammar, but grammar sampling
+        of free text is about ten times slower than plain decoding here, so a schema with free-text
+        fields is first tried unconstrained and constrained only if that output does not validate."""
         config = request.config
         kwargs = {
             "messages": self._messages(request),
@@ -76,22 +83,26 @@ class LlamaCppEngine:
             kwargs["stop"] = list(config.stop)
         if config.seed is not None:
             kwargs["seed"] = config.seed
-        fmt = config.response_format
-        if fmt:
-            # llama.cpp compiles the schema into a grammar; json_object alone still forces JSON.
-            schema = {"schema": self._bounded(fmt["schema"])} if "schema" in fmt else {}
-            kwargs["response_format"] = {"type": "json_object", **schema}
-        with self._lock:
-            out = self._llama.create_chat_completion(**kwargs)
-        choice = out["choices"][0]
-        usage = out.get("usage") or {}
+        schema = (config.response_format or {}).get("schema")
+        attempts = []
+        if not config.response_format or (schema is not None and _has_free_text(schema)):
+            attempts.append(self._generate(kwargs))
+        if config.response_format and not (attempts and _valid_json(_text(attempts[-1]), schema)):
+            grammar = {"schema": self._bounded(schema)} if schema is not None else {}
+            attempts.append(self._generate({**kwargs, "response_format": {"type": "json_object", **grammar}}))
+        out = attempts[-1]
         return Response(
             id=out.get("id") or uuid.uuid4().hex,
             model=LOCAL_PREFIX + self.model_name,
-            message=Message.assistant([TextPart(choice["message"].get("content") or "")]),
-            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-            usage=Usage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens")),
+            message=Message.assistant([TextPart(_text(out))]),
+            finish_reason="length" if out["choices"][0].get("finish_reason") == "length" else "stop",
+            usage=Usage(input_tokens=sum(a["usage"]["prompt_tokens"] for a in attempts),
+                        output_tokens=sum(a["usage"]["completion_tokens"] for a in attempts)),
         )
+
+    def _generate(self, kwargs: dict) -> dict:
+        with self._lock:
+            return self._llama.create_chat_completion(**kwargs)
 
     def _bounded(self, schema):
         """Bound every open string and list in the schema: a small model caught in a repetition
@@ -112,6 +123,32 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         self._llama.close()
+
+
+def _has_free_text(schema) -> bool:
+    """Whether the schema lets the model write free text (a string that is no enum or constant)."""
+    if isinstance(schema, list):
+        return any(_has_free_text(s) for s in schema)
+    if not isinstance(schema, dict):
+        return False
+    if schema.get("type") == "string" and "enum" not in schema and "const" not in schema:
+        return True
+    return any(_has_free_text(v) for k, v in schema.items() if k not in ("enum", "const"))
+
+
+def _text(completion: dict) -> str:
+    return completion["choices"][0]["message"].get("content") or ""
+
+
+def _valid_json(text: str, schema: dict | None) -> bool:
+    text = text.strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+    try:
+        value = json.loads(text)
+        if schema is not None:
+            jsonschema.validate(value, schema)
+    except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError):
+        return False
+    return True
 
 
 _engines: dict[str, LlamaCppEngine] = {}

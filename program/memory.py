@@ -81,6 +81,11 @@ class EpisodicMemory:
         self._index, self._index_version = self._load_or_rebuild_index()
         self._visible_below: contextvars.ContextVar[int | None] = contextvars.ContextVar("visible_below", default=None)
 
+    def __deepcopy__(self, memo):
+        # A handle on the user's stored memory: copies of a program (optimizers deepcopy the
+        # student) share it rather than cloning a database connection.
+        return self
+
     # -------------------------------------------------------------- index upkeep
 
     def _version(self) -> int:

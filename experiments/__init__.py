@@ -1,0 +1,1 @@
+"""Method-by-task runs that write a results table."""

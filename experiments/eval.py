@@ -1,0 +1,243 @@
+"""Method-by-task evaluation: every method answers the same users' held-out questions.
+
+Methods:
+- `global_majority`: the most frequent answer over all chosen users' histories (no LLM);
+- `user_majority`: the user's most frequent past label, or their rounded mean rating (no LLM);
+- `none`, `icl`, `rag`, `membank`, `react`: the baselines of `program.agent`;
+- `persona_noalign`: PersonaAgent with the persona initialized from semantic memory, not aligned;
+- `persona`: PersonaAgent after test-time alignment (the paper's method);
+- `gepa`: the same program with its instructions optimized per user by `dspy.GEPA`.
+
+Users are the first N of the file (deterministic). Each (method, user) result is written as soon as
+it exists, so a run can be resumed. Writes `results.json`, `results.md`, `metrics.png` and
+`alignment.png` to the output directory and logs one MLflow run per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..data.loaders import TaskData, UserData, load
+from ..data.tasks import TaskSpec, task_to_dict
+from ..optimizers.compile import CompileConfig, compile_user
+from ..optimizers.tracking import setup_mlflow
+from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
+from ..program.memory import SemanticMemory
+from ..program.store import UserStore
+
+NON_LLM = ("global_majority", "user_majority")
+BASELINES = ("none", "icl", "rag", "membank", "react")
+COMPILED = {"persona_noalign": "none", "persona": "persona", "gepa": "gepa"}  # method -> optimizer
+METHODS = NON_LLM + BASELINES + tuple(COMPILED)
+PRIMARY = {"classification": "accuracy", "rating": "mae", "generation": "rouge_l"}
+
+
+def _majority(task: TaskSpec, outputs: list[str]) -> str:
+    if not outputs:
+        return task.labels[0] if task.labels else ""
+    if task.kind == "rating":
+        values = [float(o) for o in outputs if o.strip().lstrip("-").replace(".", "", 1).isdigit()]
+        return str(round(sum(values) / len(values))) if values else Counter(outputs).most_common(1)[0][0]
+    return Counter(outputs).most_common(1)[0][0]
+
+
+class Evaluation:
+    def __init__(self, data: TaskData, out: Path, lm_spec: str, config: CompileConfig, questions_per_user: int):
+        self.data, self.out, self.lm_spec, self.config = data, out, lm_spec, config
+        self.questions_per_user = questions_per_user
+        self.lm = None
+
+    def _lm(self):
+        if self.lm is None:
+            self.lm = make_lm(self.lm_spec)
+        return self.lm
+
+    def questions(self, user: UserData):
+        # The user's latest questions: what they were asked after everything in their history.
+        return user.questions[-self.questions_per_user:]
+
+    def raw_path(self, method: str, user_id: str) -> Path:
+        return self.out / "raw" / method / f"{user_id}.json"
+
+    def run_method(self, method: str) -> list[dict]:
+        rows = []
+        for user in tqdm(list(self.data.users.values()), desc=method, unit="user"):
+            path = self.raw_path(method, user.user_id)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    record = self._run_user(method, user)
+                except Exception as exc:  # one user's failure is recorded; the others go on
+                    record = {"user_id": user.user_id, "error": f"{type(exc).__name__}: {exc}", "answers": []}
+                path.write_text(json.dumps(record, ensure_ascii=False, indent=1))
+            rows.append(json.loads(path.read_text()))
+        return rows
+
+    def _run_user(self, method: str, user: UserData) -> dict:
+        task = self.data.task
+        if method in NON_LLM:
+            histories = [m.output for u in self.data.users.values() for m in u.memories if m.output]
+            guess = _majority(task, histories if method == "global_majority" else [m.output for m in user.memories if m.output])
+            return {"user_id": user.user_id, "answers": [
+                {"id": q.id, "pred": guess, "gold": q.answer, "lm_calls": 0, "tokens": 0, "seconds": 0.0}
+                for q in self.questions(user)]}
+        store, compile_cost = self._prepare(method, user)
+        program = (store.load_program(user.user_id) if method in COMPILED
+                   else store.build(user.user_id, task, method=method, k=self.config.k))
+        answers = []
+        lm = self._lm()
+        with use_lm(lm):
+            for q in self.questions(user):
+                with UsageMeter(lm) as usage:
+                    pred = program(question=q.question)
+                answers.append({"id": q.id, "pred": str(pred.answer), "gold": q.answer, "lm_calls": usage.calls,
+                                "tokens": usage.tokens, "seconds": usage.seconds,
+                                "tools": [step["tool"] for step in pred.trajectory]})
+        store.close()
+        return {"user_id": user.user_id, "answers": answers, "compile": compile_cost}
+
+    def _prepare(self, method: str, user: UserData) -> tuple[UserStore, dict | None]:
+        """The user's memory and profile (shared by every method), and their compiled program."""
+        base = UserStore(self.out / "stores" / "base")
+        if not (base.user_dir(user.user_id) / "profile.json").exists():
+            memory = base.memory(user.user_id)
+            memory.add(user.memories)
+            memory.flush()
+            with use_lm(self._lm()):
+                base.save_profile(user.user_id, SemanticMemory()(task=self.data.task, records=memory.all(),
+                                                                 previous=base.profile(user.user_id)))
+        if method not in COMPILED:
+            return base, None
+        base.close()
+        root = self.out / "stores" / method
+        store = UserStore(root)
+        store.user_dir(user.user_id).mkdir(parents=True, exist_ok=True)
+        # The profile is shared, so compiling does not pay for writing it again.
+        shutil.copy(base.user_dir(user.user_id) / "profile.json", store.user_dir(user.user_id) / "profile.json")
+        config = CompileConfig(**{**asdict(self.config), "lm": self.lm_spec, "optimizer": COMPILED[method]})
+        result = compile_user(str(root), task_to_dict(self.data.task), user, config)
+        if result.status == "failed":
+            raise RuntimeError(f"compile failed: {result.error}")
+        return store, {"status": result.status, "lm_calls": result.lm_calls, "tokens": result.tokens,
+                       "seconds": result.seconds, "scores": result.scores}
+
+
+def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
+    answers = [a for r in rows for a in r["answers"]]
+    failed = [r["user_id"] for r in rows if r.get("error")]
+    compiles = [r["compile"] for r in rows if r.get("compile") and r["compile"]["status"] == "compiled"]
+    n = len(answers) or 1
+    summary = {"method": method, **task.metrics([a["pred"] for a in answers], [a["gold"] for a in answers]),
+               "users": len(rows) - len(failed), "failed_users": failed,
+               "lm_calls_per_question": sum(a["lm_calls"] for a in answers) / n,
+               "tokens_per_question": sum(a["tokens"] for a in answers) / n,
+               "seconds_per_question": sum(a["seconds"] for a in answers) / n}
+    if compiles:
+        summary["compile_lm_calls_per_user"] = sum(c["lm_calls"] for c in compiles) / len(compiles)
+        summary["compile_seconds_per_user"] = sum(c["seconds"] for c in compiles) / len(compiles)
+        summary["replay_scores"] = [c["scores"] for c in compiles]
+    return summary
+
+
+def markdown_table(task: TaskSpec, summaries: list[dict]) -> str:
+    metrics = [k for k in ("accuracy", "macro_f1", "mae", "rmse", "rouge_1", "rouge_l") if k in summaries[0]]
+    head = ["method", *metrics, "n", "LM calls/q", "tokens/q", "s/q", "compile calls/user", "compile s/user"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cells = [s["method"], *(f"{s[m]:.3f}" for m in metrics), str(s["n"]), f"{s['lm_calls_per_question']:.2f}",
+                 f"{s['tokens_per_question']:.0f}", f"{s['seconds_per_question']:.1f}",
+                 f"{s['compile_lm_calls_per_user']:.1f}" if "compile_lm_calls_per_user" in s else "-",
+                 f"{s['compile_seconds_per_user']:.0f}" if "compile_seconds_per_user" in s else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(task: TaskSpec, summaries: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = PRIMARY[task.kind]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar([s["method"] for s in summaries], [s[metric] for s in summaries], color="#4c72b0")
+    ax.set_ylabel(metric + (" (lower is better)" if metric == "mae" else ""))
+    ax.set_title(f"{task.name}: {metric} per method (n={summaries[0]['n']})")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=120)
+    plt.close(fig)
+    series = [scores for s in summaries if s["method"] == "persona" for scores in s.get("replay_scores", [])]
+    series = [[v for v in scores if v is not None] for scores in series]
+    if any(len(s) > 1 for s in series):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for scores in series:
+            ax.plot(range(len(scores)), scores, color="#4c72b0", alpha=0.3)
+        longest = max(len(s) for s in series)
+        mean = [sum(s[i] for s in series if len(s) > i) / sum(len(s) > i for s in series) for i in range(longest)]
+        ax.plot(range(longest), mean, color="#c44e52", linewidth=2, label="mean")
+        ax.set_xlabel("persona version")
+        ax.set_ylabel("replay score")
+        ax.set_title(f"{task.name}: replay score over alignment")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "alignment.png", dpi=120)
+        plt.close(fig)
+
+
+def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | None = None, users: int | None = 30,
+             lm: str = DEFAULT_LM, questions_per_user: int = 1, config: CompileConfig | None = None,
+             tracking_uri: str | None = None) -> list[dict]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
+    data = load(data_path, task).select(users)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = Evaluation(data, out, lm, config or CompileConfig(lm=lm), questions_per_user)
+    summaries = []
+    mlflow = setup_mlflow(tracking_uri, "personaagent-eval", autolog=False)
+    for method in methods:
+        started = time.perf_counter()
+        rows = evaluation.run_method(method)
+        summary = summarize(data.task, method, rows)
+        summaries.append(summary)
+        with mlflow.start_run(run_name=f"{data.task.name} {method}", tags={"task": data.task.name, "method": method}):
+            mlflow.log_params({"data": data.source, "users": len(data.users), "lm": lm, "method": method,
+                               "questions_per_user": questions_per_user})
+            mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        print(f"{method}: {PRIMARY[data.task.kind]}={summary[PRIMARY[data.task.kind]]:.3f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    table = markdown_table(data.task, summaries)
+    (out / "results.json").write_text(json.dumps({"task": data.task.name, "data": data.source, "lm": lm,
+                                                  "users": len(data.users), "questions_per_user": questions_per_user,
+                                                  "methods": summaries}, indent=1))
+    (out / "results.md").write_text(f"# {data.task.name} ({len(data.users)} users, {lm})\n\n{table}\n")
+    plot(data.task, summaries, out)
+    print(table)
+    return summaries
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="LaMP folder/file or a .jsonl interaction log")
+    parser.add_argument("--task", default=None)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--users", type=int, default=30)
+    parser.add_argument("--questions-per-user", type=int, default=1, help="each user's latest questions")
+    parser.add_argument("--out", required=True, help="results directory (resumable)")
+    parser.add_argument("--gepa-budget", type=int, default=15)
+    parser.add_argument("--tracking-uri", default=None)
+
+
+def run(args, lm: str) -> int:
+    evaluate(args.data, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.task, args.users,
+             lm, args.questions_per_user, CompileConfig(lm=lm, gepa_budget=args.gepa_budget), args.tracking_uri)
+    return 0

@@ -1,0 +1,224 @@
+"""The HTTP API over `PersonaService`: `create_app` builds it, `serve` runs it (OpenAPI description
+at /openapi.json, interactive docs at /docs).
+
+Every /v1 request carries `Authorization: Bearer <token>`. Errors are JSON,
+`{"error": "<kind>", "message": "<what went wrong>"}`, with a 4xx status for a bad request and
+503 with `Retry-After` when the language model fails or too many answers are queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import threading
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from .service import (AlignJob, AlignmentRunning, Answer, InvalidRequest, NotFound, PersonaService, ServiceError,
+                      Unavailable)
+from .store import PersonaVersion
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_TEXT_CHARS = 16_000
+STATUS = {InvalidRequest: 400, NotFound: 404, AlignmentRunning: 409, Unavailable: 503}
+
+
+class AnswerRequest(BaseModel):
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the question, phrased as the task asks it")
+
+
+class InteractionRequest(BaseModel):
+    input: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="what the user was asked or did")
+    output: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="the user's real answer (ground truth), if known")
+    timestamp: float | None = Field(None, description="seconds since the epoch; default: now")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class InteractionAdded(BaseModel):
+    user_id: str
+    added: bool = Field(description="false when the same interaction was already recorded")
+    ids: list[int]
+
+
+class AlignRequest(BaseModel):
+    n_recent: int = Field(3, ge=1, le=20, description="latest interactions with a known output to replay (paper: 3)")
+    iterations: int = Field(1, ge=1, le=5)
+    acceptance: Literal["always", "guarded"] = Field(
+        "always", description="always take the rewrite (paper), or only if the replayed score does not drop")
+
+
+class PersonaInfo(BaseModel):
+    user_id: str
+    compiled: bool = Field(description="false: no compiled program yet, the default program serves this user")
+    task: dict
+    current_version: int | None
+    persona: dict
+    instructions: dict[str, str] = Field(description="per predictor, what the program runs with")
+    versions: list[PersonaVersion]
+    interactions: int
+
+
+class Deleted(BaseModel):
+    user_id: str
+    deleted: bool
+
+
+class Health(BaseModel):
+    status: str
+    lm: str
+    loaded_programs: int
+    queued_answers: int
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    kind = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    return JSONResponse({"error": kind, "message": message}, status, headers)
+
+
+class BodyLimit:
+    """Refuses a request body over `max_bytes` with 413: at once when its Content-Length says so,
+    else (chunked) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body over the limit of {self.max_bytes} bytes"
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(413, message)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            chunk = await receive()
+            received += len(chunk.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, message)  # FastAPI lets an HTTPException out of the body read
+            return chunk
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    if not token:
+        raise ValueError("a bearer token is required: pass --token or set PERSONAAGENT_TOKEN")
+    bearer = HTTPBearer(auto_error=False, description="the token the server was started with")
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if credentials is None:
+            raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'",
+                                {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(401, "wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="PersonaAgent", description="Per-user personas for LLM agents, served.")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        status = next(s for cls, s in STATUS.items() if isinstance(exc, cls))
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+        return _error(status, str(exc), headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _error(422, f"invalid request: {problems}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def healthz() -> Health:
+        return Health(status="ok", lm=service.lm.model, loaded_programs=service.loaded, queued_answers=service.queued)
+
+    @api.post("/users/{user_id}/answer", response_model=Answer, tags=["users"],
+              responses={503: {"description": "the LM failed or too many answers are queued; see Retry-After"}})
+    async def answer(user_id: str, body: AnswerRequest) -> Answer:
+        """Answer as the user's program (compiled, or the default one); queued behind other LM work."""
+        return await asyncio.wrap_future(service.submit_answer(user_id, body.text))
+
+    @api.post("/users/{user_id}/interactions", response_model=InteractionAdded, status_code=201, tags=["users"])
+    def add_interaction(user_id: str, body: InteractionRequest, response: Response) -> InteractionAdded:
+        """Append an interaction to the user's memory (creating the user if new)."""
+        ids = service.add_interaction(user_id, body.input, body.output, body.timestamp, body.metadata)
+        if not ids:
+            response.status_code = 200
+        return InteractionAdded(user_id=user_id, added=bool(ids), ids=ids)
+
+    @api.get("/users/{user_id}/persona", response_model=PersonaInfo, tags=["users"])
+    def persona(user_id: str) -> dict:
+        """The persona in force, its instructions and its version history."""
+        return service.persona(user_id)
+
+    @api.post("/users/{user_id}/align", response_model=AlignJob, status_code=202, tags=["alignment"])
+    def align(user_id: str, body: AlignRequest | None = None) -> AlignJob:
+        """Start test-time alignment on the latest interactions with a known output, in the background."""
+        body = body or AlignRequest()
+        return service.align(user_id, body.n_recent, body.iterations, body.acceptance)
+
+    @api.get("/users/{user_id}/align/{job_id}", response_model=AlignJob, tags=["alignment"])
+    def align_status(user_id: str, job_id: str) -> AlignJob:
+        return service.job(user_id, job_id)
+
+    @api.delete("/users/{user_id}", response_model=Deleted, tags=["users"])
+    def delete(user_id: str) -> Deleted:
+        """Forget the user completely: memory, profile, persona and its versions."""
+        service.delete(user_id)
+        return Deleted(user_id=user_id, deleted=True)
+
+    app.include_router(api)
+    return app
+
+
+def serve(store: str | Path, *, token: str, host: str = "127.0.0.1", port: int = 8000,
+          max_body_bytes: int = MAX_BODY_BYTES, **service_options) -> None:
+    """Serve the store over HTTP until interrupted; `service_options` go to `PersonaService`."""
+    service = PersonaService(store, **service_options)
+    try:
+        uvicorn.run(create_app(service, token, max_body_bytes), host=host, port=port)
+    finally:
+        service.close()
+
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` from a background thread (tests, benchmarks, notebooks); yields the base URL.
+    Port 0 takes a free port."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}; see the log")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()

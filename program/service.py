@@ -1,0 +1,376 @@
+"""Serving compiled personas: `PersonaService` answers for any user of a store.
+
+    service = PersonaService("compiled/")                    # the embedded model by default
+    service.answer("alice", "What score would you give ...?").answer
+
+- Programs stay loaded for the most recently used users (LRU). Before each use one `stat` of the
+  user's program and profile files tells whether a compile (in any process) or an alignment has
+  replaced them; the program is then reloaded, so a new version is served without a restart.
+- A user without a compiled program gets the default program: their memory and profile under
+  `default_task`, with the persona written from the profile.
+- LM work runs on a few worker threads (one for the embedded model: one llama.cpp context) behind
+  a bounded FIFO queue; when it is full, callers are told to retry instead of piling up.
+- Test-time alignment runs in the background on the user's latest interactions with a known
+  answer and records every persona version in the user's program file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import dspy
+import faiss
+from dspy.utils.exceptions import AdapterParseError, LMError
+
+from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
+from .agent import PersonaProgram
+from .lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
+from .store import PersonaVersion, ProgramState, UserStore
+from .storage import validate_user_id
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ServiceError(Exception):
+    """A request the service cannot serve; the message says why, for the caller."""
+
+
+class InvalidRequest(ServiceError, ValueError):
+    pass
+
+
+class NotFound(ServiceError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class AlignmentRunning(ServiceError):
+    def __init__(self, job_id: str):
+        super().__init__(f"an alignment of this user is already running (job {job_id})")
+        self.job_id = job_id
+
+
+class Unavailable(ServiceError):
+    """Temporary: the caller should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LMUnavailable(Unavailable):
+    pass
+
+
+class ServiceBusy(Unavailable):
+    pass
+
+
+@dataclass
+class Answer:
+    user_id: str
+    answer: str
+    persona_version: int | None  # None: the default program (nothing compiled yet)
+    tools: list[str]
+
+
+@dataclass
+class AlignJob:
+    id: str
+    user_id: str
+    n_recent: int
+    iterations: int
+    status: JobStatus = "queued"
+    error: str = ""
+    new_versions: list[int] = field(default_factory=list)
+    current_version: int | None = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+
+@dataclass
+class _Loaded:
+    program: PersonaProgram
+    state: ProgramState | None
+    stamp: tuple
+
+
+def alignment_versions(previous: ProgramState | None, program: PersonaProgram,
+                       aligned: PersonaProgram) -> list[PersonaVersion]:
+    """The version history after `aligned = PersonaAlignment(...).compile(program, ...)`: the
+    previous versions, the starting persona if it had none, then one version per rewrite."""
+    steps = aligned.alignment
+    versions = list(previous.versions) if previous else []
+    if previous is None:
+        versions.append(PersonaVersion(1, program.persona.to_dict(), program.instructions_by_predictor(),
+                                       steps[0].score if steps else None, note="initial persona"))
+    for step in steps[1:]:
+        trial = aligned.deepcopy()
+        trial.set_persona(step.persona)
+        versions.append(PersonaVersion(len(versions) + 1, step.persona.to_dict(), trial.instructions_by_predictor(),
+                                       step.score, step.feedback, step.accepted, step.note))
+    return versions
+
+
+class PersonaService:
+    """Answers, remembers and aligns for every user of a compile output directory; thread-safe."""
+
+    def __init__(self, store: str | Path | UserStore, lm: dspy.LM | str = DEFAULT_LM, *,
+                 reflection_lm: dspy.LM | None = None, default_task: TaskSpec | None = None,
+                 max_loaded: int = 256, lm_workers: int | None = None, max_queued: int = 64,
+                 lm_retry_after: int = 5):
+        self.store = store if isinstance(store, UserStore) else UserStore(store)
+        # Uncached: a deleted user's prompts must not outlive them in DSPy's disk cache.
+        self.lm = make_lm(lm, cache=False) if isinstance(lm, str) else lm
+        self.reflection_lm = reflection_lm
+        self.default_task = default_task or generic_task("generation")
+        self.max_loaded, self.max_queued, self.lm_retry_after = max_loaded, max_queued, lm_retry_after
+        self.lm_workers = lm_workers or (1 if self.lm.model.startswith(LOCAL_PREFIX) else 8)
+        # Requests embed and search one text at a time, next to the LM's own threads: a thread
+        # pool per operation only adds start-up and contention (p95 of one embedding: 68 ms with
+        # torch's 2 threads, 11 ms with 1, beside an LM at work on 2 cores).
+        faiss.omp_set_num_threads(1)
+        self.store.embedder  # loaded now (about a second, with torch), not by the first request
+        import torch
+
+        torch.set_num_threads(1)
+        self._programs: OrderedDict[str, _Loaded] = OrderedDict()
+        self._jobs: dict[str, AlignJob] = {}
+        self._deletions: dict[str, int] = {}  # per user: an alignment that saw a deletion must not save
+        self._lock = threading.Lock()
+        self._user_locks = [threading.Lock() for _ in range(64)]  # appends, deletes and saves of one user
+        self._queued = 0
+        self._answer_seconds = 1.0  # running mean, for the retry hint
+        self._lm_pool = ThreadPoolExecutor(self.lm_workers, thread_name_prefix="persona-lm")
+        self._job_pool = ThreadPoolExecutor(1, thread_name_prefix="persona-align")
+
+    # ------------------------------------------------------------------ programs
+
+    def program(self, user_id: str) -> PersonaProgram:
+        """The program serving `user_id`: their compiled one, else the default program."""
+        return self._loaded(self._existing(user_id)).program
+
+    def _existing(self, user_id: str) -> str:
+        try:
+            validate_user_id(user_id)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if not self.store.user_dir(user_id).exists():
+            raise NotFound(f"unknown user {user_id!r}: add an interaction or compile the user first")
+        return user_id
+
+    def _user_lock(self, user_id: str) -> threading.Lock:
+        return self._user_locks[hash(user_id) % len(self._user_locks)]
+
+    def _stamp(self, user_id: str) -> tuple:
+        """Changes whenever the program or profile file is replaced (each atomic write is a new file)."""
+        directory = self.store.user_dir(user_id)
+        stamp = []
+        for name in ("program.json", "profile.json"):
+            try:
+                st = os.stat(directory / name)
+                stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def _loaded(self, user_id: str) -> _Loaded:
+        stamp = self._stamp(user_id)
+        with self._lock:
+            loaded = self._programs.get(user_id)
+            if loaded is not None and loaded.stamp == stamp:
+                self._programs.move_to_end(user_id)
+                return loaded
+        # Under the user's lock: a user being deleted is neither recreated by loading nor cached after.
+        with self._user_lock(user_id):
+            if not self.store.user_dir(user_id).exists():
+                raise NotFound(f"unknown user {user_id!r}")
+            loaded = self._load(user_id, stamp)
+            with self._lock:
+                self._programs[user_id] = loaded
+                self._programs.move_to_end(user_id)
+                while len(self._programs) > self.max_loaded:
+                    self._programs.popitem(last=False)
+        return loaded
+
+    def _load(self, user_id: str, stamp: tuple) -> _Loaded:
+        state = self.store.load_state(user_id)
+        if state is None:
+            return _Loaded(self.store.build(user_id, self.default_task), None, stamp)
+        program = self.store.build(user_id, task_from_dict(state.task), state.persona)
+        program.load_instructions(state.current.instructions)
+        return _Loaded(program, state, stamp)
+
+    # ------------------------------------------------------------------ answering
+
+    def answer(self, user_id: str, text: str) -> Answer:
+        return self.submit_answer(user_id, text).result()
+
+    def submit_answer(self, user_id: str, text: str) -> Future:
+        """Queue an answer; the future gives an `Answer` or raises `LMUnavailable`."""
+        user_id = self._existing(user_id)
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequest("the question text must be a non-empty string")
+        with self._lock:
+            if self._queued >= self.max_queued:
+                wait = math.ceil(self._queued * self._answer_seconds / self.lm_workers)
+                raise ServiceBusy(f"{self._queued} answers are queued; retry later", max(1, wait))
+            self._queued += 1
+        return self._lm_pool.submit(self._answer, user_id, text)
+
+    def _answer(self, user_id: str, text: str) -> Answer:
+        started = time.perf_counter()
+        try:
+            loaded = self._loaded(user_id)
+            with use_lm(self.lm), dspy.context(disable_history=True):
+                pred = loaded.program(question=text)
+        except (LMError, AdapterParseError) as exc:
+            raise LMUnavailable(f"the language model failed: {exc}", self.lm_retry_after) from exc
+        finally:
+            with self._lock:
+                self._queued -= 1
+                self._answer_seconds = 0.9 * self._answer_seconds + 0.1 * (time.perf_counter() - started)
+        version = loaded.state.current.version if loaded.state else None
+        return Answer(user_id, str(pred.answer), version, [step["tool"] for step in pred.trajectory])
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def loaded(self) -> int:
+        return len(self._programs)
+
+    # ------------------------------------------------------------------ memory and persona
+
+    def add_interaction(self, user_id: str, input: str, output: str | None = None,
+                        timestamp: float | None = None, metadata: dict | None = None) -> list[int]:
+        """Append one interaction (its ground-truth `output` if known); creates the user if new.
+        Returns the new record's id, or [] when the same interaction is already recorded."""
+        try:
+            validate_user_id(user_id)
+            item = Interaction(input, output, time.time() if timestamp is None else timestamp, metadata or {})
+            with self._user_lock(user_id):  # not while the user is being deleted
+                return self.store.memory(user_id).add([item])
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    def persona(self, user_id: str) -> dict:
+        """The persona in force, the instructions the program runs with, and the version history."""
+        loaded = self._loaded(self._existing(user_id))
+        program, state = loaded.program, loaded.state
+        return {
+            "user_id": user_id,
+            "compiled": state is not None,
+            "task": task_to_dict(program.task),
+            "current_version": state.current.version if state else None,
+            "persona": program.persona.to_dict(),
+            "instructions": program.instructions_by_predictor(),
+            "versions": state.versions if state else [],
+            "interactions": len(program.memory),
+        }
+
+    def delete(self, user_id: str) -> None:
+        """Forget the user completely: memory, profile, persona, versions and alignment jobs."""
+        user_id = self._existing(user_id)
+        with self._user_lock(user_id):
+            with self._lock:
+                self._deletions[user_id] = self._deletions.get(user_id, 0) + 1
+                self._programs.pop(user_id, None)
+                # A running alignment sees the deletion count change and does not save.
+                self._jobs = {i: j for i, j in self._jobs.items() if j.user_id != user_id}
+            self.store.delete_user(user_id)
+
+    # ------------------------------------------------------------------ test-time alignment
+
+    def align(self, user_id: str, n_recent: int = 3, iterations: int = 1,
+              acceptance: Literal["always", "guarded"] = "always") -> AlignJob:
+        """Start aligning the persona on the latest `n_recent` interactions with a known answer;
+        returns at once with the job (see `job`)."""
+        user_id = self._existing(user_id)
+        if not 1 <= n_recent <= 20 or not 1 <= iterations <= 5 or acceptance not in ("always", "guarded"):
+            raise InvalidRequest("n_recent must be 1-20, iterations 1-5, acceptance 'always' or 'guarded'")
+        if not any(r.output is not None for r in self.store.memory(user_id).all()):
+            raise InvalidRequest("alignment needs at least one interaction with a known output")
+        with self._lock:
+            running = next((j for j in self._jobs.values()
+                            if j.user_id == user_id and j.status in ("queued", "running")), None)
+            if running is not None:
+                raise AlignmentRunning(running.id)
+            job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations)
+            self._jobs[job.id] = job
+            deletions = self._deletions.get(user_id, 0)
+        self._job_pool.submit(self._run_align, job, acceptance, deletions)
+        return job
+
+    def job(self, user_id: str, job_id: str) -> AlignJob:
+        job = self._jobs.get(job_id)
+        if job is None or job.user_id != user_id:
+            raise NotFound(f"no alignment job {job_id!r} for user {user_id!r}")
+        return job
+
+    def _run_align(self, job: AlignJob, acceptance: str, deletions: int) -> None:
+        from ..optimizers.persona import PersonaAlignment  # the optimizer is loaded only when used
+
+        job.status = "running"
+        try:
+            loaded = self._loaded(job.user_id)
+            program, previous = loaded.program, loaded.state
+            # A record's position is what memory shows when it is replayed: only what came before it.
+            examples = [dspy.Example(question=r.input, answer=r.output, as_of=position).with_inputs("question", "as_of")
+                        for position, r in enumerate(program.memory.all()) if r.output is not None]
+            teleprompter = PersonaAlignment(job.n_recent, job.iterations, acceptance, self.reflection_lm)
+            with use_lm(self.lm), dspy.context(disable_history=True):
+                aligned = teleprompter.compile(program, trainset=examples)
+            with self._user_lock(job.user_id):
+                if self._deletions.get(job.user_id, 0) != deletions:
+                    raise NotFound("the user was deleted during alignment")
+                on_disk = self.store.load_state(job.user_id)
+                if (on_disk and on_disk.updated_at) != (previous and previous.updated_at):
+                    raise RuntimeError("the program was recompiled during alignment; start the alignment again")
+                state = ProgramState(
+                    job.user_id, task_to_dict(program.task), previous.lm if previous else self.lm.model,
+                    alignment_versions(previous, program, aligned), previous.compile_key if previous else "",
+                    created_at=previous.created_at if previous else time.time())
+                self.store.save_state(state)
+            job.new_versions = [v.version for v in state.versions[len(previous.versions) if previous else 0:]]
+            job.current_version = state.current.version
+            job.status = "succeeded"
+        except Exception as exc:  # the job reports it; the service goes on
+            if self._deletions.get(job.user_id, 0) != deletions:
+                job.status, job.error = "cancelled", "the user was deleted"
+            else:
+                reason = "the language model failed" if isinstance(exc, (LMError, AdapterParseError)) else type(exc).__name__
+                job.status, job.error = "failed", f"{reason}: {exc}"
+        finally:
+            job.finished_at = time.time()
+            self._forget_old_jobs()
+
+    def _forget_old_jobs(self, keep: int = 1000) -> None:
+        with self._lock:
+            finished = [j for j in self._jobs.values() if j.finished_at is not None]
+            for j in sorted(finished, key=lambda j: j.finished_at)[:max(0, len(finished) - keep)]:
+                del self._jobs[j.id]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Finish queued work, then write the memory indexes."""
+        self._lm_pool.shutdown(wait=True)
+        self._job_pool.shutdown(wait=True)
+        self.store.close()
+
+    def __enter__(self) -> "PersonaService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

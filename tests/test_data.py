@@ -1,0 +1,123 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from personaagent.data.loaders import DataError, load, load_jsonl, load_lamp
+from personaagent.data.tasks import LAMP_TASKS, resolve_task, rouge_1, rouge_l, task_from_dict, task_to_dict
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamp"
+needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside this checkout")
+
+
+@needs_shared
+@pytest.mark.parametrize("folder,task,kind", [
+    ("LaMP-1-acl", "LaMP-1", "classification"),
+    ("LaMP-2N-huffpost", "LaMP-2N", "classification"),
+    ("LaMP-3-amazon", "LaMP-3", "rating"),
+])
+def test_lamp_format_sets_load_per_user(folder, task, kind):
+    data = load(SHARED / folder)
+    assert data.task.name == task and data.task.kind == kind
+    questions = json.loads((SHARED / folder / "questions.json").read_text())
+    assert len(data.users) == len({q["user_id"] for q in questions})
+    assert sum(len(u.questions) for u in data.users.values()) == len(questions)
+    for user in list(data.users.values())[:20]:
+        assert user.memories and all(q.answer is not None for q in user.questions)
+        # A question's own text never sits in the memory used to answer it.
+        memory_inputs = {m.input for m in user.memories}
+        assert not any(q.question in memory_inputs for q in user.questions)
+        # Replays are time-ordered past items with the user's real answer and their position.
+        positions = [r.metadata["position"] for r in user.replays]
+        assert positions == sorted(positions) and all(r.output for r in user.replays)
+        if data.task.labels:
+            assert all(r.output in data.task.labels for r in user.replays)
+    assert len(data.questions_dataset()) == len(questions)
+
+
+@needs_shared
+def test_labels_come_from_the_questions_when_listed():
+    data = load(SHARED / "LaMP-2N-huffpost")
+    assert len(data.task.labels) == 29 and "u.s. news" in data.task.labels
+
+
+def _official(tmp_path, name="LaMP_3"):
+    questions = [
+        {"id": "100", "input": "What is the score of this review? review: great", "profile": [
+            {"id": "p1", "text": "Loved it", "score": "5"}, {"id": "p2", "text": "Meh", "score": "3"}]},
+        {"id": "101", "input": "What is the score of this review? review: bad", "profile": [
+            {"id": "p3", "text": "Awful", "score": "1"}]},
+    ]
+    (tmp_path / "dev_questions.json").write_text(json.dumps(questions))
+    (tmp_path / "dev_outputs.json").write_text(json.dumps({"task": name, "golds": [
+        {"id": "100", "output": "5"}, {"id": "101", "output": "1"}]}))
+    return tmp_path
+
+
+def test_official_lamp_files_read_unchanged(tmp_path):
+    data = load_lamp(_official(tmp_path))
+    assert data.task.name == "LaMP-3"
+    # Official LaMP has one profile per question: each question is its own user.
+    assert set(data.users) == {"100", "101"}
+    assert [r.output for r in data.users["100"].replays] == ["5", "3"]
+    assert data.users["101"].questions[0].answer == "1"
+
+
+def test_malformed_lamp_names_file_record_and_field(tmp_path):
+    _official(tmp_path)
+    questions = json.loads((tmp_path / "dev_questions.json").read_text())
+    del questions[1]["profile"]
+    (tmp_path / "dev_questions.json").write_text(json.dumps(questions))
+    with pytest.raises(DataError, match=r"dev_questions\.json: record 1 \(id 101\): missing field 'profile'"):
+        load_lamp(tmp_path)
+    (tmp_path / "dev_questions.json").write_text("[{")
+    with pytest.raises(DataError, match=r"dev_questions\.json.*not valid JSON"):
+        load_lamp(tmp_path)
+
+
+def test_jsonl_interactions(tmp_path):
+    path = tmp_path / "logs.jsonl"
+    rows = [{"user_id": "u1", "timestamp": t, "input": f"q{t}", "output": "yes" if t % 2 else "no"} for t in range(5)]
+    rows.append({"user_id": "u2", "timestamp": 1, "input": "hello", "output": "no", "metadata": {"src": "web"}})
+    rows.append({"user_id": "u2", "timestamp": 2, "input": "again", "output": "yes"})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_jsonl(path, kind="classification")
+    assert data.task.labels == ("no", "yes")
+    u1 = data.users["u1"]
+    assert [m.input for m in u1.memories] == ["input: q0", "input: q1", "input: q2", "input: q3"]
+    assert [q.question for q in u1.questions] == ["q4"] and u1.questions[0].answer == "no"
+    assert [r.input for r in u1.recent(2)] == ["q2", "q3"]
+
+
+def test_jsonl_errors_name_the_line_and_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"user_id": "u", "input": "x"}) + "\n" + json.dumps({"user_id": "u"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl: record line 2: missing field 'input'"):
+        load_jsonl(path)
+    path.write_text(json.dumps({"user_id": "u", "input": "x", "timestamp": "yesterday"}))
+    with pytest.raises(DataError, match="timestamp"):
+        load_jsonl(path)
+
+
+def test_task_names_and_round_trip():
+    assert resolve_task("LaMP_2").name == "LaMP-2N"
+    assert resolve_task("LaMP-2M").name == "LaMP-2M"
+    assert resolve_task("lamp3").name == "LaMP-3"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_task("LaMP-9")
+    spec = LAMP_TASKS["LaMP-2N"].with_labels(("a", "b"))
+    assert task_from_dict(task_to_dict(spec)).labels == ("a", "b")
+
+
+def test_metrics():
+    rating = LAMP_TASKS["LaMP-3"]
+    m = rating.metrics(["5", "3", "x"], ["4", "3", "1"])
+    assert m["mae"] == pytest.approx((1 + 0 + 4) / 3) and m["rmse"] == pytest.approx((17 / 3) ** 0.5)
+    assert rating.score("4", "5") == pytest.approx(0.75)
+    cls = LAMP_TASKS["LaMP-2N"]
+    m = cls.metrics(["politics", "sports", "politics"], ["politics", "politics", "politics"])
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.0) / 2)
+    assert rouge_1("the cat sat", "the cat sat down") == pytest.approx(2 * 1 * 0.75 / 1.75)
+    assert rouge_l("a b c d", "a c d") == pytest.approx(2 * 0.75 * 1 / 1.75)
+    assert "mean 4.00" in rating.output_stats(["5", "3"])

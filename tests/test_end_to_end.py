@@ -1,0 +1,125 @@
+"""The whole path on the real embedded model (SmolLM2-135M through llama.cpp), real MLflow and a
+real subprocess CLI: prepare, predict, compile (interrupted and resumed), ask."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Literal
+
+import dspy
+import pytest
+
+from personaagent.data import SAMPLE_DIR
+from personaagent.program import models
+from personaagent.program.lm import make_lm, use_lm
+from personaagent.program.store import UserStore
+
+pytestmark = pytest.mark.model
+SMALL = "smollm2-135m"
+CLI = [sys.executable, "-m", "personaagent.program.cli"]
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return models.prepare(SMALL, progress=False)  # idempotent and cached
+
+
+def _env(tmp_path, **extra):
+    return {**os.environ, "DSPY_CACHEDIR": str(tmp_path / "dspy_cache"), **extra}
+
+
+def test_prepare_detects_and_rebuilds_a_corrupted_or_partial_file(tmp_path, monkeypatch, small_model):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    path = models.prepare(SMALL, progress=False)
+    assert path.parent == tmp_path / "models" and models.is_ready(SMALL)
+    with open(path, "r+b") as f:  # flip one byte
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert not models.is_ready(SMALL)
+    assert models.sha256_of(models.prepare(SMALL, progress=False)) == models.get_model(SMALL).sha256
+    with open(path, "r+b") as f:  # a partial file
+        f.truncate(1000)
+    models.prepare(SMALL, progress=False)
+    assert models.is_ready(SMALL)
+
+
+def test_unknown_lm_names_the_valid_choices(tmp_path):
+    with pytest.raises(ValueError, match="local/qwen2.5-coder-1.5b.*local/smollm2-135m"):
+        make_lm("local/gpt-9")
+    out = subprocess.run(CLI + ["ask", "--store", str(tmp_path), "--user", "u", "--lm", "local/gpt-9", "hi"],
+                         capture_output=True, text=True, env=_env(tmp_path))
+    assert out.returncode == 2 and "no compiled program for user 'u'" in out.stderr
+    out = subprocess.run(CLI + ["compile", "--data", str(SAMPLE_DIR / "LaMP-3-amazon"), "--store", str(tmp_path),
+                                "--lm", "local/gpt-9"], capture_output=True, text=True, env=_env(tmp_path))
+    assert out.returncode == 2 and "local/qwen2.5-coder-1.5b" in out.stderr
+
+
+def test_real_prediction_parses_into_the_declared_literal(small_model):
+    class Rate(dspy.Signature):
+        """Rate the review from 1 to 5."""
+
+        review: str = dspy.InputField()
+        rating: Literal["1", "2", "3", "4", "5"] = dspy.OutputField()
+
+    lm = make_lm(f"local/{SMALL}", cache=False)
+    with use_lm(lm):
+        for review in ["Terrible, broke on day one.", "Perfect strings, great tone!"]:
+            assert dspy.Predict(Rate)(review=review).rating in {"1", "2", "3", "4", "5"}
+    assert lm.history[-1]["usage"]["completion_tokens"] > 0
+
+
+def _compile(tmp_path, store, log):
+    # Output goes to a file: an unread pipe fills up and blocks the child.
+    return subprocess.Popen(
+        CLI + ["compile", "--data", str(SAMPLE_DIR / "LaMP-3-amazon"), "--store", str(store), "--users", "3",
+               "--lm", f"local/{SMALL}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(tmp_path), cwd=tmp_path)
+
+
+def test_compile_interrupted_resumes_and_is_tracked_then_ask_answers(tmp_path, small_model):
+    store = tmp_path / "store"
+    proc = _compile(tmp_path, store, tmp_path / "first.log")
+    deadline = time.time() + 600
+    while not list(store.glob("users/*/program.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # interrupt after the first user is saved
+    proc.wait()
+    done_first = UserStore(store, embedder=object()).users()
+    assert len(done_first) >= 1
+
+    proc = _compile(tmp_path, store, tmp_path / "second.log")
+    proc.wait(timeout=900)
+    output = (tmp_path / "second.log").read_text()
+    assert proc.returncode == 0, output
+    for user in done_first:
+        assert any(line.startswith("skipped") and user in line for line in output.splitlines()), output
+    users = UserStore(store, embedder=object()).users()
+    assert len(users) == 3
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["personaagent-compile"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 2 and parents[0].data.params["optimizer"] == "persona"
+    compiled = [r for r in children if r.data.tags.get("status") == "compiled"]
+    assert compiled and {r.data.tags["user_id"] for r in compiled} <= set(users)
+    client = mlflow.MlflowClient()
+    run = compiled[0]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "personas")]
+    assert client.get_metric_history(run.info.run_id, "replay_score")
+    assert run.data.metrics["lm_calls"] > 0
+
+    state = UserStore(store, embedder=object()).load_state(users[0])
+    assert state.versions and state.current.instructions["answer"]
+    out = subprocess.run(CLI + ["ask", "--store", str(store), "--user", users[0], "--verbose",
+                                "What is the score of the following review on a scale of 1 to 5? review: Great strings."],
+                         capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] in {"1", "2", "3", "4", "5"}
+    assert "persona v" in out.stdout

@@ -1,0 +1,95 @@
+import faiss
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from personaagent.data.tasks import Interaction
+from personaagent.program import memory as memory_module
+from personaagent.program.memory import EpisodicMemory
+from personaagent.program.store import UserStore
+
+from conftest import interactions
+
+
+def test_add_search_delete(tmp_path, embedder):
+    memory = EpisodicMemory(tmp_path, embedder)
+    ids = memory.add([Interaction("I replaced the strings on my Fender guitar", "5"),
+                      Interaction("This lipstick dried my lips", "2"),
+                      Interaction("The tuner pedal keeps my bass in tune", "4")])
+    assert len(ids) == 3 and len(memory) == 3
+    found = memory.search("new guitar strings", 1)
+    assert found[0].input.startswith("I replaced the strings") and found[0].output == "5"
+    assert memory.delete(found[0].id) and len(memory) == 2
+    assert all(r.id != found[0].id for r in memory.search("new guitar strings", 3))
+    assert not memory.delete(found[0].id)
+
+
+def test_adding_the_same_interactions_again_adds_nothing(tmp_path, embedder):
+    memory = EpisodicMemory(tmp_path, embedder)
+    assert len(memory.add(interactions(5))) == 5
+    assert memory.add(interactions(5)) == []
+    assert len(memory.add(interactions(7))) == 2 and len(memory) == 7
+
+
+def test_stale_or_missing_index_is_rebuilt_from_the_log(tmp_path, embedder):
+    memory = EpisodicMemory(tmp_path, embedder)
+    memory.add(interactions(10))
+    memory.flush()
+    memory.add(interactions(12))  # not flushed: the index file on disk is now stale
+    memory._db.close()  # a crash: no flush
+    reopened = EpisodicMemory(tmp_path, embedder)
+    assert reopened._index.ntotal == 12
+    assert reopened.search("item 11: a review of guitar strings number 11", 1)[0].input.startswith("item 11")
+    reopened.close()
+    (tmp_path / "episodic.faiss").unlink()
+    assert EpisodicMemory(tmp_path, embedder)._index.ntotal == 12
+
+
+def test_as_of_hides_later_records(tmp_path, embedder):
+    memory = EpisodicMemory(tmp_path, embedder)
+    memory.add(interactions(6))
+    with memory.as_of(3):
+        assert [r.input.split(":")[0] for r in memory.all()] == ["item 0", "item 1", "item 2"]
+        assert all(int(r.input.split()[1].rstrip(":")) < 3 for r in memory.search("item 5", 6))
+    assert len(memory.all()) == 6
+
+
+def test_large_memories_switch_to_an_inverted_index(tmp_path, embedder, monkeypatch):
+    monkeypatch.setattr(memory_module, "IVF_THRESHOLD", 300)
+    memory = EpisodicMemory(tmp_path, embedder)
+    memory.add(interactions(320, "note"))
+    assert isinstance(faiss.downcast_index(memory._index.index), faiss.IndexIVF) and memory._index.ntotal == 320
+    hit = memory.search("note 77: a review of guitar strings number 77", 1)[0]
+    assert hit.input.startswith("note 77")
+    assert memory.delete(hit.id) and memory._index.ntotal == 319
+    with memory.as_of(10):
+        assert all(r.id <= 10 for r in memory.search("note 300", 5))
+
+
+def test_empty_input_is_refused(tmp_path, embedder):
+    with pytest.raises(ValueError, match="interaction 1: 'input' must be a non-empty string"):
+        EpisodicMemory(tmp_path, embedder).add([Interaction("ok"), Interaction("  ")])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(st.sampled_from(["guitar", "strings", "lipstick", "pedal", "amp", "tuner"]), min_size=1, max_size=4),
+                min_size=2, max_size=6))
+def test_search_never_returns_another_users_record(tmp_path_factory, embedder, per_user_words):
+    store = UserStore(tmp_path_factory.mktemp("store"), embedder)
+    owners = {}
+    for n, words in enumerate(per_user_words):
+        user = f"user {n}"
+        ids = store.memory(user).add([Interaction(f"{user} wrote about {w} #{i}", w) for i, w in enumerate(words)])
+        assert ids
+        owners[user] = {r.input for r in store.memory(user).all()}
+    for user in owners:
+        for query in ["guitar", "lipstick", "amp tuner", "user 0 wrote"]:
+            found = store.memory(user).search(query, 10)
+            assert found and {r.input for r in found} <= owners[user]
+    store.close()
+
+
+def test_vectors_are_normalized(embedder):
+    vectors = embedder.embed(["a guitar", "a lipstick"])
+    assert vectors.shape == (2, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)

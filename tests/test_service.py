@@ -1,0 +1,259 @@
+"""PersonaService, the serving library: real store, SQLite, FAISS and embedder; only the LM is fake."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pytest
+
+from personaagent.data.tasks import LAMP_TASKS, Interaction, task_to_dict
+from personaagent.program.memory import Profile
+from personaagent.program.persona import Persona
+from personaagent.program.service import (AlignmentRunning, InvalidRequest, LMUnavailable, NotFound, PersonaService,
+                                          ServiceBusy)
+from personaagent.program.store import PersonaVersion, ProgramState, UserStore
+
+from conftest import FakeEngine, interactions
+
+TASK = LAMP_TASKS["LaMP-3"]
+REWRITE = {  # what the fake reflection LM writes: a persona that passes the checks
+    "summary": "Alice is a demanding reviewer who rarely gives full marks.",
+    "preferences": ["checks build quality first"],
+    "rules": ["answer 3 unless the review is glowing"],
+    "gradient": "Rate lower than the persona suggests.",
+}
+
+
+class GatedEngine(FakeEngine):
+    """A fake LM that counts calls running at once (one llama.cpp context must never see two)
+    and can hold calls at a gate."""
+
+    def __init__(self, answers: dict | None = None):
+        super().__init__(answers)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.active = self.most_active = 0
+
+    def complete(self, request):
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        self.entered.set()
+        try:
+            assert self.gate.wait(30)
+            time.sleep(0.001)  # a window for another call to overlap, if the service let it
+            return super().complete(request)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def echo(prompt: str) -> str:
+    return "answer to " + re.findall(r"\[\[ ## question ## \]\]\n(.*?)\n", prompt)[-1]
+
+
+def local_lm(engine: FakeEngine) -> dspy.LM:
+    """Named like an embedded model: the service then runs one LM call at a time, as llama.cpp needs."""
+    return dspy.LM("local/fake", engine=engine, cache=False)
+
+
+def save_persona(store: UserStore, user_id: str, summary: str) -> ProgramState:
+    """What a compile leaves: a program file whose newest version has this persona."""
+    persona = Persona(summary, ["likes Fender"], ["answer with a digit"])
+    previous = store.load_state(user_id)
+    versions = previous.versions if previous else []
+    instructions = store.build(user_id, TASK, persona).instructions_by_predictor()
+    state = ProgramState(user_id, task_to_dict(TASK), "local/qwen2.5-coder-1.5b",
+                         versions + [PersonaVersion(len(versions) + 1, persona.to_dict(), instructions, 0.5)])
+    store.save_state(state)
+    return state
+
+
+def wait_for(job, seconds: float = 60):
+    """The job, once finished (the service updates the record it returned)."""
+    deadline = time.time() + seconds
+    while job.status in ("queued", "running"):
+        assert time.time() < deadline, "alignment did not finish"
+        time.sleep(0.02)
+    return job
+
+
+@pytest.fixture
+def store(tmp_path, embedder):
+    store = UserStore(tmp_path / "store", embedder)
+    store.memory("alice").add(interactions(4, "alice"))
+    save_persona(store, "alice", "Alice rates guitar gear generously.")
+    return store
+
+
+@pytest.fixture
+def engine():
+    return GatedEngine({"answer": "4", "tools": ["search_memory", "read_profile"], "memory_query": "strings", **REWRITE})
+
+
+@pytest.fixture
+def service(store, engine):
+    service = PersonaService(store, local_lm(engine))
+    yield service
+    engine.gate.set()
+    service.close()
+
+
+def test_answers_with_the_persona_in_force_and_picks_up_a_new_version_without_restart(service, store, engine):
+    first = service.answer("alice", "review: bright strings")
+    assert (first.answer, first.persona_version, first.tools) == ("4", 1, ["search_memory", "read_profile"])
+    assert "Alice rates guitar gear generously." in engine.requests[-1]
+    assert service.program("alice") is service.program("alice")  # unchanged files: no reload
+
+    save_persona(store, "alice", "Alice became a strict critic of guitar gear.")
+    second = service.answer("alice", "review: bright strings")
+    assert second.persona_version == 2
+    assert "Alice became a strict critic" in engine.requests[-1] and "generously" not in engine.requests[-1]
+
+
+def test_keeps_only_the_most_recently_used_programs_loaded(store, engine):
+    for user in ("bob", "carol"):
+        store.memory(user).add(interactions(2, user))
+        save_persona(store, user, f"{user.title()} likes pedals.")
+    with PersonaService(store, local_lm(engine), max_loaded=2) as service:
+        for user in ("alice", "bob", "carol", "alice"):
+            assert service.answer(user, "review: fine").persona_version == 1
+        assert service.loaded == 2
+
+
+def test_a_user_without_a_compiled_program_gets_the_default_program(service, store, engine):
+    store.memory("dave").add([Interaction("write a headline: rain again", "Rain, again")])
+    store.save_profile("dave", Profile("Dave writes dry, short headlines.", ["puns"], 1))
+    info = service.persona("dave")
+    assert not info["compiled"] and info["versions"] == [] and info["current_version"] is None
+    assert info["task"]["kind"] == "generation" and info["interactions"] == 1
+    assert "Dave writes dry, short headlines." in info["instructions"]["answer"]
+    engine.answers["answer"] = echo
+    answer = service.answer("dave", "write a headline: sun at last")
+    assert answer.answer == "answer to write a headline: sun at last" and answer.persona_version is None
+
+
+@pytest.mark.parametrize("user_id", ["../alice", "a/b", "..", "", " x", "x" * 200, "nul\x00"])
+def test_invalid_user_ids_are_refused_before_touching_the_disk(service, store, user_id):
+    before = sorted(p.name for p in store.root.parent.rglob("*"))
+    for call in (lambda: service.answer(user_id, "hi"), lambda: service.add_interaction(user_id, "hi"),
+                 lambda: service.persona(user_id), lambda: service.delete(user_id)):
+        with pytest.raises(InvalidRequest, match="invalid user id"):
+            call()
+    assert sorted(p.name for p in store.root.parent.rglob("*")) == before
+
+
+def test_unknown_users_are_not_found_and_not_created(service, store):
+    for call in (lambda: service.answer("carol", "hi"), lambda: service.persona("carol"),
+                 lambda: service.align("carol"), lambda: service.delete("carol")):
+        with pytest.raises(NotFound, match="unknown user 'carol'"):
+            call()
+    assert not store.user_dir("carol").exists()
+
+
+def test_concurrent_appends_are_never_lost(service, store):
+    def append(worker: int) -> list[tuple[str, int]]:
+        user = "alice" if worker % 2 else "erin"
+        return [(user, *service.add_interaction(user, f"worker {worker} item {i}", str(i % 5 + 1))) for i in range(25)]
+
+    with ThreadPoolExecutor(8) as pool:
+        added = [record for batch in pool.map(append, range(8)) for record in batch]
+    assert len(set(added)) == 200  # each append got its own record id
+    reopened = UserStore(store.root, store.embedder)  # what is on disk, not what is cached
+    assert len(reopened.memory("alice")) == 4 + 100 and len(reopened.memory("erin")) == 100
+    assert {r.input for r in reopened.memory("erin").all()} == {f"worker {w} item {i}" for w in (0, 2, 4, 6) for i in range(25)}
+    # A retried append (same interaction, same timestamp) is recorded once.
+    assert service.add_interaction("erin", "retried", "5", timestamp=1.0) and not service.add_interaction("erin", "retried", "5", timestamp=1.0)
+    reopened.close()
+
+
+def test_concurrent_answers_queue_for_the_model_and_each_gets_its_own(service, store, engine):
+    store.memory("frank").add(interactions(2, "frank"))
+    engine.answers["answer"] = echo
+    questions = [(user, f"question {i}") for i in range(12) for user in ("frank", "george")]
+    store.memory("george").add(interactions(2, "george"))
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda q: service.answer(*q), questions))
+    assert [a.answer for a in answers] == [f"answer to {text}" for _, text in questions]
+    assert [a.user_id for a in answers] == [user for user, _ in questions]
+    assert engine.most_active == 1
+
+
+def test_a_full_queue_turns_callers_away_with_a_retry_hint(store, engine):
+    with PersonaService(store, local_lm(engine), max_queued=2) as service:
+        engine.gate.clear()
+        waiting = [service.submit_answer("alice", "review: ok") for _ in range(2)]
+        with pytest.raises(ServiceBusy, match="2 answers are queued") as busy:
+            service.submit_answer("alice", "review: ok")
+        assert busy.value.retry_after >= 1
+        engine.gate.set()
+        assert [f.result(30).answer for f in waiting] == ["4", "4"]
+        assert service.answer("alice", "review: ok").answer == "4"
+
+
+def test_an_lm_failure_is_reported_as_unavailable_and_the_service_goes_on(service, engine):
+    engine.fail = True
+    with pytest.raises(LMUnavailable, match="the language model failed") as failure:
+        service.answer("alice", "review: ok")
+    assert failure.value.retry_after > 0
+    engine.fail = False
+    assert service.answer("alice", "review: ok").answer == "4"
+    assert service.queued == 0
+
+
+def test_alignment_records_every_version_and_the_new_persona_is_served(service, store, engine):
+    engine.gate.clear()
+    job = service.align("alice", n_recent=3)
+    assert engine.entered.wait(30)
+    with pytest.raises(AlignmentRunning, match=job.id):
+        service.align("alice")
+    engine.gate.set()
+    job = wait_for(job)
+    assert (job.status, job.error, job.new_versions, job.current_version) == ("succeeded", "", [2], 2)
+
+    state = store.load_state("alice")
+    assert [v.version for v in state.versions] == [1, 2] and state.current.version == 2
+    assert state.current.persona["summary"] == REWRITE["summary"]
+    assert "Rate lower than the persona suggests." in state.current.feedback
+    assert state.current.instructions["answer"].startswith(Persona(**state.current.persona).render(TASK))
+    assert service.persona("alice")["current_version"] == 2
+    assert service.answer("alice", "review: ok").persona_version == 2
+    assert REWRITE["summary"] in engine.requests[-1]
+
+
+def test_alignment_of_a_default_user_saves_its_first_program(service, store):
+    service.add_interaction("hana", "write a headline: rain again", "Rain, again")
+    job = wait_for(service.align("hana", n_recent=1))
+    assert job.status == "succeeded" and job.new_versions == [1, 2]
+    state = store.load_state("hana")
+    assert state.versions[0].note == "initial persona" and state.current.persona["summary"] == REWRITE["summary"]
+    assert service.persona("hana")["compiled"] and store.users() == ["alice", "hana"]
+
+
+def test_alignment_needs_interactions_with_a_known_output(service):
+    service.add_interaction("ivan", "write a headline: no answer yet")
+    with pytest.raises(InvalidRequest, match="at least one interaction with a known output"):
+        service.align("ivan")
+
+
+def test_delete_forgets_everything_and_a_running_alignment_never_brings_the_user_back(service, store, engine):
+    engine.gate.clear()
+    job = service.align("alice")
+    assert engine.entered.wait(30)
+    service.delete("alice")
+    engine.gate.set()
+    job = wait_for(job)
+    assert (job.status, job.error) == ("cancelled", "the user was deleted")
+    assert not store.user_dir("alice").exists() and store.users() == []
+    with pytest.raises(NotFound):
+        service.persona("alice")
+    service.add_interaction("alice", "a new start", "3")
+    info = service.persona("alice")
+    assert not info["compiled"] and info["interactions"] == 1
+    with pytest.raises(NotFound):  # the old job was forgotten with the user
+        service.job("alice", job.id)

@@ -1,0 +1,108 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from personaagent.data.tasks import LAMP_TASKS, task_to_dict
+from personaagent.program.persona import Persona
+from personaagent.program.storage import validate_user_id
+from personaagent.program.store import PersonaVersion, ProgramState, UserStore
+
+TASK = LAMP_TASKS["LaMP-3"]
+
+
+def _state(user_id: str, summary: str = "Rates gear generously.", number: int = 1, padding: int = 0) -> ProgramState:
+    persona = Persona(summary, ["likes Fender"], ["answer with a digit"])
+    instructions = {"answer": persona.render(TASK) + "x" * padding}
+    return ProgramState(user_id, task_to_dict(TASK), "local/smollm2-135m",
+                        [PersonaVersion(number, persona.to_dict(), instructions, 0.5)])
+
+
+def test_save_and_load_round_trip(tmp_path, embedder):
+    store = UserStore(tmp_path, embedder)
+    store.save_state(_state("alice"))
+    assert store.users() == ["alice"]
+    state = store.load_state("alice")
+    assert state.current.version == 1 and state.persona.summary == "Rates gear generously."
+    program = store.load_program("alice")
+    assert program.instructions == state.current.instructions["answer"]
+    with pytest.raises(KeyError, match="no compiled program for user 'carol'"):
+        store.load_program("carol")
+
+
+def test_rejected_versions_are_kept_but_not_used(tmp_path, embedder):
+    store = UserStore(tmp_path, embedder)
+    state = _state("alice")
+    bad = Persona("Copied text.", [], [])
+    state.versions.append(PersonaVersion(2, bad.to_dict(), {"answer": bad.render(TASK)}, None, "fb", False, "copied"))
+    store.save_state(state)
+    loaded = store.load_state("alice")
+    assert len(loaded.versions) == 2 and loaded.current.version == 1
+
+
+def test_a_newer_format_is_refused_not_misread(tmp_path, embedder):
+    store = UserStore(tmp_path, embedder)
+    store.save_state(_state("alice"))
+    path = store.program_path("alice")
+    payload = json.loads(path.read_text())
+    payload["format_version"] = 99
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="program format version 99"):
+        store.load_state("alice")
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "", ".hidden", "x" * 200, "a\nb", "..", "a..b"])
+def test_path_tricks_in_user_ids_are_refused(bad):
+    with pytest.raises(ValueError, match="invalid user id"):
+        validate_user_id(bad)
+
+
+def test_real_ids_are_accepted():
+    for good in ["Tsujii, Jun'ichi", "A15TYOEWBQYF0X", "Mary Papenfuss", "José García", "user@example.com"]:
+        assert validate_user_id(good) == good
+
+
+def test_delete_user_forgets_everything(tmp_path, embedder):
+    from personaagent.data.tasks import Interaction
+
+    store = UserStore(tmp_path, embedder)
+    store.memory("alice").add([Interaction("a review", "5")])
+    store.save_state(_state("alice"))
+    store.memory("bob").add([Interaction("bob's review", "1")])
+    assert store.delete_user("alice")
+    assert not (tmp_path / "users" / "alice").exists() and store.users() == []
+    assert len(store.memory("alice")) == 0 and len(store.memory("bob")) == 1
+
+
+def test_killing_the_process_while_saving_leaves_the_previous_version_loadable(tmp_path):
+    """A writer saves ever newer (large) versions in a loop; we kill it at arbitrary moments."""
+    writer = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_store import _state
+        from personaagent.program.store import UserStore
+        store = UserStore({str(tmp_path)!r}, embedder=object())
+        previous = store.load_state("alice")
+        n = previous.current.version + 1 if previous else 1
+        store.save_state(_state("alice", f"Version {{n}}.", n))
+        print("ready", flush=True)
+        while True:
+            n += 1
+            store.save_state(_state("alice", f"Version {{n}}.", n, padding=2_000_000))
+    """)
+    store = UserStore(tmp_path, embedder=object())
+    versions = []
+    for delay in (0.05, 0.2, 0.35, 0.5):
+        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = store.load_state("alice")  # never a torn or half-written file
+        versions.append(state.current.version)
+    assert versions == sorted(versions) and versions[-1] > versions[0]
