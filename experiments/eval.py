@@ -112,8 +112,8 @@ class Evaluation:
             memory.add(user.memories)
             memory.flush()
             with use_lm(self._lm()):
-                base.save_profile(user.user_id, SemanticMemory()(task=self.data.task, records=memory.all(),
-                                                                 previous=base.profile(user.user_id)))
+                profile = SemanticMemory()(task=self.data.task, records=memory.all(), previous=base.profile(user.user_id))
+                base.save_profile(user.user_id, profile.profile)
         if method not in COMPILED:
             return base, None
         base.close()

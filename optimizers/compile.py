@@ -100,8 +100,11 @@ def _align(config: CompileConfig, program, examples, lm, task):
 
 
 def compile_user(store_root: str, task_dict: dict, user: UserData, config: CompileConfig,
-                 parent_run_id: str | None = None, tracking_uri: str | None = None) -> UserResult:
-    """Compile one user: ingest memory, write the profile, align the persona, save atomically."""
+                 parent_run_id: str | None = None, tracking_uri: str | None = None,
+                 lm: dspy.LM | None = None) -> UserResult:
+    """Compile one user: ingest memory, write the profile, align the persona, save atomically.
+
+    `lm` overrides `config.lm` with an LM object (in-process callers only: it is not picklable)."""
     task = task_from_dict(task_dict)
     store = UserStore(store_root)
     key = compile_key(config, task, user)
@@ -109,14 +112,14 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
     if previous is not None and previous.compile_key == key:
         return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions])
     mlflow = setup_mlflow(tracking_uri, "personaagent-compile") if parent_run_id else None
-    lm = make_lm(config.lm)
+    lm = lm or make_lm(config.lm)
     started = time.perf_counter()
     try:
         with use_lm(lm), UsageMeter(lm) as usage:
             memory = store.memory(user.user_id)
             memory.add(user.memories)
             memory.flush()
-            profile = SemanticMemory()(task=task, records=memory.all(), previous=store.profile(user.user_id))
+            profile = SemanticMemory()(task=task, records=memory.all(), previous=store.profile(user.user_id)).profile
             store.save_profile(user.user_id, profile)
             start = previous.persona if previous else Persona.from_profile(profile, task)
             program = store.build(user.user_id, task, start, "persona", config.k)
@@ -188,7 +191,7 @@ class CompileReport:
 
 
 def compile_users(data: TaskData, store: str | Path, config: CompileConfig, workers: int = 1,
-                  tracking_uri: str | None = None, progress: bool = True) -> CompileReport:
+                  tracking_uri: str | None = None, progress: bool = True, lm: dspy.LM | None = None) -> CompileReport:
     """Compile every user in `data` into `store`; one parent MLflow run, one nested run per user."""
     mlflow = setup_mlflow(tracking_uri, "personaagent-compile", autolog=False)
     task_dict = task_to_dict(data.task)
@@ -199,10 +202,10 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
         uri = mlflow.get_tracking_uri()
         bar = tqdm(total=len(data.users), desc="compile", unit="user", disable=not progress)
         jobs = [(str(store), task_dict, user, config, parent.info.run_id, uri) for user in data.users.values()]
-        if workers <= 1:
+        if workers <= 1 or lm is not None:
             for job in jobs:
                 bar.set_postfix_str(job[2].user_id[:30])
-                results.append(compile_user(*job))
+                results.append(compile_user(*job, lm=lm))
                 bar.update()
         else:
             # Processes, not threads: one llama.cpp context is not thread-safe.

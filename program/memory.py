@@ -305,10 +305,11 @@ class SemanticMemory(dspy.Module):
         self.max_items = max_items
         self.width = width
 
-    def forward(self, task: TaskSpec, records: list[MemoryRecord], previous: Profile) -> Profile:
+    def forward(self, task: TaskSpec, records: list[MemoryRecord], previous: Profile) -> dspy.Prediction:
+        """Returns `Prediction(profile=...)`: the previous profile when no record is new."""
         new = records[previous.covered:][-self.max_items:]
         if not new:
-            return previous
+            return dspy.Prediction(profile=previous)
         facts = task.output_stats([r.output for r in records])
         out = self.summarize(
             task=task.description,
@@ -316,7 +317,8 @@ class SemanticMemory(dspy.Module):
             previous_profile=previous.render() if previous.covered else "",
             interactions="\n".join(f"- {r.render(self.width)}" for r in new),
         )
-        return Profile(out.summary.strip(), [p.strip() for p in out.preferences if p.strip()][:6], len(records), time.time())
+        profile = Profile(out.summary.strip(), [p.strip() for p in out.preferences if p.strip()][:6], len(records), time.time())
+        return dspy.Prediction(profile=profile)
 
 
 def load_profile(path: Path) -> Profile:

@@ -121,6 +121,12 @@ def alignment_versions(previous: ProgramState | None, program: PersonaProgram,
     return versions
 
 
+def _single_threaded_search() -> None:
+    """FAISS's thread count is per thread: each worker sets its own. Searching one query with
+    OpenMP's default team costs 8 ms of CPU here, alone it costs 0.01 ms."""
+    faiss.omp_set_num_threads(1)
+
+
 class PersonaService:
     """Answers, remembers and aligns for every user of a compile output directory; thread-safe."""
 
@@ -135,13 +141,12 @@ class PersonaService:
         self.default_task = default_task or generic_task("generation")
         self.max_loaded, self.max_queued, self.lm_retry_after = max_loaded, max_queued, lm_retry_after
         self.lm_workers = lm_workers or (1 if self.lm.model.startswith(LOCAL_PREFIX) else 8)
-        # Requests embed and search one text at a time, next to the LM's own threads: a thread
-        # pool per operation only adds start-up and contention (p95 of one embedding: 68 ms with
-        # torch's 2 threads, 11 ms with 1, beside an LM at work on 2 cores).
-        faiss.omp_set_num_threads(1)
         self.store.embedder  # loaded now (about a second, with torch), not by the first request
         import torch
 
+        # Requests embed one text at a time, next to the LM's own threads: a thread pool per
+        # operation only adds contention (p95 of one embedding: 68 ms with torch's 2 threads,
+        # 11 ms with 1, beside an LM at work on 2 cores). This setting holds for every thread.
         torch.set_num_threads(1)
         self._programs: OrderedDict[str, _Loaded] = OrderedDict()
         self._jobs: dict[str, AlignJob] = {}
@@ -150,8 +155,8 @@ class PersonaService:
         self._user_locks = [threading.Lock() for _ in range(64)]  # appends, deletes and saves of one user
         self._queued = 0
         self._answer_seconds = 1.0  # running mean, for the retry hint
-        self._lm_pool = ThreadPoolExecutor(self.lm_workers, thread_name_prefix="persona-lm")
-        self._job_pool = ThreadPoolExecutor(1, thread_name_prefix="persona-align")
+        self._lm_pool = ThreadPoolExecutor(self.lm_workers, "persona-lm", initializer=_single_threaded_search)
+        self._job_pool = ThreadPoolExecutor(1, "persona-align", initializer=_single_threaded_search)
 
     # ------------------------------------------------------------------ programs
 
