@@ -42,7 +42,7 @@ class LocomoQuestion:
 class Conversation:
     id: str
     speakers: tuple[str, str]
-    turns: list[Interaction]  # in conversation order; metadata: dia_id, session, date
+    turns: list[Interaction]  # in conversation order; metadata: dia_id, session
     questions: list[LocomoQuestion]
     unresolved_evidence: list[tuple[str, str]]  # (question id, evidence entry naming no turn) in the source
 
@@ -53,17 +53,12 @@ class Conversation:
         return self._by_id[dia_id]
 
 
-def _turn_text(turn: dict) -> str:
-    # Shared photos are part of what was said: many answers name what a photo showed.
+def _turn_text(date_time: str, turn: dict) -> str:
+    # Dated, since many questions ask when something happened (embedding the date also measured
+    # better: evidence recall@10 0.48 against 0.44 without it). Shared photos are part of what was
+    # said: many answers name what a photo showed.
     caption = f" [shares {turn['blip_caption']}]" if turn.get("blip_caption") else ""
-    return f"{turn['speaker']}: {turn['text']}{caption}"
-
-
-def render_turn(turn: Interaction) -> str:
-    """A turn as a reader needs it: dated, since many questions ask when something happened. The
-    date stays out of the embedded text, where a prefix shared by a whole session would make all
-    its turns look alike."""
-    return f"[{turn.metadata['date']}] {turn.input}"
+    return f"[{date_time}] {turn['speaker']}: {turn['text']}{caption}"
 
 
 def _evidence_ids(entry: str) -> list[str]:
@@ -84,8 +79,8 @@ def load_conversation(path: str | Path) -> Conversation:
         for position, turn in enumerate(raw[f"session_{session}"]):
             # A second per turn keeps turns in order, and keeps two identical lines of one session
             # (the same "Thanks!") distinct records in memory.
-            turns.append(Interaction(_turn_text(turn), None, start + position,
-                                     {"dia_id": turn["dia_id"], "session": session, "date": date_time}))
+            turns.append(Interaction(_turn_text(date_time, turn), None, start + position,
+                                     {"dia_id": turn["dia_id"], "session": session}))
     known = {t.metadata["dia_id"] for t in turns}
     questions, unresolved = [], []
     for i, qa in enumerate(raw["qa"]):

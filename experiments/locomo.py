@@ -29,7 +29,7 @@ import numpy as np
 from rank_bm25 import BM25Okapi
 
 from ..data.locomo import (CATEGORIES, Conversation, LocomoQuestion, evidence_recall, load_locomo,
-                           normalized_tokens, render_turn, score_answer)
+                           normalized_tokens, score_answer)
 from ..program import models
 from ..program.embedder import Embedder, default_embedder
 from ..program.lm import DEFAULT_LM, LOCAL_PREFIX, UsageMeter, make_lm, use_lm
@@ -63,7 +63,7 @@ class ConversationQA(dspy.Module):
 
     def forward(self, question: str) -> dspy.Prediction:
         turns = sorted((self.conversation.turn(d) for d in self.select(question)), key=lambda t: t.timestamp)
-        return self.answer(excerpts="\n".join(render_turn(t) for t in turns), question=question)
+        return self.answer(excerpts="\n".join(t.input for t in turns), question=question)
 
 
 # ---------------------------------------------------------------- retrieval
@@ -86,7 +86,7 @@ def recent_window(conversation: Conversation, budget: int, count_tokens: Callabl
     """The latest turns that fit in `budget` tokens: what a model with that context window can see."""
     chosen, used = [], 0
     for turn in reversed(conversation.turns):
-        used += count_tokens(render_turn(turn) + "\n")
+        used += count_tokens(turn.input + "\n")
         if used > budget:
             break
         chosen.append(turn.metadata["dia_id"])
@@ -187,7 +187,7 @@ def run_locomo(out_dir: str | Path, lm_spec: str = DEFAULT_LM, max_questions_per
             rankers = {"memory": memory_ranker(memory), "bm25": bm25_ranker(conv)}
             window_ids = recent_window(conv, window, count_tokens) if window > 0 else []
             contexts.append({"conversation": conv.id, "turns": len(conv.turns), "window_turns": len(window_ids),
-                             "tokens": sum(count_tokens(render_turn(t) + "\n") for t in conv.turns)})
+                             "tokens": sum(count_tokens(t.input + "\n") for t in conv.turns)})
 
             start = time.perf_counter()
             recalls += recall_rows(conv, rankers, ks, window_ids)

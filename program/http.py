@@ -31,10 +31,9 @@ from .service import (AlignJob, AlignmentRunning, Answer, InvalidRequest, NotFou
                       Unavailable)
 from .store import PersonaVersion
 
-log = logging.getLogger(__name__)
-
 MAX_BODY_BYTES = 64 * 1024
 MAX_TEXT_CHARS = 16_000
+log = logging.getLogger(__name__)
 STATUS = {InvalidRequest: 400, NotFound: 404, AlignmentRunning: 409, Unavailable: 503}
 
 
@@ -117,6 +116,30 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class InternalErrors:
+    """An unexpected error becomes a JSON 500 and a log entry. (Starlette's own handler for it
+    re-raises afterwards, and uvicorn then drops the client's keep-alive connection.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            if started or scope["type"] != "http":
+                raise
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            await _error(500, f"internal error ({type(exc).__name__}); the server log has the details")(scope, receive, send)
+
+
 def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     if not token:
         raise ValueError("a bearer token is required: pass --token or set PERSONAAGENT_TOKEN")
@@ -131,6 +154,7 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
 
     app = FastAPI(title="PersonaAgent", description="Per-user personas for LLM agents, served.")
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(InternalErrors)
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @app.exception_handler(ServiceError)
@@ -147,11 +171,6 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return _error(422, f"invalid request: {problems}")
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> Health:

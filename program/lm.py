@@ -37,7 +37,7 @@ class LlamaCppEngine:
 
     def __init__(self, model_name: str, n_ctx: int | None = None, n_threads: int | None = None, seed: int = 0,
                  max_string_chars: int = 600, max_items: int = 6):
-        from llama_cpp import Llama, LlamaRAMCache
+        from llama_cpp import Llama
 
         spec = models.get_model(model_name)
         # prepare() verifies the checksum (and rebuilds if needed): a corrupted file is never loaded.
@@ -54,9 +54,9 @@ class LlamaCppEngine:
             seed=seed,
             verbose=False,
         )
-        # Keep the evaluated state of recent prompts: the planning and answering calls alternate
-        # between two system prompts, and each call then re-reads only its new tokens.
-        self._llama.set_cache(LlamaRAMCache(capacity_bytes=1 << 30))
+        # No llama.cpp prompt cache: each saved state also copies the logits buffer (about 300 MB
+        # for Qwen's vocabulary), which its capacity does not count, so memory grows by gigabytes.
+        # Consecutive calls still reuse their common prefix.
 
     @staticmethod
     def _messages(request) -> list[dict]:

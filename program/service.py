@@ -25,7 +25,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dspy
 import faiss
@@ -36,6 +36,9 @@ from .agent import PersonaProgram
 from .lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
 from .store import PersonaVersion, ProgramState, UserStore
 from .storage import validate_user_id
+
+if TYPE_CHECKING:
+    from ..optimizers.persona import PersonaAlignment
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -121,6 +124,10 @@ def alignment_versions(previous: ProgramState | None, program: PersonaProgram,
     return versions
 
 
+def _unknown(user_id: str) -> NotFound:
+    return NotFound(f"unknown user {user_id!r}: add an interaction or compile the user first")
+
+
 def _single_threaded_search() -> None:
     """FAISS's thread count is per thread: each worker sets its own. Searching one query with
     OpenMP's default team costs 8 ms of CPU here, alone it costs 0.01 ms."""
@@ -170,7 +177,7 @@ class PersonaService:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         if not self.store.user_dir(user_id).exists():
-            raise NotFound(f"unknown user {user_id!r}: add an interaction or compile the user first")
+            raise _unknown(user_id)
         return user_id
 
     def _user_lock(self, user_id: str) -> threading.Lock:
@@ -198,7 +205,7 @@ class PersonaService:
         # Under the user's lock: a user being deleted is neither recreated by loading nor cached after.
         with self._user_lock(user_id):
             if not self.store.user_dir(user_id).exists():
-                raise NotFound(f"unknown user {user_id!r}")
+                raise _unknown(user_id)
             loaded = self._load(user_id, stamp)
             with self._lock:
                 self._programs[user_id] = loaded
@@ -301,9 +308,13 @@ class PersonaService:
               acceptance: Literal["always", "guarded"] = "always") -> AlignJob:
         """Start aligning the persona on the latest `n_recent` interactions with a known answer;
         returns at once with the job (see `job`)."""
+        from ..optimizers.persona import PersonaAlignment  # the optimizer is loaded only when used
+
         user_id = self._existing(user_id)
-        if not 1 <= n_recent <= 20 or not 1 <= iterations <= 5 or acceptance not in ("always", "guarded"):
-            raise InvalidRequest("n_recent must be 1-20, iterations 1-5, acceptance 'always' or 'guarded'")
+        try:
+            teleprompter = PersonaAlignment(n_recent, iterations, acceptance, self.reflection_lm)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         if not any(r.output is not None for r in self.store.memory(user_id).all()):
             raise InvalidRequest("alignment needs at least one interaction with a known output")
         with self._lock:
@@ -314,7 +325,7 @@ class PersonaService:
             job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations)
             self._jobs[job.id] = job
             deletions = self._deletions.get(user_id, 0)
-        self._job_pool.submit(self._run_align, job, acceptance, deletions)
+        self._job_pool.submit(self._run_align, job, teleprompter, deletions)
         return job
 
     def job(self, user_id: str, job_id: str) -> AlignJob:
@@ -323,9 +334,7 @@ class PersonaService:
             raise NotFound(f"no alignment job {job_id!r} for user {user_id!r}")
         return job
 
-    def _run_align(self, job: AlignJob, acceptance: str, deletions: int) -> None:
-        from ..optimizers.persona import PersonaAlignment  # the optimizer is loaded only when used
-
+    def _run_align(self, job: AlignJob, teleprompter: PersonaAlignment, deletions: int) -> None:
         job.status = "running"
         try:
             loaded = self._loaded(job.user_id)
@@ -333,7 +342,6 @@ class PersonaService:
             # A record's position is what memory shows when it is replayed: only what came before it.
             examples = [dspy.Example(question=r.input, answer=r.output, as_of=position).with_inputs("question", "as_of")
                         for position, r in enumerate(program.memory.all()) if r.output is not None]
-            teleprompter = PersonaAlignment(job.n_recent, job.iterations, acceptance, self.reflection_lm)
             with use_lm(self.lm), dspy.context(disable_history=True):
                 aligned = teleprompter.compile(program, trainset=examples)
             with self._user_lock(job.user_id):

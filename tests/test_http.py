@@ -151,6 +151,14 @@ def test_an_lm_failure_is_503_with_a_retry_hint_and_the_server_goes_on(client, e
     assert client.post("/v1/users/alice/answer", json={"text": "review: fine"}).status_code == 200
 
 
+def test_a_broken_program_file_is_a_json_500_for_that_user_only(client, server):
+    store = server[1]
+    store.memory("dora").add([Interaction("review: fine", "4")])
+    store.program_path("dora").write_text("{ truncated")
+    assert_error(client.post("/v1/users/dora/answer", json={"text": "review: ok"}), 500, "internal error (JSONDecodeError)")
+    assert client.post("/v1/users/alice/answer", json={"text": "review: ok"}).status_code == 200
+
+
 def test_align_in_the_background_then_read_the_new_persona_version(client):
     assert_error(client.post("/v1/users/alice/align", json={"n_recent": 0}), 422, "body.n_recent")
     response = client.post("/v1/users/alice/align", json={"n_recent": 2})

@@ -235,10 +235,14 @@ def test_alignment_of_a_default_user_saves_its_first_program(service, store):
     assert service.persona("hana")["compiled"] and store.users() == ["alice", "hana"]
 
 
-def test_alignment_needs_interactions_with_a_known_output(service):
+def test_alignment_needs_interactions_with_a_known_output_and_valid_settings(service):
     service.add_interaction("ivan", "write a headline: no answer yet")
     with pytest.raises(InvalidRequest, match="at least one interaction with a known output"):
         service.align("ivan")
+    with pytest.raises(InvalidRequest, match="must be at least 1"):
+        service.align("alice", n_recent=0)
+    with pytest.raises(InvalidRequest, match="acceptance"):
+        service.align("alice", acceptance="sometimes")
 
 
 def test_delete_forgets_everything_and_a_running_alignment_never_brings_the_user_back(service, store, engine):
