@@ -22,7 +22,6 @@ from pathlib import Path
 from .tasks import Interaction, _f1
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
-ABSTENTION = "Not mentioned in the conversation"  # the answer adversarial questions expect
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ LoCoMo questions as queries) and the real embedder (all-MiniLM-L6-v2) unless sai
 
 The machine's load average is recorded: other processes on these 2 cores inflate wall times,
 so search is also timed in CPU time, and the embedder's CPU cost per text (one thread) bounds the
-add rate these cores could reach when idle.
+add rate these cores could reach when idle. On a shared machine, `nice -n -20` brings the wall
+times near an idle machine's (the niceness is recorded).
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["search"] = searches
 
     report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "faiss_threads": 1,
+                         "niceness": os.nice(0),
                          "load_before": [round(x, 2) for x in load_before],
                          "load_after": [round(x, 2) for x in os.getloadavg()]}
     report["targets"] = targets(report)
@@ -245,7 +247,7 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
         f"Episodic memory benchmark ({m['cpus']} CPUs, torch {m['torch_threads']} threads, FAISS 1 thread; "
-        f"load average {m['load_before'][0]} before, {m['load_after'][0]} after).",
+        f"load average {m['load_before'][0]} before, {m['load_after'][0]} after; niceness {m['niceness']}).",
         "",
         "Add (real embedder, all-MiniLM-L6-v2; the embedder alone, on "
         f"{POOL:,} turns in one call: {r['embedder_alone_per_s']} texts/s; its CPU cost, one thread: "

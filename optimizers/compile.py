@@ -27,7 +27,7 @@ from ..data.tasks import TaskSpec, task_from_dict, task_to_dict
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
 from ..program.memory import SemanticMemory
 from ..program.persona import Persona
-from ..program.store import PersonaVersion, ProgramState, UserStore
+from ..program.store import PersonaVersion, ProgramState, UserStore, alignment_versions
 from .tracking import setup_mlflow
 
 Optimizer = Literal["persona", "gepa", "none"]
@@ -127,22 +127,10 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
                 program.load_instructions(previous.current.instructions)
             before = program.instructions
             aligned, steps = _align(config, program, _examples(user, config.n_recent), lm, task)
-        versions = list(previous.versions) if previous else []
-        number = len(versions)
-        if not steps or previous is None:
-            number += 1
-            versions.append(PersonaVersion(number, program.persona.to_dict(), program.instructions_by_predictor(),
-                                           steps[0].score if steps else None, note="initial persona"))
-        for step in steps[1:]:
-            number += 1
-            trial = aligned.deepcopy()
-            trial.set_persona(step.persona)
-            versions.append(PersonaVersion(number, step.persona.to_dict(), trial.instructions_by_predictor(),
-                                           step.score, step.feedback, step.accepted, step.note))
+        versions = alignment_versions(previous, program, steps)
         if config.optimizer == "gepa":
-            number += 1
-            versions.append(PersonaVersion(number, aligned.persona.to_dict(), aligned.instructions_by_predictor(),
-                                           note="gepa"))
+            versions.append(PersonaVersion(len(versions) + 1, aligned.persona.to_dict(),
+                                           aligned.instructions_by_predictor(), note="gepa"))
         state = ProgramState(user.user_id, task_to_dict(task), config.lm, versions, key,
                              created_at=previous.created_at if previous else time.time())
         store.save_state(state)

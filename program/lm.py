@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import threading
 import time
 import uuid
 
 import dspy
+import json_repair
 import jsonschema
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
 
@@ -36,7 +36,7 @@ class LlamaCppEngine:
     supported_params = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed", "response_format"})
 
     def __init__(self, model_name: str, n_ctx: int | None = None, n_threads: int | None = None, seed: int = 0,
-                 max_string_chars: int = 600, max_items: int = 6):
+                 max_string_chars: int = 300, max_items: int = 6):
         from llama_cpp import Llama
 
         spec = models.get_model(model_name)
@@ -141,9 +141,11 @@ def _text(completion: dict) -> str:
 
 
 def _valid_json(text: str, schema: dict | None) -> bool:
-    text = text.strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+    """Whether DSPy's JSON adapter will parse `text` into the schema (it repairs JSON the same way)."""
     try:
-        value = json.loads(text)
+        value = json_repair.loads(text)
+        if not isinstance(value, dict) or not value:
+            return False
         if schema is not None:
             jsonschema.validate(value, schema)
     except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError):

@@ -79,6 +79,7 @@ class EpisodicMemory:
         self._db.executescript(self.SCHEMA)
         self._index_path = self.directory / "episodic.faiss"
         self._index, self._index_version = self._load_or_rebuild_index()
+        self._seen = self._version()  # the log version the index in memory reflects
         self._visible_below: contextvars.ContextVar[int | None] = contextvars.ContextVar("visible_below", default=None)
 
     def __deepcopy__(self, memo):
@@ -124,9 +125,16 @@ class EpisodicMemory:
             index.add_with_ids(vectors, ids)
         return index
 
+    def _sync(self) -> None:
+        """Another process (a compile, a second server) may have changed the log: rebuild then."""
+        version = self._version()
+        if version != self._seen:
+            self._index, self._seen, self._index_version = self._rebuild(), version, -1
+
     def flush(self) -> None:
         """Write the index beside the log; until then a reopened memory rebuilds it from the log."""
         with self._lock:
+            self._sync()
             version = self._version()
             if self._index_version == version:
                 return
@@ -157,6 +165,7 @@ class EpisodicMemory:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                before = self._version()
                 ids, added = [], []
                 for (key, item), vector in zip(fresh, vectors):
                     cur = self._db.execute(
@@ -172,14 +181,16 @@ class EpisodicMemory:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            stale = before != self._seen
+            self._seen, self._index_version = before + 1, -1
             if not ids:
                 return []
             total = self._index.ntotal + len(ids)
-            if isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat) and total >= IVF_THRESHOLD:
+            flat = isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat)
+            if stale or (flat and total >= IVF_THRESHOLD):
                 self._index = self._rebuild()
             else:
                 self._index.add_with_ids(np.stack(added), np.array(ids, dtype=np.int64))
-            self._index_version = -1
         return ids
 
     def _known_keys(self, keys: list[str]) -> set[str]:
@@ -210,6 +221,7 @@ class EpisodicMemory:
     def search_vector(self, vector: np.ndarray, k: int = 4) -> list[MemoryRecord]:
         below = self._visible_below.get()
         with self._lock:
+            self._sync()
             if self._index.ntotal == 0 or k <= 0:
                 return []
             params = None
@@ -250,11 +262,12 @@ class EpisodicMemory:
 
     def delete(self, record_id: int) -> bool:
         with self._lock:
+            self._sync()
             cur = self._db.execute("DELETE FROM records WHERE id = ?", (record_id,))
             if cur.rowcount:
                 self._bump_version()
                 self._index.remove_ids(np.array([record_id], dtype=np.int64))
-                self._index_version = -1
+                self._seen, self._index_version = self._seen + 1, -1
             return bool(cur.rowcount)
 
     def close(self) -> None:

@@ -34,7 +34,7 @@ from dspy.utils.exceptions import AdapterParseError, LMError
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
 from .agent import PersonaProgram
 from .lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
-from .store import PersonaVersion, ProgramState, UserStore
+from .store import ProgramState, UserStore, alignment_versions
 from .storage import validate_user_id
 
 if TYPE_CHECKING:
@@ -105,23 +105,6 @@ class _Loaded:
     program: PersonaProgram
     state: ProgramState | None
     stamp: tuple
-
-
-def alignment_versions(previous: ProgramState | None, program: PersonaProgram,
-                       aligned: PersonaProgram) -> list[PersonaVersion]:
-    """The version history after `aligned = PersonaAlignment(...).compile(program, ...)`: the
-    previous versions, the starting persona if it had none, then one version per rewrite."""
-    steps = aligned.alignment
-    versions = list(previous.versions) if previous else []
-    if previous is None:
-        versions.append(PersonaVersion(1, program.persona.to_dict(), program.instructions_by_predictor(),
-                                       steps[0].score if steps else None, note="initial persona"))
-    for step in steps[1:]:
-        trial = aligned.deepcopy()
-        trial.set_persona(step.persona)
-        versions.append(PersonaVersion(len(versions) + 1, step.persona.to_dict(), trial.instructions_by_predictor(),
-                                       step.score, step.feedback, step.accepted, step.note))
-    return versions
 
 
 def _unknown(user_id: str) -> NotFound:
@@ -352,7 +335,7 @@ class PersonaService:
                     raise RuntimeError("the program was recompiled during alignment; start the alignment again")
                 state = ProgramState(
                     job.user_id, task_to_dict(program.task), previous.lm if previous else self.lm.model,
-                    alignment_versions(previous, program, aligned), previous.compile_key if previous else "",
+                    alignment_versions(previous, program, aligned.alignment), previous.compile_key if previous else "",
                     created_at=previous.created_at if previous else time.time())
                 self.store.save_state(state)
             job.new_versions = [v.version for v in state.versions[len(previous.versions) if previous else 0:]]

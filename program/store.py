@@ -74,6 +74,21 @@ class ProgramState:
         return cls(**payload)
 
 
+def alignment_versions(previous: ProgramState | None, program: PersonaProgram, steps: list) -> list[PersonaVersion]:
+    """The version history after aligning `program`: the previous versions, the starting persona
+    if there were none, then one version per rewrite (`steps`: the teleprompter's AlignmentSteps)."""
+    versions = list(previous.versions) if previous else []
+    if previous is None:
+        versions.append(PersonaVersion(1, program.persona.to_dict(), program.instructions_by_predictor(),
+                                       steps[0].score if steps else None, note="initial persona"))
+    for step in steps[1:]:
+        trial = program.deepcopy()
+        trial.set_persona(step.persona)
+        versions.append(PersonaVersion(len(versions) + 1, step.persona.to_dict(), trial.instructions_by_predictor(),
+                                       step.score, step.feedback, step.accepted, step.note))
+    return versions
+
+
 class UserStore:
     """Users' memories, profiles and programs under one directory; safe to share between threads."""
 

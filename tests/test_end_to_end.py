@@ -75,7 +75,7 @@ def test_real_prediction_parses_into_the_declared_literal(small_model):
 def _compile(tmp_path, store, log):
     # Output goes to a file: an unread pipe fills up and blocks the child.
     return subprocess.Popen(
-        CLI + ["compile", "--data", str(SAMPLE_DIR / "LaMP-3-amazon"), "--store", str(store), "--users", "3",
+        CLI + ["compile", "--data", str(SAMPLE_DIR / "LaMP-3-amazon"), "--store", str(store), "--users", "2",
                "--lm", f"local/{SMALL}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(tmp_path), cwd=tmp_path)
 
@@ -83,7 +83,7 @@ def _compile(tmp_path, store, log):
 def test_compile_interrupted_resumes_and_is_tracked_then_ask_answers(tmp_path, small_model):
     store = tmp_path / "store"
     proc = _compile(tmp_path, store, tmp_path / "first.log")
-    deadline = time.time() + 600
+    deadline = time.time() + 1200
     while not list(store.glob("users/*/program.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)  # interrupt after the first user is saved
@@ -98,7 +98,7 @@ def test_compile_interrupted_resumes_and_is_tracked_then_ask_answers(tmp_path, s
     for user in done_first:
         assert any(line.startswith("skipped") and user in line for line in output.splitlines()), output
     users = UserStore(store, embedder=object()).users()
-    assert len(users) == 3
+    assert len(users) == 2
 
     import mlflow
 

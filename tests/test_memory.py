@@ -93,3 +93,15 @@ def test_search_never_returns_another_users_record(tmp_path_factory, embedder, p
 def test_vectors_are_normalized(embedder):
     vectors = embedder.embed(["a guitar", "a lipstick"])
     assert vectors.shape == (2, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+def test_records_added_by_another_process_are_found(tmp_path, embedder):
+    server = EpisodicMemory(tmp_path, embedder)
+    server.add([Interaction("the server saw this first", "1")])
+    compiler = EpisodicMemory(tmp_path, embedder)  # e.g. `personaagent compile` in another process
+    compiler.add([Interaction("a review of a purple ukulele", "5")])
+    compiler.close()
+    assert server.search("purple ukulele", 1)[0].input == "a review of a purple ukulele"
+    server.add([Interaction("one more from the server", "2")])
+    server.close()
+    assert EpisodicMemory(tmp_path, embedder)._index.ntotal == 3
