@@ -75,7 +75,7 @@ def test_real_prediction_parses_into_the_declared_literal(small_model):
 def _compile(tmp_path, store, log):
     # Output goes to a file: an unread pipe fills up and blocks the child.
     return subprocess.Popen(
-        CLI + ["compile", "--data", str(SAMPLE_DIR / "LaMP-3-amazon"), "--store", str(store), "--users", "2",
+        CLI + ["compile", "--data", str(SAMPLE_DIR / "LaMP-3-amazon"), "--store", str(store), "--users", "2", "--n-recent", "1",
                "--lm", f"local/{SMALL}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(tmp_path), cwd=tmp_path)
 
