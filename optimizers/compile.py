@@ -62,6 +62,7 @@ class UserResult:
     seconds: float = 0.0
     persona_before: str = ""
     persona_after: str = ""
+    details: str = ""  # the traceback of a failure, for the MLflow run
 
 
 def compile_key(config: CompileConfig, task: TaskSpec, user: UserData) -> str:
@@ -83,7 +84,7 @@ def _examples(user: UserData, n: int) -> list[dspy.Example]:
 
 
 def _align(config: CompileConfig, program, examples, lm, task):
-    """Run the configured optimizer; returns (aligned program, [(persona, instructions, score, feedback, accepted, note)])."""
+    """Run the configured optimizer; returns the aligned program and its AlignmentSteps (none for GEPA)."""
     if config.optimizer == "none":
         return program, []
     reflection_lm = make_lm(config.reflection_lm) if config.reflection_lm else lm
@@ -139,8 +140,7 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
                             persona_before=before, persona_after=state.current.instructions.get("answer", ""))
     except Exception as exc:  # one user's failure must not stop the others
         result = UserResult(user.user_id, "failed", f"{type(exc).__name__}: {exc}",
-                            seconds=time.perf_counter() - started)
-        result.persona_after = traceback.format_exc(limit=3)
+                            seconds=time.perf_counter() - started, details=traceback.format_exc(limit=3))
     finally:
         store.close()
     if mlflow is not None:
@@ -153,7 +153,7 @@ def _log_user(mlflow, parent_run_id: str, result: UserResult, state: ProgramStat
                           tags={"user_id": result.user_id, "status": result.status}):
         mlflow.log_metrics({"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds})
         if result.error:
-            mlflow.log_text(result.error + "\n\n" + result.persona_after, "error.txt")
+            mlflow.log_text(result.error + "\n\n" + result.details, "error.txt")
         if state is None:
             return
         for step, version in enumerate(state.versions):
