@@ -251,7 +251,7 @@ def markdown(r: dict) -> str:
         "",
         "Add (real embedder, all-MiniLM-L6-v2; the embedder alone, on "
         f"{POOL:,} turns in one call: {r['embedder_alone_per_s']} texts/s; its CPU cost, one thread: "
-        f"{r['embedding_cpu_ms_per_text']} ms per turn, so at most {r['embedding_bound_per_s']} texts/s "
+        f"{r['embedding_cpu_ms_per_text']} ms per turn, so about {r['embedding_bound_per_s']} texts/s "
         f"on {m['cpus']} idle cores):",
         "",
         "| records before | batch | interactions | interactions/s |",

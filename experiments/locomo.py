@@ -242,7 +242,7 @@ def _category_table(title: str, rows: dict[str, dict], note: str = "") -> list[s
     for method, by_category in rows.items():
         cells = [f"{by_category[n]['mean']:.3f} ({by_category[n]['n']})" if n in by_category else "-" for n in names]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines + ([note] if note else []) + [""]
+    return lines + (["", note] if note else []) + [""]
 
 
 def markdown(r: dict, model_name: str) -> str:
@@ -267,8 +267,9 @@ def markdown(r: dict, model_name: str) -> str:
     ]
     if r["qa_f1"]:
         lines += _category_table(
-            f"QA with {r['lm']} ({r['qa_k']} retrieved turns as context): LoCoMo token F1 by category "
-            "(adversarial: share of abstentions), n in brackets:", r["qa_f1"],
+            f"QA with {r['lm']} (memory, bm25: the top {r['qa_k']} turns as context; full_context_window: the "
+            "latest turns that fit): LoCoMo token F1 by category (adversarial: share of abstentions), n in brackets:",
+            r["qa_f1"],
             "Tokens are not stemmed (the official scorer stems with NLTK's Porter stemmer).")
         lines += ["| method | LM calls | answered from DSPy's cache | tokens | seconds | s per LM call |",
                   "|---|---:|---:|---:|---:|---:|"]
