@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import dspy
@@ -233,7 +233,7 @@ class EpisodicMemory:
             scores, ids = self._index.search(vector.reshape(1, -1).astype(np.float32), min(k, self._index.ntotal), params=params)
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
             rows = self._fetch([i for i, _ in found])
-        return [MemoryRecord(**{**asdict(rows[i]), "score": s}) for i, s in found if i in rows]
+        return [replace(rows[i], score=s) for i, s in found if i in rows]
 
     def _fetch(self, ids: list[int]) -> dict[int, MemoryRecord]:
         if not ids:
