@@ -44,7 +44,7 @@ def plan_signature(tool_names: list[str], instructions: str) -> type[dspy.Signat
             "question": (str, dspy.InputField()),
             "available_tools": (str, dspy.InputField(desc="name: what it returns")),
             "tools": (list[Literal[tuple(tool_names)]], dspy.OutputField(desc="the tools whose results help answer, most useful first")),
-            "memory_query": (str, dspy.OutputField(desc="what to look up in the user's past interactions")),
+            "memory_query": (str, dspy.OutputField(desc="a few keywords to look up in the user's past interactions")),
         },
         instructions + "\nFirst choose which tools to call for this question.",
     )

@@ -17,6 +17,7 @@ import dspy
 import json_repair
 import jsonschema
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+from llama_cpp import LlamaRAMCache
 
 from . import models
 
@@ -36,7 +37,7 @@ class LlamaCppEngine:
     supported_params = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed", "response_format"})
 
     def __init__(self, model_name: str, n_ctx: int | None = None, n_threads: int | None = None, seed: int = 0,
-                 max_string_chars: int = 300, max_items: int = 6):
+                 max_string_chars: int = 300, max_items: int = 6, prefix_states: int = 4):
         from llama_cpp import Llama
 
         spec = models.get_model(model_name)
@@ -54,9 +55,10 @@ class LlamaCppEngine:
             seed=seed,
             verbose=False,
         )
-        # No llama.cpp prompt cache: each saved state also copies the logits buffer (about 300 MB
-        # for Qwen's vocabulary), which its capacity does not count, so memory grows by gigabytes.
-        # Consecutive calls still reuse their common prefix.
+        # Prompts of one signature share their header (field descriptions, then the persona), and
+        # evaluating the prompt is most of a call's time here: keep the states of the last calls
+        # so the next call with the same signature starts from the longest shared prefix.
+        self._llama.set_cache(_RecentStates(prefix_states))
 
     @staticmethod
     def _messages(request) -> list[dict]:
@@ -123,6 +125,22 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         self._llama.close()
+
+
+class _RecentStates(LlamaRAMCache):
+    """llama.cpp's prompt cache bounded by a number of states, not bytes: each state also copies
+    the logits buffer (about 300 MB for Qwen's vocabulary), which the byte capacity does not count,
+    so a byte-bounded cache grows by gigabytes. A few states cover the alternating signatures of
+    an answer (plan, answer) and of an alignment step."""
+
+    def __init__(self, states: int):
+        super().__init__(capacity_bytes=1 << 62)
+        self.states = states
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        while len(self.cache_state) > self.states:
+            self.cache_state.popitem(last=False)
 
 
 def _has_free_text(schema) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from personaagent.data import SAMPLE_DIR
 from personaagent.program import models
-from personaagent.program.lm import make_lm, use_lm
+from personaagent.program.lm import LlamaCppEngine, make_lm, use_lm
 from personaagent.program.store import UserStore
 
 pytestmark = pytest.mark.model
@@ -70,6 +70,38 @@ def test_real_prediction_parses_into_the_declared_literal(small_model):
         for review in ["Terrible, broke on day one.", "Perfect strings, great tone!"]:
             assert dspy.Predict(Rate)(review=review).rating in {"1", "2", "3", "4", "5"}
     assert lm.history[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_reusing_saved_prompt_states_changes_no_answer_and_keeps_few_states(small_model):
+    """Calls alternate between two signatures, as plan and answer do: answers resumed from a saved
+    prefix state must equal answers computed from scratch, and the saved states stay bounded."""
+
+    class Rate(dspy.Signature):
+        """Rate the review from 1 to 5."""
+
+        review: str = dspy.InputField()
+        rating: Literal["1", "2", "3", "4", "5"] = dspy.OutputField()
+
+    class Topic(dspy.Signature):
+        """Name the product the review is about, in a few words."""
+
+        review: str = dspy.InputField()
+        product: str = dspy.OutputField()
+
+    reviews = ["Terrible, broke on day one.", "Perfect strings, great tone!", "Fine strap, a bit short."]
+
+    def answers(engine):
+        lm = dspy.LM(f"local/{SMALL}", engine=engine, cache=False, temperature=0.0, max_tokens=40)
+        with use_lm(lm):
+            return [(dspy.Predict(Rate)(review=r).rating, dspy.Predict(Topic)(review=r).product) for r in reviews]
+
+    cached, fresh = LlamaCppEngine(SMALL, prefix_states=2), LlamaCppEngine(SMALL, prefix_states=0)
+    try:
+        assert answers(cached) == answers(fresh)
+        assert len(cached._llama.cache.cache_state) == 2 and len(fresh._llama.cache.cache_state) == 0
+    finally:
+        cached.close()
+        fresh.close()
 
 
 def _compile(tmp_path, store, log):
