@@ -1,11 +1,12 @@
 """LoCoMo: long-term conversational memory (issue "Experiments", item 2).
 
-Each conversation is one user: its turns go into that user's own episodic memory (FAISS over
-MiniLM embeddings, program/memory.py) and its questions are asked against it alone; no
-conversation's turns ever reach another's memory, index or prompt.
+Each conversation is one user: its turns go into that user's own episodic memory (hybrid search:
+FAISS over MiniLM embeddings and SQLite full text, program/memory.py) and its questions are asked
+against it alone; no conversation's turns ever reach another's memory, index or prompt.
 
 1. Retrieval: for every question with annotated evidence, recall@k of the evidence turns among
-   the top k, for the episodic memory and for BM25 over the same turns, by question category.
+   the top k, for the episodic memory, its embedding search alone ("dense") and BM25 over the
+   same turns (rank_bm25, an implementation independent of the memory's), by question category.
 2. QA: the LoCoMo token F1 by category of one DSPy call that answers from turns: the memory's
    top k, BM25's top k, and, as the full-context baseline, the latest turns that fit the LM's
    context window (whole conversations do not fit: their token counts are reported).
@@ -70,6 +71,12 @@ class ConversationQA(dspy.Module):
 
 def memory_ranker(memory: EpisodicMemory) -> Ranker:
     return lambda question, k: [r.metadata["dia_id"] for r in memory.search(question, k)]
+
+
+def dense_ranker(memory: EpisodicMemory) -> Ranker:
+    def rank(question: str, k: int) -> list[str]:
+        return [r.metadata["dia_id"] for r in memory.search_vector(memory.embedder.embed([question])[0], k)]
+    return rank
 
 
 def bm25_ranker(conversation: Conversation) -> Ranker:
@@ -184,7 +191,7 @@ def run_locomo(out_dir: str | Path, lm_spec: str = DEFAULT_LM, max_questions_per
             memory = EpisodicMemory(Path(tmp) / conv.id, embedder)  # this conversation's user only
             memory.add(conv.turns)
             timing["ingest_s"] += time.perf_counter() - start
-            rankers = {"memory": memory_ranker(memory), "bm25": bm25_ranker(conv)}
+            rankers = {"memory": memory_ranker(memory), "dense": dense_ranker(memory), "bm25": bm25_ranker(conv)}
             window_ids = recent_window(conv, window, count_tokens) if window > 0 else []
             contexts.append({"conversation": conv.id, "turns": len(conv.turns), "window_turns": len(window_ids),
                              "tokens": sum(count_tokens(t.input + "\n") for t in conv.turns)})
@@ -289,9 +296,10 @@ def plot_recall(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = {"memory": "episodic memory (FAISS, MiniLM)", "bm25": "BM25"}
-    width = 0.8 / len(methods)
+    methods = {"memory": "episodic memory (hybrid)", "dense": "embeddings only (FAISS, MiniLM)", "bm25": "BM25"}
     fig, ax = plt.subplots(figsize=(6, 4))
+    methods = {m: label for m, label in methods.items() if f"{m}@{r['ks'][0]}" in r["recall"]}
+    width = 0.8 / len(methods)
     for i, (method, label) in enumerate(methods.items()):
         values = [r["recall"][f"{method}@{k}"]["all"]["mean"] for k in r["ks"]]
         ax.bar(np.arange(len(r["ks"])) + i * width, values, width, label=label)

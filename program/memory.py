@@ -3,8 +3,9 @@
 Episodic memory: an append-only SQLite log of the user's interactions (the source of truth, with
 each record's embedding) and a FAISS index over it whose ids are the log's row ids. The index is
 a cache: it is rebuilt from the log whenever it is missing or stale, so a crash between the two
-writes loses nothing. Each user has their own files, so a search can only ever return that
-user's records.
+writes loses nothing. A full-text index (SQLite FTS5) lives in the log's database, kept by
+triggers in the same transactions. Search takes the two in turns. Each user has their own files,
+so a search can only ever return that user's records.
 
 Semantic memory: an LLM-written profile of the user (summary and stable preferences), updated
 incrementally as interactions arrive.
@@ -15,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import itertools
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -32,6 +35,10 @@ from .storage import atomic_path, write_json_atomic
 
 # Exact search up to this size; above it an inverted-file index keeps search well under a millisecond.
 IVF_THRESHOLD = 20_000
+MAX_QUERY_TERMS = 16
+# Full-text ranking scores every record holding a query word: a few milliseconds up to this size,
+# tens to hundreds above it (experiments/results/memory), so larger memories search by embedding only.
+LEXICAL_MAX_RECORDS = 5_000
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,11 @@ class EpisodicMemory:
         input TEXT NOT NULL, output TEXT, timestamp REAL, metadata TEXT NOT NULL,
         embedding BLOB NOT NULL, added_at REAL NOT NULL, key TEXT NOT NULL UNIQUE);
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE VIRTUAL TABLE IF NOT EXISTS records_text USING fts5(input, content='records', content_rowid='id');
+    CREATE TRIGGER IF NOT EXISTS records_text_add AFTER INSERT ON records BEGIN
+        INSERT INTO records_text (rowid, input) VALUES (new.id, new.input); END;
+    CREATE TRIGGER IF NOT EXISTS records_text_delete AFTER DELETE ON records BEGIN
+        INSERT INTO records_text (records_text, rowid, input) VALUES ('delete', old.id, old.input); END;
     """
 
     def __init__(self, directory: Path, embedder: Embedder):
@@ -77,6 +89,7 @@ class EpisodicMemory:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(self.SCHEMA)
+        self._index_text_of_older_logs()
         self._index_path = self.directory / "episodic.faiss"
         self._index, self._index_version = self._load_or_rebuild_index()
         self._seen = self._version()  # the log version the index in memory reflects
@@ -97,6 +110,15 @@ class EpisodicMemory:
         self._db.execute(
             "INSERT INTO meta VALUES ('version', '1') ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
         )
+
+    def _index_text_of_older_logs(self) -> None:
+        """Logs written before the full-text index existed get it built once."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM meta WHERE key='text_index'").fetchone() is None:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT INTO records_text (records_text) VALUES ('rebuild')")
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('text_index', '1')")
+                self._db.execute("COMMIT")
 
     def _load_or_rebuild_index(self):
         version = self._version()
@@ -216,7 +238,36 @@ class EpisodicMemory:
             self._visible_below.reset(token)
 
     def search(self, query: str, k: int = 4) -> list[MemoryRecord]:
-        return self.search_vector(self.embedder.embed([query])[0], k)
+        """Hybrid search: the embedding's neighbours and the full-text (BM25) matches, taken in
+        turns (dense first). Either alone misses what the other finds: embeddings miss rare names
+        and exact terms, words miss paraphrases. Taking turns, unlike rank fusion, keeps each one's
+        best hits even when the other does not rank them at all (a serial number, a name). Above
+        LEXICAL_MAX_RECORDS records, embeddings alone keep search under a millisecond."""
+        if k <= 0:
+            return []
+        dense = self.search_vector(self.embedder.embed([query])[0], k)
+        lexical = self.search_text(query, k) if self._index.ntotal <= LEXICAL_MAX_RECORDS else []
+        found: dict[int, MemoryRecord] = {}
+        for pair in itertools.zip_longest(dense, lexical):
+            for record in pair:
+                if record is not None and record.id not in found:
+                    found[record.id] = record
+        return list(found.values())[:k]
+
+    def search_text(self, query: str, k: int = 4) -> list[MemoryRecord]:
+        """Full-text search (SQLite FTS5, BM25 ranking): records with any of the query's words."""
+        # The longest words: they are the rarer ones, and a bounded query keeps a long question
+        # (a whole review) fast.
+        words = sorted(set(re.findall(r"\w+", query.lower())), key=lambda w: (-len(w), w))[:MAX_QUERY_TERMS]
+        if not words or k <= 0:
+            return []
+        below = self._visible_below.get()
+        with self._lock:
+            ids = [r[0] for r in self._db.execute(
+                "SELECT rowid FROM records_text WHERE records_text MATCH ? AND rowid < ? ORDER BY rank LIMIT ?",
+                (" OR ".join(f'"{w}"' for w in words), below if below is not None else 2**62, k))]
+            rows = self._fetch(ids)
+        return [rows[i] for i in ids if i in rows]
 
     def search_vector(self, vector: np.ndarray, k: int = 4) -> list[MemoryRecord]:
         below = self._visible_below.get()

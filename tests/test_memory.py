@@ -67,6 +67,36 @@ def test_large_memories_switch_to_an_inverted_index(tmp_path, embedder, monkeypa
         assert all(r.id <= 10 for r in memory.search("note 300", 5))
 
 
+def test_search_finds_a_rare_exact_term_that_the_embedding_alone_misses(tmp_path, embedder, monkeypatch):
+    memory = EpisodicMemory(tmp_path, embedder)
+    memory.add(interactions(30) + [Interaction("Serial QX7Z41 printed on the packet", "3")])
+    query = "Which strings were QX7Z41?"
+    assert all("QX7Z41" not in r.input for r in memory.search_vector(embedder.embed([query])[0], 3))
+    assert any("QX7Z41" in r.input for r in memory.search(query, 2))
+    monkeypatch.setattr(memory_module, "LEXICAL_MAX_RECORDS", 30)  # a large memory: embeddings only
+    assert all("QX7Z41" not in r.input for r in memory.search(query, 2))
+
+
+def test_full_text_search_sees_only_visible_and_undeleted_records(tmp_path, embedder):
+    memory = EpisodicMemory(tmp_path, embedder)
+    memory.add(interactions(6))
+    assert memory.search_text("number 4", 1)[0].input.startswith("item 4")
+    with memory.as_of(3):
+        assert {r.input.split(":")[0] for r in memory.search_text("number 4 5 2", 6)} == {"item 0", "item 1", "item 2"}
+    memory.delete(memory.search_text("number 4", 1)[0].id)
+    assert all(not r.input.startswith("item 4") for r in memory.search_text("number 4", 6))
+    assert memory.search_text("?!", 3) == []  # no words, no query
+
+
+def test_a_log_from_before_full_text_search_is_indexed_when_opened(tmp_path, embedder):
+    memory = EpisodicMemory(tmp_path, embedder)
+    memory.add(interactions(4))
+    memory._db.executescript("DROP TRIGGER records_text_add; DROP TRIGGER records_text_delete;"
+                             "DROP TABLE records_text; DELETE FROM meta WHERE key = 'text_index';")
+    memory.close()
+    assert EpisodicMemory(tmp_path, embedder).search_text("number 3", 1)[0].input.startswith("item 3")
+
+
 def test_empty_input_is_refused(tmp_path, embedder):
     with pytest.raises(ValueError, match="interaction 1: 'input' must be a non-empty string"):
         EpisodicMemory(tmp_path, embedder).add([Interaction("ok"), Interaction("  ")])
