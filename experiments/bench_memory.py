@@ -17,7 +17,8 @@ LoCoMo questions as queries) and the real embedder (all-MiniLM-L6-v2) unless sai
   embeddings. Its rate is the memory's own cost (SQLite + FAISS) without embedding.
 - Search latency at 1,000 / 10,000 / 100,000 records: the memory is closed and reopened with the
   real embedder; one query at a time, k=10, one FAISS thread (a server answers single queries).
-  `search_vector` is FAISS search plus the SQLite row fetch; `search(text)` also embeds the question.
+  `search_vector` is FAISS search plus the SQLite row fetch; `search(text)` also embeds the question
+  and, up to LEXICAL_MAX_RECORDS records, adds the full-text search (the hybrid the agent uses).
 - IVF recall at 100,000: top-10 overlap with exact search over the same vectors, at the memory's
   nprobe and a sweep around it (the sweep sets nprobe on the memory's index directly: the memory
   has no setting for it).
@@ -44,7 +45,7 @@ import torch
 from ..data.locomo import load_locomo
 from ..data.tasks import Interaction
 from ..program.embedder import default_embedder
-from ..program.memory import IVF_THRESHOLD, EpisodicMemory
+from ..program.memory import IVF_THRESHOLD, LEXICAL_MAX_RECORDS, EpisodicMemory
 from .locomo import DEFAULT_LOCOMO_DIR
 
 K = 10
@@ -266,7 +267,7 @@ def markdown(r: dict) -> str:
         *[f"| {f['to']:,} | {f['per_s']:,} | {f['longest_add_s']} |" for f in r["fill"]],
         "",
         f"Search, k={r['k']}, one query at a time (ms): `search_vector` = FAISS + SQLite fetch; "
-        "`search(text)` also embeds the question:",
+        f"`search(text)` also embeds the question and, up to {LEXICAL_MAX_RECORDS:,} records, runs the full-text search:",
         "",
         "| records | index | open (s) | vector p50 | p95 | p99 | vector CPU p99 | text p50 | p95 | p99 |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
