@@ -49,6 +49,13 @@ def _majority(task: TaskSpec, outputs: list[str]) -> str:
     return Counter(outputs).most_common(1)[0][0]
 
 
+def _past_answers(task: TaskSpec, user: UserData) -> list[str]:
+    """The user's past answers in the task's terms: replays carry the task's answer (a LaMP-1
+    history item's own output is its reference list, its replay's output is a label)."""
+    answers = [r.output for r in (user.replays or user.memories) if r.output]
+    return [a for a in answers if a in task.labels] if task.labels else answers
+
+
 class Evaluation:
     def __init__(self, data: TaskData, out: Path, lm_spec: str, config: CompileConfig, questions_per_user: int):
         self.data, self.out, self.lm_spec, self.config = data, out, lm_spec, config
@@ -84,8 +91,8 @@ class Evaluation:
     def _run_user(self, method: str, user: UserData) -> dict:
         task = self.data.task
         if method in NON_LLM:
-            histories = [m.output for u in self.data.users.values() for m in u.memories if m.output]
-            guess = _majority(task, histories if method == "global_majority" else [m.output for m in user.memories if m.output])
+            users = self.data.users.values() if method == "global_majority" else [user]
+            guess = _majority(task, [answer for u in users for answer in _past_answers(task, u)])
             return {"user_id": user.user_id, "answers": [
                 {"id": q.id, "pred": guess, "gold": q.answer, "lm_calls": 0, "tokens": 0, "seconds": 0.0}
                 for q in self.questions(user)]}

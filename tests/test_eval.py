@@ -1,0 +1,25 @@
+import dspy
+
+from personaagent.data.loaders import TaskData, UserData
+from personaagent.data.tasks import LAMP_TASKS, Interaction
+from personaagent.experiments.eval import Evaluation, summarize
+from personaagent.optimizers.compile import CompileConfig
+
+
+def _user(user_id: str, labels: list[str], gold: str) -> UserData:
+    # As in LaMP-1: a history item's own output is its reference list; its replay's output is a label.
+    memories = [Interaction(f"paper {i}", "Some Cited Title; Another Title", float(i)) for i in range(len(labels))]
+    replays = [Interaction(f"which paper would {user_id} cite? {i}", label, float(i)) for i, label in enumerate(labels)]
+    question = dspy.Example(id=f"{user_id}-q", question="which paper?", answer=gold).with_inputs("question")
+    return UserData(user_id, memories, replays, [question])
+
+
+def test_majority_baselines_answer_with_labels_from_the_users_past_answers(tmp_path):
+    task = LAMP_TASKS["LaMP-1"]
+    data = TaskData(task, {"a": _user("a", ["[2]", "[2]", "[1]"], "[2]"), "b": _user("b", ["[1]"], "[2]")})
+    evaluation = Evaluation(data, tmp_path, "local/none", CompileConfig(), questions_per_user=1)
+    by_user = {r["user_id"]: r["answers"][0]["pred"] for r in evaluation.run_method("user_majority")}
+    assert by_user == {"a": "[2]", "b": "[1]"}
+    rows = evaluation.run_method("global_majority")
+    assert {r["answers"][0]["pred"] for r in rows} == {"[2]"}
+    assert summarize(task, "global_majority", rows)["accuracy"] == 1.0
