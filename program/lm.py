@@ -17,7 +17,7 @@ import dspy
 import json_repair
 import jsonschema
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
-from llama_cpp import LlamaRAMCache
+from llama_cpp import Llama, LlamaRAMCache
 
 from . import models
 
@@ -38,8 +38,6 @@ class LlamaCppEngine:
 
     def __init__(self, model_name: str, n_ctx: int | None = None, n_threads: int | None = None, seed: int = 0,
                  max_string_chars: int = 300, max_items: int = 6, prefix_states: int = 4):
-        from llama_cpp import Llama
-
         spec = models.get_model(model_name)
         # prepare() verifies the checksum (and rebuilds if needed): a corrupted file is never loaded.
         path = models.prepare(model_name, progress=False)

@@ -237,6 +237,11 @@ class EpisodicMemory:
         finally:
             self._visible_below.reset(token)
 
+    def _visible_bound(self) -> int:
+        """Row ids below this are visible (see `as_of`)."""
+        below = self._visible_below.get()
+        return below if below is not None else 2**62
+
     def search(self, query: str, k: int = 4) -> list[MemoryRecord]:
         """Hybrid search: the embedding's neighbours and the full-text (BM25) matches, taken in
         turns (dense first). Either alone misses what the other finds: embeddings miss rare names
@@ -261,11 +266,10 @@ class EpisodicMemory:
         words = sorted(set(re.findall(r"\w+", query.lower())), key=lambda w: (-len(w), w))[:MAX_QUERY_TERMS]
         if not words or k <= 0:
             return []
-        below = self._visible_below.get()
         with self._lock:
             ids = [r[0] for r in self._db.execute(
                 "SELECT rowid FROM records_text WHERE records_text MATCH ? AND rowid < ? ORDER BY rank LIMIT ?",
-                (" OR ".join(f'"{w}"' for w in words), below if below is not None else 2**62, k))]
+                (" OR ".join(f'"{w}"' for w in words), self._visible_bound(), k))]
             rows = self._fetch(ids)
         return [rows[i] for i in ids if i in rows]
 
@@ -296,11 +300,10 @@ class EpisodicMemory:
         return {r[0]: MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
 
     def all(self) -> list[MemoryRecord]:
-        below = self._visible_below.get()
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, input, output, timestamp, metadata FROM records WHERE id < ? ORDER BY id",
-                (below if below is not None else 2**62,),
+                (self._visible_bound(),),
             ).fetchall()
         return [MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
 
