@@ -1,7 +1,7 @@
 """Method-by-task evaluation: every method answers the same users' held-out questions.
 
 Methods:
-- `global_majority`: the most frequent answer over all chosen users' histories (no LLM);
+- `global_majority`: the most frequent answer over all chosen users' histories, ratings included (no LLM);
 - `user_majority`: the user's most frequent past label, or their rounded mean rating (no LLM);
 - `none`, `icl`, `rag`, `membank`, `react`: the baselines of `program.agent`;
 - `persona_noalign`: PersonaAgent with the persona initialized from semantic memory, not aligned;
@@ -40,10 +40,10 @@ METHODS = NON_LLM + BASELINES + tuple(COMPILED)
 PRIMARY = {"classification": "accuracy", "rating": "mae", "generation": "rouge_l"}
 
 
-def _majority(task: TaskSpec, outputs: list[str]) -> str:
+def _majority(task: TaskSpec, outputs: list[str], mean_rating: bool) -> str:
     if not outputs:
         return task.labels[0] if task.labels else ""
-    if task.kind == "rating":
+    if task.kind == "rating" and mean_rating:
         values = [float(o) for o in outputs if o.strip().lstrip("-").replace(".", "", 1).isdigit()]
         return str(round(sum(values) / len(values))) if values else Counter(outputs).most_common(1)[0][0]
     return Counter(outputs).most_common(1)[0][0]
@@ -92,7 +92,8 @@ class Evaluation:
         task = self.data.task
         if method in NON_LLM:
             users = self.data.users.values() if method == "global_majority" else [user]
-            guess = _majority(task, [answer for u in users for answer in _past_answers(task, u)])
+            guess = _majority(task, [answer for u in users for answer in _past_answers(task, u)],
+                              mean_rating=method == "user_majority")
             return {"user_id": user.user_id, "answers": [
                 {"id": q.id, "pred": guess, "gold": q.answer, "lm_calls": 0, "tokens": 0, "seconds": 0.0}
                 for q in self.questions(user)]}

@@ -22,6 +22,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -85,7 +86,11 @@ class EpisodicMemory:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
         self._lock = threading.RLock()
+        self._closed = False
         self._db = sqlite3.connect(self.directory / "episodic.sqlite", check_same_thread=False, isolation_level=None)
+        # Closed with the memory (the store drops unused ones), not at some later garbage collection:
+        # a connection sits in a reference cycle with its statement cache.
+        weakref.finalize(self, self._db.close)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(self.SCHEMA)
@@ -156,6 +161,8 @@ class EpisodicMemory:
     def flush(self) -> None:
         """Write the index beside the log; until then a reopened memory rebuilds it from the log."""
         with self._lock:
+            if self._closed:  # the store may flush a memory that was deleted meanwhile
+                return
             self._sync()
             version = self._version()
             if self._index_version == version:
@@ -327,11 +334,12 @@ class EpisodicMemory:
     def close(self) -> None:
         with self._lock:
             self.flush()
-            self._db.close()
+            self.drop()
 
     def drop(self) -> None:
         """Close without writing anything: the user's files are about to be removed."""
         with self._lock:
+            self._closed = True
             self._db.close()
 
 

@@ -14,6 +14,8 @@ import json
 import shutil
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,11 +94,16 @@ def alignment_versions(previous: ProgramState | None, program: PersonaProgram, s
 class UserStore:
     """Users' memories, profiles and programs under one directory; safe to share between threads."""
 
-    def __init__(self, root: str | Path, embedder: Embedder | None = None):
+    def __init__(self, root: str | Path, embedder: Embedder | None = None, max_open: int = 256):
         self.root = Path(root)
         (self.root / "users").mkdir(parents=True, exist_ok=True)
         self._embedder = embedder
-        self._memories: dict[str, EpisodicMemory] = {}
+        self.max_open = max_open
+        # Every memory in use, one object per user (a weak reference: it closes when unused), and
+        # the most recently used ones kept open, so a server with many users holds a bounded
+        # number of databases and indexes while a loaded program never sees its memory closed.
+        self._memories: weakref.WeakValueDictionary[str, EpisodicMemory] = weakref.WeakValueDictionary()
+        self._recent: OrderedDict[str, EpisodicMemory] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -113,10 +120,17 @@ class UserStore:
         return sorted(p.parent.name for p in (self.root / "users").glob("*/program.json"))
 
     def memory(self, user_id: str) -> EpisodicMemory:
+        """The user's memory; of those nothing else holds, the `max_open` most recently used stay open."""
         with self._lock:
-            if user_id not in self._memories:
-                self._memories[user_id] = EpisodicMemory(self.user_dir(user_id), self.embedder)
-            return self._memories[user_id]
+            memory = self._memories.get(user_id)
+            if memory is None:
+                memory = self._memories[user_id] = EpisodicMemory(self.user_dir(user_id), self.embedder)
+            self._recent[user_id] = memory
+            self._recent.move_to_end(user_id)
+            evicted = self._recent.popitem(last=False)[1] if len(self._recent) > self.max_open else None
+        if evicted is not None:
+            evicted.flush()  # written now, the index need not be rebuilt when the user comes back
+        return memory
 
     def profile(self, user_id: str) -> Profile:
         return load_profile(self.user_dir(user_id) / "profile.json")
@@ -157,6 +171,7 @@ class UserStore:
         directory = self.user_dir(user_id)
         with self._lock:
             memory = self._memories.pop(user_id, None)
+            self._recent.pop(user_id, None)
         if memory is not None:
             memory.drop()
         if not directory.exists():
@@ -166,6 +181,7 @@ class UserStore:
 
     def close(self) -> None:
         with self._lock:
-            for memory in self._memories.values():
+            for memory in list(self._memories.values()):
                 memory.close()
             self._memories.clear()
+            self._recent.clear()

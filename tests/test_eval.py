@@ -23,3 +23,12 @@ def test_majority_baselines_answer_with_labels_from_the_users_past_answers(tmp_p
     rows = evaluation.run_method("global_majority")
     assert {r["answers"][0]["pred"] for r in rows} == {"[2]"}
     assert summarize(task, "global_majority", rows)["accuracy"] == 1.0
+
+
+def test_ratings_get_the_users_rounded_mean_and_the_global_most_frequent_rating(tmp_path):
+    task = LAMP_TASKS["LaMP-3"]
+    data = TaskData(task, {"a": _user("a", ["5", "5", "5", "1"], "5"), "b": _user("b", ["2", "3", "5"], "3")})
+    evaluation = Evaluation(data, tmp_path, "local/none", CompileConfig(), questions_per_user=1)
+    by_user = {r["user_id"]: r["answers"][0]["pred"] for r in evaluation.run_method("user_majority")}
+    assert by_user == {"a": "4", "b": "3"}  # means 4.0 and 3.33
+    assert {r["answers"][0]["pred"] for r in evaluation.run_method("global_majority")} == {"5"}  # mean 3.7 would say 4

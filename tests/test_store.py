@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from personaagent.data.tasks import LAMP_TASKS, task_to_dict
+from personaagent.data.tasks import LAMP_TASKS, Interaction, task_to_dict
 from personaagent.program.persona import Persona
 from personaagent.program.storage import validate_user_id
 from personaagent.program.store import PersonaVersion, ProgramState, UserStore
@@ -106,3 +106,31 @@ def test_killing_the_process_while_saving_leaves_the_previous_version_loadable(t
         state = store.load_state("alice")  # never a torn or half-written file
         versions.append(state.current.version)
     assert versions == sorted(versions) and versions[-1] > versions[0]
+
+
+def _open_logs(root) -> set[str]:
+    """Users whose memory database this process has open."""
+    users = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith(str(root)) and target.endswith("episodic.sqlite"):
+            users.add(os.path.basename(os.path.dirname(target)))
+    return users
+
+
+def test_only_recent_or_held_memories_stay_open(tmp_path, embedder):
+    store = UserStore(tmp_path, embedder, max_open=2)
+    held = store.memory("u0")  # as a loaded program holds its user's memory
+    for i in range(5):
+        store.memory(f"u{i}").add([Interaction(f"a review by u{i}", "5", 1.0)])
+    assert _open_logs(tmp_path) == {"u0", "u3", "u4"}
+    assert store.memory("u0") is held  # one handle per user, never a second connection
+    # Closed memories wrote their index: they reopen without a rebuild, with every record.
+    assert (store.user_dir("u1") / "episodic.faiss").exists()
+    assert [r.input for r in store.memory("u1").search("review", 4)] == ["a review by u1"]
+    assert store.delete_user("u1") and not store.user_dir("u1").exists()
+    store.close()
+    assert _open_logs(tmp_path) == set()
