@@ -82,6 +82,10 @@ def macro_f1(preds: list[str], golds: list[str]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+# What `TaskSpec.metrics` reports per kind of task, the first being the headline.
+METRICS = {"classification": ("accuracy", "macro_f1"), "rating": ("mae", "rmse"), "generation": ("rouge_l", "rouge_1")}
+
+
 # ---------------------------------------------------------------- the spec
 
 @dataclass(frozen=True)
@@ -137,8 +141,8 @@ class TaskSpec:
         preds = [self.normalize(p) for p in preds]
         golds = [self.normalize(g) for g in golds]
         n = len(golds)
-        if n == 0:
-            return {"n": 0}
+        if n == 0:  # nothing answered: no score, rather than a misleading 0
+            return {**dict.fromkeys(METRICS[self.kind]), "n": 0}
         if self.kind == "classification":
             return {
                 "accuracy": sum(p.lower() == g.lower() for p, g in zip(preds, golds)) / n,

@@ -9,8 +9,9 @@ Methods:
 - `gepa`: the same program with its instructions optimized per user by `dspy.GEPA`.
 
 Users are the first N of the file (deterministic). Each (method, user) result is written as soon as
-it exists, so a run can be resumed. Writes `results.json`, `results.md`, `metrics.png` and
-`alignment.png` to the output directory and logs one MLflow run per method.
+it exists, so a run can be resumed, and runs over different users or methods can share one output
+directory: each writes its summary under its own `name` (`<name>.json`, `<name>.md`, `<name>.png`,
+`<name>-alignment.png`; "results" by default) and logs one MLflow run per method.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.loaders import TaskData, UserData, load
-from ..data.tasks import TaskSpec, task_to_dict
+from ..data.tasks import METRICS, TaskSpec, task_to_dict
 from ..optimizers.compile import CompileConfig, compile_user
 from ..optimizers.tracking import setup_mlflow
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
@@ -37,7 +38,6 @@ NON_LLM = ("global_majority", "user_majority")
 BASELINES = ("none", "icl", "rag", "membank", "react")
 COMPILED = {"persona_noalign": "none", "persona": "persona", "gepa": "gepa"}  # method -> optimizer
 METHODS = NON_LLM + BASELINES + tuple(COMPILED)
-PRIMARY = {"classification": "accuracy", "rating": "mae", "generation": "rouge_l"}
 
 
 def _majority(task: TaskSpec, outputs: list[str], mean_rating: bool) -> str:
@@ -155,33 +155,36 @@ def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
     return summary
 
 
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown_table(task: TaskSpec, summaries: list[dict]) -> str:
-    metrics = [k for k in ("accuracy", "macro_f1", "mae", "rmse", "rouge_1", "rouge_l") if k in summaries[0]]
+    metrics = METRICS[task.kind]
     head = ["method", *metrics, "n", "LM calls/q", "tokens/q", "s/q", "compile calls/user", "compile s/user"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
-        cells = [s["method"], *(f"{s[m]:.3f}" for m in metrics), str(s["n"]), f"{s['lm_calls_per_question']:.2f}",
+        cells = [s["method"], *(_number(s[m], ".3f") for m in metrics), str(s["n"]), f"{s['lm_calls_per_question']:.2f}",
                  f"{s['tokens_per_question']:.0f}", f"{s['seconds_per_question']:.1f}",
-                 f"{s['compile_lm_calls_per_user']:.1f}" if "compile_lm_calls_per_user" in s else "-",
-                 f"{s['compile_seconds_per_user']:.0f}" if "compile_seconds_per_user" in s else "-"]
+                 _number(s.get("compile_lm_calls_per_user"), ".1f"), _number(s.get("compile_seconds_per_user"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(task: TaskSpec, summaries: list[dict], out: Path) -> None:
+def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = PRIMARY[task.kind]
+    metric = METRICS[task.kind][0]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar([s["method"] for s in summaries], [s[metric] for s in summaries], color="#4c72b0")
+    ax.bar([s["method"] for s in summaries], [s[metric] or 0 for s in summaries], color="#4c72b0")
     ax.set_ylabel(metric + (" (lower is better)" if metric == "mae" else ""))
     ax.set_title(f"{task.name}: {metric} per method (n={summaries[0]['n']})")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=120)
+    fig.savefig(out / f"{name}.png", dpi=120)
     plt.close(fig)
     series = [scores for s in summaries if s["method"] == "persona" for scores in s.get("replay_scores", [])]
     series = [[v for v in scores if v is not None] for scores in series]
@@ -197,13 +200,13 @@ def plot(task: TaskSpec, summaries: list[dict], out: Path) -> None:
         ax.set_title(f"{task.name}: replay score over alignment")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "alignment.png", dpi=120)
+        fig.savefig(out / f"{name}-alignment.png", dpi=120)
         plt.close(fig)
 
 
 def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | None = None, users: int | None = 30,
              lm: str = DEFAULT_LM, questions_per_user: int = 1, config: CompileConfig | None = None,
-             tracking_uri: str | None = None) -> list[dict]:
+             tracking_uri: str | None = None, name: str = "results") -> list[dict]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
@@ -222,14 +225,15 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
             mlflow.log_params({"data": data.source, "users": len(data.users), "lm": lm, "method": method,
                                "questions_per_user": questions_per_user})
             mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        print(f"{method}: {PRIMARY[data.task.kind]}={summary[PRIMARY[data.task.kind]]:.3f} "
+        headline = METRICS[data.task.kind][0]
+        print(f"{method}: {headline}={_number(summary[headline], '.3f')} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
     table = markdown_table(data.task, summaries)
-    (out / "results.json").write_text(json.dumps({"task": data.task.name, "data": data.source, "lm": lm,
+    (out / f"{name}.json").write_text(json.dumps({"task": data.task.name, "data": data.source, "lm": lm,
                                                   "users": len(data.users), "questions_per_user": questions_per_user,
                                                   "methods": summaries}, indent=1))
-    (out / "results.md").write_text(f"# {data.task.name} ({len(data.users)} users, {lm})\n\n{table}\n")
-    plot(data.task, summaries, out)
+    (out / f"{name}.md").write_text(f"# {data.task.name} ({len(data.users)} users, {lm})\n\n{table}\n")
+    plot(data.task, summaries, out, name)
     print(table)
     return summaries
 
@@ -243,9 +247,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="results directory (resumable)")
     parser.add_argument("--gepa-budget", type=int, default=15)
     parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--name", default="results", help="file name of this run's summary in --out")
 
 
 def run(args, lm: str) -> int:
     evaluate(args.data, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.task, args.users,
-             lm, args.questions_per_user, CompileConfig(lm=lm, gepa_budget=args.gepa_budget), args.tracking_uri)
+             lm, args.questions_per_user, CompileConfig(lm=lm, gepa_budget=args.gepa_budget), args.tracking_uri,
+             args.name)
     return 0

@@ -6,7 +6,8 @@ One iteration, for one user:
    a note per case about the user's preferences;
 3. textual gradient: the same call aggregates the notes into the change the persona needs;
 4. update: one rewrite call fills the persona's fields from that feedback and from facts computed
-   from the user's history (grounding a small reflection LM); a degenerate rewrite is rejected.
+   from the user's history (grounding a small reflection LM); a degenerate rewrite, or one the
+   reflection LM could not write in the expected fields, is rejected and the persona kept.
 
 With n=3 an iteration costs 2n calls to replay plus 2 to critique and rewrite; the `guarded`
 acceptance policy replays the candidate too (2n more) and keeps it only if the score does not drop.
@@ -20,6 +21,7 @@ from typing import Callable, Literal
 
 import dspy
 from dspy.teleprompt import Teleprompter
+from dspy.utils.exceptions import AdapterParseError
 
 from ..program.agent import PersonaProgram
 from ..program.lm import use_lm
@@ -109,8 +111,15 @@ class PersonaAlignment(Teleprompter):
         replays = self._replay(program, examples)
         steps = [self._record(AlignmentStep(0, program.persona, _mean(replays), note="initial persona"))]
         for iteration in range(1, self.iterations + 1):
-            feedback = self._feedback(program, facts, replays)
-            candidate, problems = self._rewrite(program, facts, feedback, examples)
+            try:
+                feedback = self._feedback(program, facts, replays)
+                candidate, problems = self._rewrite(program, facts, feedback, examples)
+            except AdapterParseError as exc:
+                # A small reflection LM can ramble past its token limit: a rejected step, not a
+                # failed user (an unreachable LM still fails the compile, to be run again later).
+                note = f"the reflection LM's output did not parse ({_clip(str(exc).splitlines()[0], 200)})"
+                steps.append(self._record(AlignmentStep(iteration, program.persona, None, "", False, note)))
+                continue
             if problems:
                 steps.append(self._record(AlignmentStep(iteration, candidate, None, feedback, False, "; ".join(problems))))
                 continue

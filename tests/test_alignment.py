@@ -65,6 +65,15 @@ def test_a_rewrite_that_copies_an_example_is_rejected(program):
     assert aligned.instructions == program.instructions
 
 
+def test_a_rewrite_that_does_not_parse_is_rejected_and_the_persona_kept(program):
+    lm = fake_lm({**_rewrites(), "preferences": "1.1.1.1.1.1"})  # not a list: what a rambling small model sends
+    with use_lm(lm):
+        aligned = PersonaAlignment(n_recent=3).compile(program, trainset=_trainset())
+    step = aligned.alignment[1]
+    assert not step.accepted and "did not parse" in step.note
+    assert aligned.instructions == program.instructions
+
+
 def test_guarded_acceptance_keeps_the_old_persona_when_the_score_drops(program):
     # Answers "2" (right) under the initial persona and "5" (wrong) once the persona was rewritten.
     lm = fake_lm({**_rewrites(), "answer": lambda prompt: "5" if "strict reviewer" in prompt else "2"})

@@ -1,6 +1,7 @@
 """The whole path on the real embedded model (SmolLM2-135M through llama.cpp), real MLflow and a
 real subprocess CLI: prepare, predict, compile (interrupted and resumed), ask."""
 
+import json
 import os
 import signal
 import subprocess
@@ -155,3 +156,36 @@ def test_compile_interrupted_resumes_and_is_tracked_then_ask_answers(tmp_path, s
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] in {"1", "2", "3", "4", "5"}
     assert "persona v" in out.stdout
+
+
+def test_eval_compares_methods_on_the_same_users_and_resumes(tmp_path, small_model):
+    out = tmp_path / "eval"
+    common = CLI + ["eval", "--data", str(SAMPLE_DIR / "LaMP-3-amazon"), "--lm", f"local/{SMALL}", "--out", str(out),
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    first = subprocess.run(common + ["--users", "1", "--methods", "global_majority,user_majority,none,persona"],
+                           capture_output=True, text=True, env=_env(tmp_path), timeout=1200)
+    assert first.returncode == 0, first.stderr
+    results = json.loads((out / "results.json").read_text())
+    by_method = {s["method"]: s for s in results["methods"]}
+    assert results["users"] == 1 and set(by_method) == {"global_majority", "user_majority", "none", "persona"}
+    assert all(s["n"] == 1 and s["failed_users"] == [] and 0 <= s["mae"] <= 4 for s in by_method.values())
+    assert by_method["user_majority"]["lm_calls_per_question"] == 0 and by_method["none"]["lm_calls_per_question"] >= 1
+    assert by_method["persona"]["compile_lm_calls_per_user"] > 0
+    assert (out / "results.png").stat().st_size > 0 and "| persona |" in (out / "results.md").read_text()
+
+    # A second run over more users answers only what is new, and keeps its own summary beside the first.
+    raw = {p: p.stat().st_mtime_ns for p in (out / "raw").rglob("*.json")}
+    second = subprocess.run(common + ["--users", "2", "--methods", "user_majority,none", "--name", "two-users"],
+                            capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert second.returncode == 0, second.stderr
+    after = {p: p.stat().st_mtime_ns for p in (out / "raw").rglob("*.json")}
+    assert {p: t for p, t in after.items() if p in raw} == raw and len(after) == len(raw) + 2
+    assert [s["n"] for s in json.loads((out / "two-users.json").read_text())["methods"]] == [2, 2]
+    assert json.loads((out / "results.json").read_text()) == results
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["personaagent-eval"], output_format="list")
+    assert sorted(r.data.tags["method"] for r in runs) == sorted(["global_majority", "user_majority", "none", "persona",
+                                                                  "user_majority", "none"])

@@ -2,7 +2,7 @@ import dspy
 
 from personaagent.data.loaders import TaskData, UserData
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.experiments.eval import Evaluation, summarize
+from personaagent.experiments.eval import Evaluation, markdown_table, summarize
 from personaagent.optimizers.compile import CompileConfig
 
 
@@ -32,3 +32,11 @@ def test_ratings_get_the_users_rounded_mean_and_the_global_most_frequent_rating(
     by_user = {r["user_id"]: r["answers"][0]["pred"] for r in evaluation.run_method("user_majority")}
     assert by_user == {"a": "4", "b": "3"}  # means 4.0 and 3.33
     assert {r["answers"][0]["pred"] for r in evaluation.run_method("global_majority")} == {"5"}  # mean 3.7 would say 4
+
+
+def test_a_method_every_user_failed_is_reported_without_a_score(tmp_path):
+    task = LAMP_TASKS["LaMP-3"]
+    rows = [{"user_id": "a", "error": "RuntimeError: compile failed", "answers": []}]
+    summary = summarize(task, "persona", rows)
+    assert summary["mae"] is None and summary["n"] == 0 and summary["failed_users"] == ["a"]
+    assert "| persona | - | - | 0 |" in markdown_table(task, [summary])
