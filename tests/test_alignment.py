@@ -55,22 +55,18 @@ def test_replay_hides_the_replayed_interaction_from_memory(program):
     assert "- review: product number 3 arrived late" not in answer_prompt
 
 
-def test_a_rewrite_that_copies_an_example_is_rejected(program):
-    copied = "Alice said: What is the score of the following review? review: product number 3 arrived late and scratched"
-    lm = fake_lm(_rewrites(summary=copied))
-    with use_lm(lm):
-        aligned = PersonaAlignment(n_recent=3).compile(program, trainset=_trainset())
-    step = aligned.alignment[1]
-    assert not step.accepted and "copies example text" in step.note
-    assert aligned.instructions == program.instructions
+COPIED = "Alice said: What is the score of the following review? review: product number 3 arrived late and scratched"
 
 
-def test_a_rewrite_that_does_not_parse_is_rejected_and_the_persona_kept(program):
-    lm = fake_lm({**_rewrites(), "preferences": "1.1.1.1.1.1"})  # not a list: what a rambling small model sends
-    with use_lm(lm):
+@pytest.mark.parametrize("rewrite, note", [
+    (_rewrites(summary=COPIED), "copies example text"),
+    ({**_rewrites(), "preferences": "1.1.1.1.1.1"}, "did not parse"),  # not a list: what a rambling small model sends
+])
+def test_a_degenerate_or_unparseable_rewrite_is_rejected_and_the_persona_kept(program, rewrite, note):
+    with use_lm(fake_lm(rewrite)):
         aligned = PersonaAlignment(n_recent=3).compile(program, trainset=_trainset())
     step = aligned.alignment[1]
-    assert not step.accepted and "did not parse" in step.note
+    assert not step.accepted and note in step.note
     assert aligned.instructions == program.instructions
 
 
