@@ -25,7 +25,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from ..program.agent import PersonaProgram
 from ..program.lm import use_lm
-from ..program.persona import Persona
+from ..program.persona import Persona, gist
 
 Acceptance = Literal["always", "guarded"]
 
@@ -117,7 +117,7 @@ class PersonaAlignment(Teleprompter):
             except AdapterParseError as exc:
                 # A small reflection LM can ramble past its token limit: a rejected step, not a
                 # failed user (an unreachable LM still fails the compile, to be run again later).
-                note = f"the reflection LM's output did not parse ({_clip(str(exc).splitlines()[0], 200)})"
+                note = f"the reflection LM's output did not parse ({gist(str(exc).splitlines()[0], 200)})"
                 steps.append(self._record(AlignmentStep(iteration, program.persona, None, "", False, note)))
                 continue
             if problems:
@@ -160,7 +160,7 @@ class PersonaAlignment(Teleprompter):
 
     def _feedback(self, program: PersonaProgram, facts: str, replays: list[Replay]) -> str:
         cases = "\n\n".join(
-            f"Case {i}\nquestion: {_clip(r.question, 500)}\nassistant's answer: {r.answer}\n"
+            f"Case {i}\nquestion: {gist(r.question, 500)}\nassistant's answer: {r.answer}\n"
             f"user's real answer: {r.gold} ({'match' if r.score >= 1 else 'mismatch'})"
             for i, r in enumerate(replays, 1)
         )
@@ -183,8 +183,3 @@ class PersonaAlignment(Teleprompter):
 
 def _mean(replays: list[Replay]) -> float:
     return sum(r.score for r in replays) / len(replays) if replays else 0.0
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width] + "..."
-

@@ -21,7 +21,7 @@ import dspy
 
 from ..data.tasks import TaskSpec
 from .memory import EpisodicMemory, Profile
-from .persona import Persona
+from .persona import Persona, gist
 
 METHODS = ("none", "icl", "rag", "membank", "react", "persona")
 GENERIC_INSTRUCTION = "Answer the question. Use the tool results as evidence when they help."
@@ -107,7 +107,7 @@ class PersonaProgram(dspy.Module):
             return f"Profile: {self.profile.render()}\nSimilar past interactions:\n{found}" if self.method == "membank" else found
         described = "\n".join(f"{name}: {tool.desc}" for name, tool in self.tools.items())
         # The plan needs the gist of the question, not all of it: a shorter prompt is a faster call.
-        plan = self.plan(question=_clip(question, 400), available_tools=described)
+        plan = self.plan(question=gist(question, 400), available_tools=described)
         parts = []
         for name in dict.fromkeys(plan.tools):  # each chosen tool once, in the order chosen
             tool = self.tools[name]
@@ -116,7 +116,3 @@ class PersonaProgram(dspy.Module):
             trajectory.append({"tool": name, "args": args, "result": result})
             parts.append(f"[{name}]\n{result}")
         return "\n\n".join(parts)
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width] + "..."

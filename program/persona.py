@@ -44,6 +44,16 @@ def clean_items(items: list[str], limit: int, width: int = 160) -> list[str]:
     return out[:limit]
 
 
+def gist(text: str, width: int) -> str:
+    """A long text cut to `width` characters keeping its head and most of its tail: task prompts
+    state their fixed instruction first and put what this case is about (the article, the review)
+    last, so cutting the tail would leave every case looking the same."""
+    if len(text) <= width:
+        return text
+    head = width // 4
+    return f"{text[:head]} ... {text[-(width - head):]}"
+
+
 FIXED_RULE = "Use the tool results about this user as evidence; prefer them to general knowledge."
 
 

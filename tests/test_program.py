@@ -46,6 +46,16 @@ def test_agent_uses_the_tools_it_chooses_in_two_calls(store):
     assert "the user's answer: 5" in lm.engine.requests[-1]
 
 
+def test_the_plan_of_a_long_templated_question_sees_what_it_is_about(store):
+    lm = fake_lm({"tools": ["search_memory"], "memory_query": "strings", "answer": "4"})
+    template = "What is the score of the following review? Answer with 1 to 5 only. " + "Rules: be fair. " * 40
+    with use_lm(lm):
+        store.build("alice", TASK)(question=template + "review: the zebrawood neck warped within a week")
+    plan_prompt = lm.engine.requests[0]
+    assert "zebrawood neck warped within a week" in plan_prompt and "What is the score" in plan_prompt
+    assert plan_prompt.count("be fair") < 40 == lm.engine.requests[1].count("be fair")  # the answer gets it all
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_answers_in_the_task_type_within_two_calls(store, method):
     lm = fake_lm({"tools": ["read_profile"], "answer": "5"})
