@@ -78,7 +78,9 @@ class Evaluation:
         rows = []
         for user in tqdm(list(self.data.users.values()), desc=method, unit="user"):
             path = self.raw_path(method, user.user_id)
-            if not path.exists():
+            # The global majority depends on which users are chosen: the free baselines are always
+            # recomputed, never resumed.
+            if method in NON_LLM or not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     record = self._run_user(method, user)

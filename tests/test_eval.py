@@ -32,6 +32,9 @@ def test_ratings_get_the_users_rounded_mean_and_the_global_most_frequent_rating(
     by_user = {r["user_id"]: r["answers"][0]["pred"] for r in evaluation.run_method("user_majority")}
     assert by_user == {"a": "4", "b": "3"}  # means 4.0 and 3.33
     assert {r["answers"][0]["pred"] for r in evaluation.run_method("global_majority")} == {"5"}  # mean 3.7 would say 4
+    # More users, resumed in the same folder: the global answer is that of all users now chosen.
+    data.users["c"], data.users["d"] = _user("c", ["2", "2", "2"], "2"), _user("d", ["2", "3"], "2")
+    assert {r["answers"][0]["pred"] for r in evaluation.run_method("global_majority")} == {"2"}
 
 
 def test_a_method_every_user_failed_is_reported_without_a_score(tmp_path):
