@@ -180,10 +180,11 @@ def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
     import matplotlib.pyplot as plt
 
     metric = METRICS[task.kind][0]
+    scored = [s for s in summaries if s[metric] is not None]  # a bar at 0 would read as a perfect MAE
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar([s["method"] for s in summaries], [s[metric] or 0 for s in summaries], color="#4c72b0")
+    ax.bar([s["method"] for s in scored], [s[metric] for s in scored], color="#4c72b0")
     ax.set_ylabel(metric + (" (lower is better)" if metric == "mae" else ""))
-    ax.set_title(f"{task.name}: {metric} per method (n={summaries[0]['n']})")
+    ax.set_title(f"{task.name}: {metric} per method (n={max(s['n'] for s in summaries)})")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=120)

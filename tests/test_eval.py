@@ -2,7 +2,7 @@ import dspy
 
 from personaagent.data.loaders import TaskData, UserData
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.experiments.eval import Evaluation, markdown_table, summarize
+from personaagent.experiments.eval import Evaluation, markdown_table, plot, summarize
 from personaagent.optimizers.compile import CompileConfig
 
 
@@ -43,3 +43,7 @@ def test_a_method_every_user_failed_is_reported_without_a_score(tmp_path):
     summary = summarize(task, "persona", rows)
     assert summary["mae"] is None and summary["n"] == 0 and summary["failed_users"] == ["a"]
     assert "| persona | - | - | 0 |" in markdown_table(task, [summary])
+    answered = summarize(task, "none", [{"user_id": "a", "answers": [
+        {"pred": "4", "gold": "5", "lm_calls": 1, "tokens": 10, "seconds": 1.0}]}])
+    plot(task, [summary, answered], tmp_path, "results")  # a method without a score does not break the plot
+    assert (tmp_path / "results.png").stat().st_size > 0
