@@ -11,13 +11,16 @@ Methods:
 Users are the first N of the file (deterministic). Each (method, user) result is written as soon as
 it exists, so a run can be resumed, and runs over different users or methods can share one output
 directory: each writes its summary under its own `name` (`<name>.json`, `<name>.md`, `<name>.png`,
-`<name>-alignment.png`; "results" by default) and logs one MLflow run per method.
+`<name>-alignment.png`; "results" by default) and logs one MLflow run per method. Each headline
+metric comes with a 95% bootstrap interval over the questions, and each method's difference to
+PersonaAgent with a paired one: with one question per user, they say how far a ranking can be trusted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import time
 from collections import Counter
@@ -38,6 +41,8 @@ NON_LLM = ("global_majority", "user_majority")
 BASELINES = ("none", "icl", "rag", "membank", "react")
 COMPILED = {"persona_noalign": "none", "persona": "persona", "gepa": "gepa"}  # method -> optimizer
 METHODS = NON_LLM + BASELINES + tuple(COMPILED)
+REFERENCE = "persona"  # every other method's difference to it gets an interval
+BOOTSTRAP_ROUNDS = 2000
 
 
 def _majority(task: TaskSpec, outputs: list[str], mean_rating: bool) -> str:
@@ -146,6 +151,7 @@ def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
     compiles = [r["compile"] for r in rows if r.get("compile") and r["compile"]["status"] == "compiled"]
     n = len(answers) or 1
     summary = {"method": method, **task.metrics([a["pred"] for a in answers], [a["gold"] for a in answers]),
+               "ci95": bootstrap_interval(task, rows),
                "users": len(rows) - len(failed), "failed_users": failed,
                "lm_calls_per_question": sum(a["lm_calls"] for a in answers) / n,
                "tokens_per_question": sum(a["tokens"] for a in answers) / n,
@@ -157,16 +163,62 @@ def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
     return summary
 
 
+def bootstrap_interval(task: TaskSpec, rows: list[dict], reference: list[dict] | None = None,
+                       rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> list[float] | None:
+    """95% percentile interval of the headline metric over the questions resampled with replacement
+    (seeded, so a summary is reproducible); with `reference` (another method's rows), of the paired
+    difference, this method minus the reference, on the questions both answered. With one question
+    per user and a few dozen users, it says which differences a different draw of users could undo."""
+    metric = METRICS[task.kind][0]
+    mine = {(r["user_id"], a["id"]): a for r in rows for a in r["answers"]}
+    theirs = {(r["user_id"], a["id"]): a for r in reference for a in r["answers"]} if reference is not None else None
+    keys = [k for k in mine if theirs is None or k in theirs]
+    if not keys:
+        return None
+
+    def value(answers: dict, sample: list) -> float:
+        return task.metrics([answers[k]["pred"] for k in sample], [answers[k]["gold"] for k in sample])[metric]
+
+    rng = random.Random(seed)
+    values = []
+    for _ in range(rounds):
+        sample = rng.choices(keys, k=len(keys))
+        values.append(value(mine, sample) - (value(theirs, sample) if theirs is not None else 0.0))
+    values.sort()
+    return [values[int(0.025 * rounds)], values[int(0.975 * rounds) - 1]]
+
+
+def compare_to_reference(task: TaskSpec, summaries: list[dict], rows_by_method: dict[str, list[dict]]) -> None:
+    """Adds to each summary its headline metric's difference to PersonaAgent's, with an interval."""
+    if REFERENCE not in rows_by_method:
+        return
+    metric = METRICS[task.kind][0]
+    reference = next(s for s in summaries if s["method"] == REFERENCE)
+    for summary in summaries:
+        if summary["method"] != REFERENCE and summary[metric] is not None and reference[metric] is not None:
+            summary[f"minus_{REFERENCE}"] = {
+                "diff": summary[metric] - reference[metric],
+                "ci95": bootstrap_interval(task, rows_by_method[summary["method"]], rows_by_method[REFERENCE])}
+
+
 def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _interval(interval: list[float] | None) -> str:
+    return "-" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def markdown_table(task: TaskSpec, summaries: list[dict]) -> str:
     metrics = METRICS[task.kind]
-    head = ["method", *metrics, "n", "LM calls/q", "tokens/q", "s/q", "compile calls/user", "compile s/user"]
+    head = ["method", *metrics, f"{metrics[0]} 95% CI", f"{metrics[0]} - {REFERENCE} [95% CI]", "n", "LM calls/q",
+            "tokens/q", "s/q", "compile calls/user", "compile s/user"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
-        cells = [s["method"], *(_number(s[m], ".3f") for m in metrics), str(s["n"]), f"{s['lm_calls_per_question']:.2f}",
+        versus = s.get(f"minus_{REFERENCE}")
+        cells = [s["method"], *(_number(s[m], ".3f") for m in metrics), _interval(s.get("ci95")),
+                 "-" if versus is None else f"{versus['diff']:+.3f} {_interval(versus['ci95'])}",
+                 str(s["n"]), f"{s['lm_calls_per_question']:.2f}",
                  f"{s['tokens_per_question']:.0f}", f"{s['seconds_per_question']:.1f}",
                  _number(s.get("compile_lm_calls_per_user"), ".1f"), _number(s.get("compile_seconds_per_user"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -182,9 +234,13 @@ def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
     metric = METRICS[task.kind][0]
     scored = [s for s in summaries if s[metric] is not None]  # a bar at 0 would read as a perfect MAE
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar([s["method"] for s in scored], [s[metric] for s in scored], color="#4c72b0")
+    # Error bars: the bootstrap interval, so a reader sees which bars a different draw of users could swap.
+    intervals = [s.get("ci95") or [s[metric]] * 2 for s in scored]
+    errors = [[s[metric] - low for s, (low, _) in zip(scored, intervals)],
+              [high - s[metric] for s, (_, high) in zip(scored, intervals)]]
+    ax.bar([s["method"] for s in scored], [s[metric] for s in scored], yerr=errors, capsize=3, color="#4c72b0")
     ax.set_ylabel(metric + (" (lower is better)" if metric == "mae" else ""))
-    ax.set_title(f"{task.name}: {metric} per method (n={max(s['n'] for s in summaries)})")
+    ax.set_title(f"{task.name}: {metric} per method, 95% bootstrap CI (n={max(s['n'] for s in summaries)})")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=120)
@@ -217,11 +273,11 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evaluation = Evaluation(data, out, lm, config or CompileConfig(lm=lm), questions_per_user)
-    summaries = []
+    summaries, rows_by_method = [], {}
     mlflow = setup_mlflow(tracking_uri, "personaagent-eval", autolog=False)
     for method in methods:
         started = time.perf_counter()
-        rows = evaluation.run_method(method)
+        rows = rows_by_method[method] = evaluation.run_method(method)
         summary = summarize(data.task, method, rows)
         summaries.append(summary)
         with mlflow.start_run(run_name=f"{data.task.name} {method}", tags={"task": data.task.name, "method": method}):
@@ -231,6 +287,7 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
         headline = METRICS[data.task.kind][0]
         print(f"{method}: {headline}={_number(summary[headline], '.3f')} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
+    compare_to_reference(data.task, summaries, rows_by_method)
     table = markdown_table(data.task, summaries)
     (out / f"{name}.json").write_text(json.dumps({"task": data.task.name, "data": data.source, "lm": lm,
                                                   "users": len(data.users), "questions_per_user": questions_per_user,

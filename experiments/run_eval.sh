@@ -4,9 +4,9 @@
 #   1. every method but GEPA on the first 30 users of each LaMP set, in stages of users over all
 #      three sets (the first N users of a file are a prefix of the first 2N), so an interrupted
 #      run still covers every set evenly;
-#   2. GEPA, as costly per user as PersonaAgent's compile, on the first GEPA_USERS users, its
-#      summary (gepa.json, .md, .png) comparing every method on those same users;
-#   3. LoCoMo: retrieval recall@k and QA F1.
+#   2. LoCoMo: retrieval recall@k and QA F1 (one pass, not resumable: before GEPA, which is);
+#   3. GEPA, as costly per user as PersonaAgent's compile, on the first GEPA_USERS users, its
+#      summary (gepa.json, .md, .png) comparing every method on those same users.
 set -u
 cd "$(dirname "$0")/.."
 # A cache of this run only: answers cached by earlier code would count as free LM calls.
@@ -22,6 +22,7 @@ eval_set() {  # set, users, methods, extra arguments
 for users in $STAGES; do
   for set in $SETS; do eval_set "$set" "$users" "$M"; done
 done
+# Skipped once it has written its results (delete experiments/results/locomo/results.json to redo).
+[ -e experiments/results/locomo/results.json ] || .venv/bin/python -m personaagent.experiments.locomo \
+    --out experiments/results/locomo --qa-per-conversation "${LOCOMO_QA:-5}"
 for set in $SETS; do eval_set "$set" "${GEPA_USERS:-10}" "$M,gepa" --name gepa; done
-.venv/bin/python -m personaagent.experiments.locomo --out experiments/results/locomo \
-    --qa-per-conversation "${LOCOMO_QA:-5}"

@@ -2,7 +2,8 @@ import dspy
 
 from personaagent.data.loaders import TaskData, UserData
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.experiments.eval import Evaluation, markdown_table, plot, summarize
+from personaagent.experiments.eval import (Evaluation, bootstrap_interval, compare_to_reference, markdown_table, plot,
+                                           summarize)
 from personaagent.optimizers.compile import CompileConfig
 
 
@@ -42,8 +43,37 @@ def test_a_method_every_user_failed_is_reported_without_a_score(tmp_path):
     rows = [{"user_id": "a", "error": "RuntimeError: compile failed", "answers": []}]
     summary = summarize(task, "persona", rows)
     assert summary["mae"] is None and summary["n"] == 0 and summary["failed_users"] == ["a"]
-    assert "| persona | - | - | 0 |" in markdown_table(task, [summary])
+    assert "| persona | - | - | - | - | 0 |" in markdown_table(task, [summary])
     answered = summarize(task, "none", [{"user_id": "a", "answers": [
-        {"pred": "4", "gold": "5", "lm_calls": 1, "tokens": 10, "seconds": 1.0}]}])
+        {"id": "q", "pred": "4", "gold": "5", "lm_calls": 1, "tokens": 10, "seconds": 1.0}]}])
     plot(task, [summary, answered], tmp_path, "results")  # a method without a score does not break the plot
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def _rows(correct: list[bool], label: str = "[1]") -> list[dict]:
+    other = "[2]" if label == "[1]" else "[1]"
+    return [{"user_id": f"u{i}", "answers": [{"id": f"q{i}", "pred": label if ok else other, "gold": label,
+                                              "lm_calls": 1, "tokens": 1, "seconds": 0.1}]}
+            for i, ok in enumerate(correct)]
+
+
+def test_intervals_cover_the_score_and_narrow_with_more_users():
+    task = LAMP_TASKS["LaMP-1"]
+    few, many = _rows([True, False] * 5), _rows([True, False] * 50)
+    low, high = bootstrap_interval(task, few)
+    assert low < 0.5 < high and bootstrap_interval(task, few) == [low, high]  # seeded: reproducible
+    low_many, high_many = bootstrap_interval(task, many)
+    assert high_many - low_many < high - low
+
+
+def test_each_method_gets_its_paired_difference_to_persona():
+    task = LAMP_TASKS["LaMP-1"]
+    rows = {"persona": _rows([False] * 6 + [True] * 4), "rag": _rows([True] * 10), "none": _rows([False] * 6 + [True] * 4)}
+    summaries = [summarize(task, method, r) for method, r in rows.items()]
+    compare_to_reference(task, summaries, rows)
+    by_method = {s["method"]: s for s in summaries}
+    assert "minus_persona" not in by_method["persona"]
+    assert by_method["rag"]["minus_persona"]["diff"] == 0.6
+    assert by_method["rag"]["minus_persona"]["ci95"][0] > 0  # right wherever persona was wrong
+    assert by_method["none"]["minus_persona"] == {"diff": 0.0, "ci95": [0.0, 0.0]}  # the same answers
+    assert "| rag | 1.000 | 1.000 | [1.000, 1.000] | +0.600 [" in markdown_table(task, summaries)
