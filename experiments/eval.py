@@ -163,27 +163,31 @@ def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
     return summary
 
 
+def _paired(rows: list[dict], reference: list[dict] | None) -> tuple[dict, dict | None, list]:
+    """Answers by (user, question) for this method and the reference, and the questions both answered."""
+    mine = {(r["user_id"], a["id"]): a for r in rows for a in r["answers"]}
+    theirs = {(r["user_id"], a["id"]): a for r in reference for a in r["answers"]} if reference is not None else None
+    return mine, theirs, [k for k in mine if theirs is None or k in theirs]
+
+
+def _headline(task: TaskSpec, answers: dict, keys: list) -> float | None:
+    return task.metrics([answers[k]["pred"] for k in keys], [answers[k]["gold"] for k in keys])[METRICS[task.kind][0]]
+
+
 def bootstrap_interval(task: TaskSpec, rows: list[dict], reference: list[dict] | None = None,
                        rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> list[float] | None:
     """95% percentile interval of the headline metric over the questions resampled with replacement
     (seeded, so a summary is reproducible); with `reference` (another method's rows), of the paired
     difference, this method minus the reference, on the questions both answered. With one question
     per user and a few dozen users, it says which differences a different draw of users could undo."""
-    metric = METRICS[task.kind][0]
-    mine = {(r["user_id"], a["id"]): a for r in rows for a in r["answers"]}
-    theirs = {(r["user_id"], a["id"]): a for r in reference for a in r["answers"]} if reference is not None else None
-    keys = [k for k in mine if theirs is None or k in theirs]
+    mine, theirs, keys = _paired(rows, reference)
     if not keys:
         return None
-
-    def value(answers: dict, sample: list) -> float:
-        return task.metrics([answers[k]["pred"] for k in sample], [answers[k]["gold"] for k in sample])[metric]
-
     rng = random.Random(seed)
     values = []
     for _ in range(rounds):
         sample = rng.choices(keys, k=len(keys))
-        values.append(value(mine, sample) - (value(theirs, sample) if theirs is not None else 0.0))
+        values.append(_headline(task, mine, sample) - (_headline(task, theirs, sample) if theirs is not None else 0.0))
     values.sort()
     return [values[int(0.025 * rounds)], values[int(0.975 * rounds) - 1]]
 
@@ -192,13 +196,13 @@ def compare_to_reference(task: TaskSpec, summaries: list[dict], rows_by_method: 
     """Adds to each summary its headline metric's difference to PersonaAgent's, with an interval."""
     if REFERENCE not in rows_by_method:
         return
-    metric = METRICS[task.kind][0]
-    reference = next(s for s in summaries if s["method"] == REFERENCE)
+    reference = rows_by_method[REFERENCE]
     for summary in summaries:
-        if summary["method"] != REFERENCE and summary[metric] is not None and reference[metric] is not None:
-            summary[f"minus_{REFERENCE}"] = {
-                "diff": summary[metric] - reference[metric],
-                "ci95": bootstrap_interval(task, rows_by_method[summary["method"]], rows_by_method[REFERENCE])}
+        rows = rows_by_method[summary["method"]]
+        mine, theirs, keys = _paired(rows, reference)
+        if summary["method"] != REFERENCE and keys:  # on the questions both answered, like its interval
+            summary[f"minus_{REFERENCE}"] = {"diff": _headline(task, mine, keys) - _headline(task, theirs, keys),
+                                             "ci95": bootstrap_interval(task, rows, reference)}
 
 
 def _number(value: float | None, spec: str) -> str:

@@ -77,3 +77,13 @@ def test_each_method_gets_its_paired_difference_to_persona():
     assert by_method["rag"]["minus_persona"]["ci95"][0] > 0  # right wherever persona was wrong
     assert by_method["none"]["minus_persona"] == {"diff": 0.0, "ci95": [0.0, 0.0]}  # the same answers
     assert "| rag | 1.000 | 1.000 | [1.000, 1.000] | +0.600 [" in markdown_table(task, summaries)
+
+
+def test_the_difference_to_persona_is_taken_on_the_questions_both_answered():
+    task = LAMP_TASKS["LaMP-1"]
+    persona = _rows([True] * 4 + [False] * 6)
+    persona[0] = {"user_id": "u0", "error": "RuntimeError: compile failed", "answers": []}  # its one right answer lost
+    rows = {"persona": persona, "rag": _rows([True] * 4 + [False] * 6)}
+    summaries = [summarize(task, method, r) for method, r in rows.items()]
+    compare_to_reference(task, summaries, rows)
+    assert summaries[1]["minus_persona"] == {"diff": 0.0, "ci95": [0.0, 0.0]}  # same answers where both answered
