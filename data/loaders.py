@@ -70,13 +70,15 @@ class TaskData:
 
 
 def _replays(spec: TaskSpec, items: list[dict]) -> list[Interaction]:
-    """Replayable interactions, each tagged with its position in the history: when it is replayed,
-    memory shows only what came before it."""
+    """Replayable interactions, each tagged with the identity of its record in memory and its time:
+    when it is replayed, memory hides that record and everything not strictly before it."""
     found = []
     for position, item in enumerate(items):
         replay = spec.to_interaction(item, items[:position] + items[position + 1:])
         if replay is not None:
-            found.append(replace(replay, metadata={**replay.metadata, "position": position}))
+            record = spec.to_memory(item)
+            found.append(replace(replay, timestamp=record.timestamp,
+                                 metadata={**replay.metadata, "memory_key": record.key}))
     return found
 
 

@@ -4,6 +4,8 @@ becomes a replayable interaction (question, what the user really did).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import zlib
@@ -33,6 +35,11 @@ class Interaction:
     output: str | None = None
     timestamp: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Identity of an interaction: the same input, output and time are the same interaction."""
+        return hashlib.sha256(json.dumps([self.input, self.output, self.timestamp], ensure_ascii=False).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- scoring
@@ -82,6 +89,25 @@ def macro_f1(preds: list[str], golds: list[str]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def most_likely(distribution: dict[str, float]) -> str:
+    return max(distribution, key=distribution.get)
+
+
+def median_rating(distribution: dict[str, float]) -> str:
+    """The distribution's median: the answer with the least expected absolute error."""
+    total = 0.0
+    for label in sorted(distribution, key=lambda x: _as_rating(x) or 0.0):
+        total += distribution[label]
+        if total >= 0.5:
+            return label
+    return label
+
+
+def same_order(inputs: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """A question whose options have no order to undo: asked once, labels as they are."""
+    return [(inputs, {})]
+
+
 # What `TaskSpec.metrics` reports per kind of task, the first being the headline.
 METRICS = {"classification": ("accuracy", "macro_f1"), "rating": ("mae", "rmse"), "generation": ("rouge_l", "rouge_1")}
 
@@ -106,6 +132,9 @@ class TaskSpec:
     to_interaction: Callable[[dict, list[dict]], Interaction | None]
     content_fields: tuple[str, ...]
     output_field: str | None
+    # The ways to ask one question whose label scores are averaged (each with its map from the
+    # asked labels back to the original ones), so an answer cannot depend on the options' order.
+    orderings: Callable[[dict[str, Any]], list[tuple[dict[str, Any], dict[str, str]]]] = same_order
 
     def to_memory(self, item: dict) -> Interaction:
         parts = [f"{name}: {item[name]}" for name in self.content_fields if item.get(name) not in (None, "")]
@@ -121,6 +150,11 @@ class TaskSpec:
 
     def with_labels(self, labels: tuple[str, ...]) -> "TaskSpec":
         return replace(self, labels=tuple(labels))
+
+    def decide(self, distribution: dict[str, float]) -> str:
+        """The answer a label distribution gives: its median for ratings (least absolute error),
+        else its most likely label (most often right)."""
+        return median_rating(distribution) if self.kind == "rating" else most_likely(distribution)
 
     def normalize(self, answer: Any) -> str:
         return str(answer).strip()
@@ -174,9 +208,13 @@ class TaskSpec:
             return (f"{len(values)} past ratings, mean {sum(values) / len(values):.2f}; "
                     f"count per rating: {dist}.")
         if self.kind == "classification":
-            counts = Counter(outputs)
-            dist = ", ".join(f"{label}: {c}" for label, c in counts.most_common(8))
-            return f"{len(outputs)} past answers; most frequent: {dist}."
+            # Habits are over the task's labels: a history whose outputs are not labels (a LaMP-1
+            # paper's reference list) has none to report.
+            labelled = [o for o in outputs if not self.labels or o in self.labels]
+            if not labelled:
+                return f"{len(outputs)} past items, none answered with one of this task's labels."
+            dist = ", ".join(f"{label}: {c}" for label, c in Counter(labelled).most_common(8))
+            return f"{len(labelled)} past answers; most frequent: {dist}."
         lengths = [len(_tokens(o)) for o in outputs]
         return f"{len(outputs)} past texts, {sum(lengths) / len(lengths):.0f} words on average."
 
@@ -206,6 +244,28 @@ def _citation_interaction(item: dict, profile: list[dict]) -> Interaction | None
                 f'reference is related? Just answer with [1] or [2] without explanation. '
                 f'[1]: "{a}" [2]: "{b}"')
     return Interaction(question, "[1]" if first_is_positive else "[2]", _time(item), {"id": item.get("id")})
+
+
+CANDIDATES = re.compile(r'\[(\d+)\]: "([^"]*)"')
+
+
+def swap_candidates(inputs: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """A two-choice question asked in both orders: the swapped one lists the second candidate
+    first, and any other input that names the candidates by number (a tool's result) is
+    renumbered to match. The label map turns the swapped answer back into the original's."""
+    question = str(inputs["question"])
+    found = CANDIDATES.findall(question)
+    if len(found) != 2:
+        return same_order(inputs)
+    (a_no, a_text), (b_no, b_text) = found
+    first, second = f"[{a_no}]", f"[{b_no}]"
+    swapped_question = CANDIDATES.sub(
+        lambda m: f'[{m.group(1)}]: "{b_text if m.group(1) == a_no else a_text}"', question)
+    renumber = {first: second, second: first}
+    swapped = {name: (swapped_question if name == "question" else
+                      re.sub(r"\[\d+\]", lambda m: renumber.get(m.group(), m.group()), value) if isinstance(value, str) else value)
+               for name, value in inputs.items()}
+    return [(inputs, {}), (swapped, renumber)]
 
 
 def _reference_titles(item: dict) -> list[str]:
@@ -277,7 +337,7 @@ LAMP_TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
         TaskSpec("LaMP-1", "classification", "choose which of two papers the author would cite",
-                 ("[1]", "[2]"), _citation_interaction, ("title", "abstract"), "references"),
+                 ("[1]", "[2]"), _citation_interaction, ("title", "abstract"), "references", swap_candidates),
         TaskSpec("LaMP-2N", "classification", "pick the category the journalist files an article under",
                  LAMP_2N_CATEGORIES, _news_interaction(LAMP_2N_CATEGORIES), ("title", "text"), "category"),
         TaskSpec("LaMP-2M", "classification", "pick the tag the user gives a movie",

@@ -3,10 +3,16 @@
 Methods:
 - `global_majority`: the most frequent answer over all chosen users' histories, ratings included (no LLM);
 - `user_majority`: the user's most frequent past label, or their rounded mean rating (no LLM);
+- `word_overlap` (tasks with candidates, LaMP-1): the candidate sharing more words with the author's
+  past titles and citations, one more if they cited it before (no LLM);
 - `none`, `icl`, `rag`, `membank`, `react`: the baselines of `program.agent`;
 - `persona_noalign`: PersonaAgent with the persona initialized from semantic memory, not aligned;
 - `persona`: PersonaAgent after test-time alignment (the paper's method);
+- `persona_nopersona`, `persona_nomemory`, `persona_noaction`: the paper's ablations of the aligned
+  program (`program.agent.ABLATIONS`), from the same compile;
 - `gepa`: the same program with its instructions optimized per user by `dspy.GEPA`.
+
+Every LM method decodes a closed-set answer the same way, from label likelihoods.
 
 Users are the first N of the file (deterministic). Each (method, user) result is written as soon as
 it exists, so a run can be resumed, and runs over different users or methods can share one output
@@ -22,6 +28,7 @@ import argparse
 import json
 import random
 import shutil
+import statistics
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -33,14 +40,17 @@ from ..data.loaders import TaskData, UserData, load
 from ..data.tasks import METRICS, TaskSpec, task_to_dict
 from ..optimizers.compile import CompileConfig, compile_user
 from ..optimizers.tracking import setup_mlflow
+from ..program.agent import ABLATIONS
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
 from ..program.memory import SemanticMemory
 from ..program.store import UserStore
+from ..program.tools import author_history, candidate_scores
 
-NON_LLM = ("global_majority", "user_majority")
+NON_LLM = ("global_majority", "user_majority", "word_overlap")
 BASELINES = ("none", "icl", "rag", "membank", "react")
 COMPILED = {"persona_noalign": "none", "persona": "persona", "gepa": "gepa"}  # method -> optimizer
-METHODS = NON_LLM + BASELINES + tuple(COMPILED)
+ABLATED = {f"persona_{name}": name for name in ABLATIONS}  # method -> ablation of the aligned program
+METHODS = NON_LLM + BASELINES + ("persona_noalign", "persona", *ABLATED, "gepa")
 REFERENCE = "persona"  # every other method's difference to it gets an interval
 BOOTSTRAP_ROUNDS = 2000
 
@@ -52,6 +62,11 @@ def _majority(task: TaskSpec, outputs: list[str], mean_rating: bool) -> str:
         values = [float(o) for o in outputs if o.strip().lstrip("-").replace(".", "", 1).isdigit()]
         return str(round(sum(values) / len(values))) if values else Counter(outputs).most_common(1)[0][0]
     return Counter(outputs).most_common(1)[0][0]
+
+
+def _word_overlap(question: str, user: UserData) -> str:
+    scores = candidate_scores(question, author_history(user.memories))
+    return max(scores, key=scores.get) if scores else ""
 
 
 def _past_answers(task: TaskSpec, user: UserData) -> list[str]:
@@ -80,6 +95,9 @@ class Evaluation:
         return self.out / "raw" / method / f"{user_id}.json"
 
     def run_method(self, method: str) -> list[dict]:
+        if method == "word_overlap" and not any(candidate_scores(q.question, (Counter(), set())) for u in self.data.users.values()
+                                                for q in self.questions(u)):
+            return []  # the task has no candidates to compare
         rows = []
         for user in tqdm(list(self.data.users.values()), desc=method, unit="user"):
             path = self.raw_path(method, user.user_id)
@@ -102,11 +120,17 @@ class Evaluation:
             guess = _majority(task, [answer for u in users for answer in _past_answers(task, u)],
                               mean_rating=method == "user_majority")
             return {"user_id": user.user_id, "answers": [
-                {"id": q.id, "pred": guess, "gold": q.answer, "lm_calls": 0, "tokens": 0, "seconds": 0.0}
+                {"id": q.id, "pred": _word_overlap(q.question, user) if method == "word_overlap" else guess,
+                 "gold": q.answer, "lm_calls": 0, "tokens": 0, "seconds": 0.0}
                 for q in self.questions(user)]}
-        store, compile_cost = self._prepare(method, user)
-        program = (store.load_program(user.user_id) if method in COMPILED
-                   else store.build(user.user_id, task, method=method, k=self.config.k))
+        compiled = "persona" if method in ABLATED else method
+        store, compile_cost = self._prepare(compiled, user)
+        if compiled in COMPILED:
+            program = store.load_program(user.user_id)
+            if method in ABLATED:
+                program = ABLATIONS[ABLATED[method]](program)
+        else:
+            program = store.build(user.user_id, task, method=method, k=self.config.k)
         answers = []
         lm = self._lm()
         with use_lm(lm):
@@ -115,7 +139,8 @@ class Evaluation:
                     pred = program(question=q.question)
                 answers.append({"id": q.id, "pred": str(pred.answer), "gold": q.answer, "lm_calls": usage.calls,
                                 "tokens": usage.tokens, "seconds": usage.seconds,
-                                "tools": [step["tool"] for step in pred.trajectory]})
+                                "tools": [step["tool"] for step in pred.trajectory],
+                                "confidence": pred.get("confidence"), "scoring": pred.get("scoring")})
         store.close()
         return {"user_id": user.user_id, "answers": answers, "compile": compile_cost}
 
@@ -155,11 +180,14 @@ def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
                "users": len(rows) - len(failed), "failed_users": failed,
                "lm_calls_per_question": sum(a["lm_calls"] for a in answers) / n,
                "tokens_per_question": sum(a["tokens"] for a in answers) / n,
-               "seconds_per_question": sum(a["seconds"] for a in answers) / n}
+               "seconds_per_question": sum(a["seconds"] for a in answers) / n,
+               "seconds_p50": statistics.median([a["seconds"] for a in answers]) if answers else 0.0,
+               # Answers generated because the LM gave no label likelihoods (0 on the embedded model).
+               "generated_answers": sum(a.get("scoring") == "generation" for a in answers)}
     if compiles:
         summary["compile_lm_calls_per_user"] = sum(c["lm_calls"] for c in compiles) / len(compiles)
         summary["compile_seconds_per_user"] = sum(c["seconds"] for c in compiles) / len(compiles)
-        summary["replay_scores"] = [c["scores"] for c in compiles]
+        summary["validation_scores"] = [c["scores"] for c in compiles]
     return summary
 
 
@@ -216,14 +244,14 @@ def _interval(interval: list[float] | None) -> str:
 def markdown_table(task: TaskSpec, summaries: list[dict]) -> str:
     metrics = METRICS[task.kind]
     head = ["method", *metrics, f"{metrics[0]} 95% CI", f"{metrics[0]} - {REFERENCE} [95% CI]", "n", "LM calls/q",
-            "tokens/q", "s/q", "compile calls/user", "compile s/user"]
+            "tokens/q", "s/q", "p50 s/q", "compile calls/user", "compile s/user"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         versus = s.get(f"minus_{REFERENCE}")
         cells = [s["method"], *(_number(s[m], ".3f") for m in metrics), _interval(s.get("ci95")),
                  "-" if versus is None else f"{versus['diff']:+.3f} {_interval(versus['ci95'])}",
                  str(s["n"]), f"{s['lm_calls_per_question']:.2f}",
-                 f"{s['tokens_per_question']:.0f}", f"{s['seconds_per_question']:.1f}",
+                 f"{s['tokens_per_question']:.0f}", f"{s['seconds_per_question']:.1f}", f"{s.get('seconds_p50', 0):.1f}",
                  _number(s.get("compile_lm_calls_per_user"), ".1f"), _number(s.get("compile_seconds_per_user"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -249,7 +277,7 @@ def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=120)
     plt.close(fig)
-    series = [scores for s in summaries if s["method"] == "persona" for scores in s.get("replay_scores", [])]
+    series = [scores for s in summaries if s["method"] == "persona" for scores in s.get("validation_scores", [])]
     series = [[v for v in scores if v is not None] for scores in series]
     if any(len(s) > 1 for s in series):
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -259,8 +287,8 @@ def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
         mean = [sum(s[i] for s in series if len(s) > i) / sum(len(s) > i for s in series) for i in range(longest)]
         ax.plot(range(longest), mean, color="#c44e52", linewidth=2, label="mean")
         ax.set_xlabel("persona version")
-        ax.set_ylabel("replay score")
-        ax.set_title(f"{task.name}: replay score over alignment")
+        ax.set_ylabel("validation score")
+        ax.set_title(f"{task.name}: validation score over alignment")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / f"{name}-alignment.png", dpi=120)
@@ -281,7 +309,11 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
     mlflow = setup_mlflow(tracking_uri, "personaagent-eval", autolog=False)
     for method in methods:
         started = time.perf_counter()
-        rows = rows_by_method[method] = evaluation.run_method(method)
+        rows = evaluation.run_method(method)
+        if not rows:
+            print(f"{method}: does not apply to {data.task.name}", flush=True)
+            continue
+        rows_by_method[method] = rows
         summary = summarize(data.task, method, rows)
         summaries.append(summary)
         with mlflow.start_run(run_name=f"{data.task.name} {method}", tags={"task": data.task.name, "method": method}):

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from ..data.loaders import TaskData, UserData
 from ..data.tasks import TaskSpec, task_from_dict, task_to_dict
+from ..program.agent import default_sources
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
-from ..program.memory import SemanticMemory
+from ..program.memory import Cutoff, SemanticMemory
 from ..program.persona import Persona
 from ..program.store import PersonaVersion, ProgramState, UserStore, alignment_versions
 from .tracking import setup_mlflow
@@ -38,17 +39,19 @@ class CompileConfig:
     lm: str = DEFAULT_LM
     reflection_lm: str | None = None  # None: the answering LM reflects too
     optimizer: Optimizer = "persona"
-    n_recent: int = 3
+    n_recent: int = 3  # latest interactions replayed (the paper's n)
     iterations: int = 1
-    acceptance: str = "always"
+    acceptance: str = "validated"  # or "always", the paper's setting
+    validation: int = 3  # past interactions before the replays that every candidate is scored on
+    max_lm_calls: int = 10  # per user's alignment; one label-scoring pass is one call
     gepa_budget: int = 15
     k: int = 4
 
     def __post_init__(self):
         if self.optimizer not in ("persona", "gepa", "none"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose persona, gepa or none")
-        if self.n_recent < 1 or self.iterations < 1 or self.k < 1:
-            raise ValueError("n_recent, iterations and k must be at least 1")
+        if self.n_recent < 1 or self.iterations < 1 or self.k < 1 or self.max_lm_calls < 1 or self.validation < 0:
+            raise ValueError("n_recent, iterations, k and max_lm_calls must be at least 1, validation at least 0")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class UserResult:
     lm_calls: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # alignment phase -> seconds
     persona_before: str = ""
     persona_after: str = ""
     details: str = ""  # the traceback of a failure, for the MLflow run
@@ -76,10 +80,12 @@ def compile_key(config: CompileConfig, task: TaskSpec, user: UserData) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _examples(user: UserData, n: int) -> list[dspy.Example]:
+def _examples(user: UserData) -> list[dspy.Example]:
+    """The user's replayable interactions, oldest first, each replayed as of its own record."""
     return [
-        dspy.Example(question=r.input, answer=r.output, as_of=r.metadata.get("position")).with_inputs("question", "as_of")
-        for r in user.recent(n)
+        dspy.Example(question=r.input, answer=r.output,
+                     as_of=Cutoff(r.metadata.get("memory_key"), r.timestamp)).with_inputs("question", "as_of")
+        for r in user.replays
     ]
 
 
@@ -91,12 +97,13 @@ def _align(config: CompileConfig, program, examples, lm, task):
     if config.optimizer == "persona":
         from .persona import PersonaAlignment
 
-        aligned = PersonaAlignment(config.n_recent, config.iterations, config.acceptance, reflection_lm).compile(
-            program, trainset=examples)
+        aligned = PersonaAlignment(config.n_recent, config.iterations, config.acceptance, reflection_lm,
+                                   config.validation, config.max_lm_calls).compile(program, trainset=examples)
         return aligned, aligned.alignment
     from .gepa import gepa_optimizer
 
-    aligned = gepa_optimizer(task, reflection_lm, config.gepa_budget).compile(program, trainset=examples, valset=examples)
+    recent = examples[-config.n_recent:]
+    aligned = gepa_optimizer(task, reflection_lm, config.gepa_budget).compile(program, trainset=recent, valset=recent)
     return aligned, []
 
 
@@ -122,12 +129,12 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
             memory.flush()
             profile = SemanticMemory()(task=task, records=memory.all(), previous=store.profile(user.user_id)).profile
             store.save_profile(user.user_id, profile)
-            start = previous.persona if previous else Persona.from_profile(profile, task)
+            start = previous.persona if previous else Persona.from_profile(profile, task, default_sources(task))
             program = store.build(user.user_id, task, start, "persona", config.k)
             if previous:
                 program.load_instructions(previous.current.instructions)
             before = program.instructions
-            aligned, steps = _align(config, program, _examples(user, config.n_recent), lm, task)
+            aligned, steps = _align(config, program, _examples(user), lm, task)
         versions = alignment_versions(previous, program, steps)
         if config.optimizer == "gepa":
             versions.append(PersonaVersion(len(versions) + 1, aligned.persona.to_dict(),
@@ -137,6 +144,7 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
         store.save_state(state)
         result = UserResult(user.user_id, "compiled", scores=[v.score for v in versions], lm_calls=usage.calls,
                             tokens=usage.tokens, seconds=time.perf_counter() - started,
+                            timings=getattr(aligned, "timings", {}),
                             persona_before=before, persona_after=state.current.instructions.get("answer", ""))
     except Exception as exc:  # one user's failure must not stop the others
         result = UserResult(user.user_id, "failed", f"{type(exc).__name__}: {exc}",
@@ -151,14 +159,17 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
 def _log_user(mlflow, parent_run_id: str, result: UserResult, state: ProgramState | None) -> None:
     with mlflow.start_run(run_name=f"user {result.user_id}", parent_run_id=parent_run_id, nested=True,
                           tags={"user_id": result.user_id, "status": result.status}):
-        mlflow.log_metrics({"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds})
+        mlflow.log_metrics({"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds,
+                            **{f"seconds_{phase}": s for phase, s in result.timings.items()}})
         if result.error:
             mlflow.log_text(result.error + "\n\n" + result.details, "error.txt")
         if state is None:
             return
         for step, version in enumerate(state.versions):
             if version.score is not None:
-                mlflow.log_metric("replay_score", version.score, step=step)
+                mlflow.log_metric("validation_score", version.score, step=step)
+            if version.likelihood is not None:
+                mlflow.log_metric("validation_likelihood", version.likelihood, step=step)
             mlflow.log_text(version.instructions.get("answer", ""), f"personas/v{version.version:03d}.md")
             mlflow.log_dict(asdict(version), f"personas/v{version.version:03d}.json")
         mlflow.log_text(state.current.instructions.get("answer", ""), "persona.md")

@@ -1,143 +1,283 @@
-"""Test-time persona alignment (the paper's method) as a DSPy teleprompter.
+"""Test-time persona alignment (the paper's method) as a DSPy teleprompter, with every change
+validated on the user's own history.
 
-One iteration, for one user:
-1. replay: run the program on the user's latest n interactions with the current persona;
-2. textual loss: one critique call compares every answer with what the user really did and writes
-   a note per case about the user's preferences;
-3. textual gradient: the same call aggregates the notes into the change the persona needs;
-4. update: one rewrite call fills the persona's fields from that feedback and from facts computed
-   from the user's history (grounding a small reflection LM); a degenerate rewrite, or one the
-   reflection LM could not write in the expected fields, is rejected and the persona kept.
+For one user, whose past interactions come oldest first:
+1. replay: the program answers the user's latest `n_recent` interactions, each as of its own time
+   (memory shows only what came before it);
+2. validation window: it answers the `validation` interactions before those, the same way. The
+   replays never see these, and every candidate state is scored on them;
+3. calibration: how much each tool's evidence (the user's label habits, their similar past answers,
+   the task's tools) should shift the LM's label distribution is fitted on the replays; no LM call;
+4. textual loss and gradient: one reflection call compares the replayed answers with what the user
+   really did, given computed facts (the direction and size of each miss, the user's label habits),
+   and rewrites the persona's text and the tools its answer call is shown; demonstrations come from
+   the user's history before the validation window. A degenerate rewrite, or one that names items
+   from the examples, is rejected without being scored;
+   There is no reflection when every replay was answered right (no loss), or when there is no
+   validation window to score a candidate on (it could not be accepted);
+5. update: a candidate replaces the current state only if the acceptance strategy says so:
+   `validated` (default) when it scores better on the validation window (the task's score, then the
+   likelihood of the user's real answers; on a tie the simpler state stays); `always`, the paper's
+   setting, for comparison.
 
-With n=3 an iteration costs 2n calls to replay plus 2 to critique and rewrite; the `guarded`
-acceptance policy replays the candidate too (2n more) and keeps it only if the score does not drop.
+Every candidate is an `AlignmentStep` with its validation score. With n=3 and a window of 3, one
+iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the rewrite: 10 LM calls,
+where one label-scoring pass counts as one call. `max_lm_calls` bounds it: the window shrinks first.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, Literal
+import itertools
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal, Protocol
 
 import dspy
 from dspy.teleprompt import Teleprompter
 from dspy.utils.exceptions import AdapterParseError
 
-from ..program.agent import PersonaProgram
+from ..program.agent import LM_WEIGHT, PersonaProgram, combine
 from ..program.lm import use_lm
 from ..program.persona import Persona, gist
 
-Acceptance = Literal["always", "guarded"]
+# Candidate weights of each tool's evidence, and of the LM (lower: trust the LM less).
+TOOL_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+LM_WEIGHTS = (1.0, 0.5, 0.25)
+MIN_GAIN = 0.01  # mean log-likelihood gain (nats) that counts as better when the task score ties
 
 
-class CritiqueAnswers(dspy.Signature):
-    """You review an assistant that answers on behalf of one user. For each case, compare the
-    assistant's answer with the user's real answer and say what the real answer reveals about this
-    user's preferences or habits. Then state the one change to the persona that would have made
-    the answers match the user. Be specific to this user; do not restate the questions."""
+@dataclass
+class Answered:
+    """One past interaction answered by one state: what the LM and the tools said."""
+
+    question: str
+    gold: str
+    answer: str
+    lm_scores: dict[str, float] | None
+    evidence: dict[str, dict[str, float] | None]
+
+
+@dataclass(frozen=True)
+class Score:
+    """A state's validation score: the task's mean score, then the mean log-likelihood of the
+    user's real answers (None for free text)."""
+
+    task: float
+    likelihood: float | None = None
+
+    def beats(self, other: "Score") -> bool:
+        if self.task != other.task:
+            return self.task > other.task
+        return self.likelihood is not None and other.likelihood is not None and self.likelihood > other.likelihood + MIN_GAIN
+
+
+def score_answers(task, answered: list[Answered], weights: dict[str, float]) -> Score | None:
+    """How a state with these evidence `weights` scores on interactions already answered: for a
+    label task, the LM's distributions are recombined with the tools', so no LM call is needed."""
+    if not answered:
+        return None
+    scores, likelihoods = [], []
+    for a in answered:
+        if a.lm_scores is None:
+            scores.append(task.score(a.answer, a.gold))
+            continue
+        distribution = combine(a.lm_scores, a.evidence, weights)
+        scores.append(task.score(task.decide(distribution), a.gold))
+        likelihoods.append(math.log(max(distribution.get(task.normalize(a.gold), 0.0), 1e-12)))
+    return Score(sum(scores) / len(scores), sum(likelihoods) / len(likelihoods) if likelihoods else None)
+
+
+def fit_weights(task, answered: list[Answered], current: dict[str, float]) -> dict[str, float]:
+    """The evidence weights that best explain the user's real answers (likelihood, then task score),
+    the simplest (least total weight) on a tie. Tools without evidence on these questions keep 0."""
+    tools = sorted({name for a in answered for name, d in a.evidence.items() if d})
+    best, best_key = dict(current), None
+    for lm_weight, *tool_weights in itertools.product(LM_WEIGHTS, *(TOOL_WEIGHTS for _ in tools)):
+        weights = {LM_WEIGHT: lm_weight, **dict(zip(tools, tool_weights))}
+        score = score_answers(task, answered, weights)
+        key = (round(score.likelihood or 0.0, 6), score.task, -sum(tool_weights), lm_weight)
+        if best_key is None or key > best_key:
+            best, best_key = weights, key
+    return {name: w for name, w in best.items() if w or name == LM_WEIGHT}
+
+
+class Acceptance(Protocol):
+    """Whether a candidate state replaces the current one."""
+
+    name: str
+    validates: bool  # whether candidates are scored on the validation window first
+
+    def accept(self, candidate: Score | None, current: Score | None) -> bool: ...
+
+
+class Validated:
+    name, validates = "validated", True
+
+    def accept(self, candidate, current):
+        return candidate is not None and (current is None or candidate.beats(current))
+
+
+class Always:
+    """The paper's setting: every well-formed rewrite is kept, unscored."""
+
+    name, validates = "always", False
+
+    def accept(self, candidate, current):
+        return True
+
+
+ACCEPTANCE: dict[str, Acceptance] = {a.name: a for a in (Validated(), Always())}
+
+
+class ReflectOnAnswers(dspy.Signature):
+    """You improve the persona of an assistant that answers on behalf of one user. The cases show
+    what the assistant answered and what the user really answered, with the computed size and
+    direction of every miss. First say what the misses reveal about this user (one short note per
+    missed case), then the one change to the persona that would have made the answers match.
+    Then rewrite the persona with that change: describe the user's stable preferences and habits
+    (never a specific item, product, article or paper from the cases), and choose which tool results
+    the assistant should be shown. Be brief: every sentence must say something new."""
 
     task: str = dspy.InputField()
     persona: str = dspy.InputField(desc="the persona the assistant followed")
     user_facts: str = dspy.InputField(desc="computed from the user's whole history")
-    cases: str = dspy.InputField(desc="question, assistant's answer, user's real answer")
-    notes: list[str] = dspy.OutputField(desc="one short note per case")
+    cases: str = dspy.InputField(desc="question, assistant's answer, user's real answer, and the miss")
+    tools: str = dspy.InputField(desc="tools whose results the assistant can be shown: name: what it returns")
+    notes: list[str] = dspy.OutputField(desc="one short note per missed case")
     gradient: str = dspy.OutputField(desc="the single most useful change to the persona, in one or two sentences")
-
-
-class RewritePersona(dspy.Signature):
-    """Rewrite the persona of an assistant that answers on behalf of one user, applying the
-    feedback. Keep what is right, fix what the feedback says is wrong, and stay general: describe
-    the user (not the assistant, not the cases) and how to answer for them, never specific
-    questions or answers. Be brief: every sentence must say something new."""
-
-    task: str = dspy.InputField()
-    persona: str = dspy.InputField(desc="the current persona")
-    user_facts: str = dspy.InputField(desc="computed from the user's whole history")
-    feedback: str = dspy.InputField(desc="what the replayed answers got wrong about this user")
     summary: str = dspy.OutputField(desc="2-4 sentences about this user")
-    preferences: list[str] = dspy.OutputField(desc="3-6 short, concrete preferences or habits")
+    preferences: list[str] = dspy.OutputField(desc="3-6 short, general preferences or habits")
     rules: list[str] = dspy.OutputField(desc="1-4 rules for answering as this user would")
+    show_tools: list[str] = dspy.OutputField(desc="names of the tools whose results help, from the list")
 
 
 @dataclass
 class AlignmentStep:
-    """One persona version produced by alignment, with the evidence that produced it."""
+    """One candidate state of the user's program, with the evidence that produced it."""
 
     iteration: int
     persona: Persona
-    score: float | None  # mean replay score of this persona on the n interactions (None: not replayed)
+    score: float | None  # the task's mean score on the validation window (None: not scored)
     feedback: str = ""
     accepted: bool = True
     note: str = ""
+    likelihood: float | None = None  # mean log-likelihood of the user's real answers on that window
+    replay_score: float | None = None  # the current state's mean score on the replays it learned from
 
 
 @dataclass
-class Replay:
-    question: str
-    answer: str
-    gold: str
-    score: float
+class Timings:
+    """Where an alignment's time went, in seconds, for the tracker."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 class PersonaAlignment(Teleprompter):
-    """Aligns a `PersonaProgram`'s persona with its user from their latest interactions.
+    """Aligns a `PersonaProgram`'s persona with its user from their past interactions.
 
-    `compile(student, trainset=...)` takes the user's interactions as `dspy.Example(question,
-    answer[, as_of])`, uses the latest `n_recent`, and returns an aligned copy whose `alignment`
-    attribute lists every persona version with its score and feedback.
+    `compile(student, trainset=...)` takes the user's interactions, oldest first, as
+    `dspy.Example(question, answer[, as_of])` (`as_of`: a `Cutoff`, so memory shows only what came
+    before), and returns an aligned copy whose `alignment` lists every state tried, with its score
+    and feedback, and whose `timings` say where the time went.
     """
 
-    def __init__(self, n_recent: int = 3, iterations: int = 1, acceptance: Acceptance = "always",
-                 reflection_lm: dspy.LM | None = None, on_step: Callable[[AlignmentStep], None] | None = None):
-        if n_recent < 1 or iterations < 1:
-            raise ValueError("n_recent and iterations must be at least 1")
-        if acceptance not in ("always", "guarded"):
-            raise ValueError(f"acceptance must be 'always' or 'guarded', not {acceptance!r}")
-        self.n_recent, self.iterations, self.acceptance = n_recent, iterations, acceptance
+    def __init__(self, n_recent: int = 3, iterations: int = 1, acceptance: str = "validated",
+                 reflection_lm: dspy.LM | None = None, validation: int = 3, max_lm_calls: int = 10,
+                 calibrate: bool = True, on_step: Callable[[AlignmentStep], None] | None = None):
+        if n_recent < 1 or iterations < 1 or validation < 0 or max_lm_calls < 1:
+            raise ValueError("n_recent, iterations and max_lm_calls must be at least 1, validation at least 0")
+        if acceptance not in ACCEPTANCE:
+            raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, not {acceptance!r}")
+        self.n_recent, self.iterations, self.validation = n_recent, iterations, validation
+        self.acceptance = ACCEPTANCE[acceptance]
+        self.max_lm_calls, self.calibrate = max_lm_calls, calibrate
         self.reflection_lm = reflection_lm
         self.on_step = on_step
-        self.critique = dspy.Predict(CritiqueAnswers)
-        self.rewrite = dspy.Predict(RewritePersona)
+        self.reflect = dspy.Predict(ReflectOnAnswers)
+
+    def windows(self, trainset: list) -> tuple[list, list, list]:
+        """(older, validation, replays): the latest n to learn from, the window before them to
+        validate on, sized to the budget (each iteration validates once), and what is older."""
+        replays = trainset[-self.n_recent:]
+        earlier = trainset[:-len(replays)] if replays else []
+        # Calls: validation + replays, then per iteration one reflection and (validated) a validation.
+        per_iteration = self.validation if self.acceptance.validates else 0
+        room = (self.max_lm_calls - len(replays) - self.iterations) // (1 + (self.iterations if per_iteration else 0))
+        size = max(0, min(self.validation, len(earlier), room))
+        return earlier[:len(earlier) - size], earlier[len(earlier) - size:], replays
 
     def compile(self, student: PersonaProgram, *, trainset: list[dspy.Example], **_) -> PersonaProgram:
         program = student.deepcopy()
-        examples = trainset[-self.n_recent:]
-        if not examples:
+        if not trainset:
             raise ValueError("alignment needs at least one past interaction with a known answer")
         if program.persona is None:
             raise ValueError("the student program has no persona to align (method must be 'persona')")
-        task = program.task
+        task, timings = program.task, Timings()
+        older, window, replays = self.windows(trainset)
         facts = f"{task.output_stats([r.output for r in program.memory.all()])}\nProfile: {program.profile.render()}"
-        replays = self._replay(program, examples)
-        steps = [self._record(AlignmentStep(0, program.persona, _mean(replays), note="initial persona"))]
-        for iteration in range(1, self.iterations + 1):
-            try:
-                feedback = self._feedback(program, facts, replays)
-                candidate, problems = self._rewrite(program, facts, feedback, examples)
-            except AdapterParseError as exc:
-                # A small reflection LM can ramble past its token limit: a rejected step, not a
-                # failed user (an unreachable LM still fails the compile, to be run again later).
-                note = f"the reflection LM's output did not parse ({gist(str(exc).splitlines()[0], 200)})"
-                steps.append(self._record(AlignmentStep(iteration, program.persona, None, "", False, note)))
-                continue
+        with timings.phase("validation"):
+            validated = self._answer(program, window)
+        with timings.phase("replay"):
+            replayed = self._answer(program, replays)
+        current = score_answers(task, validated, program.persona.weights)
+        steps = [self._record(self._step(0, program.persona, current, replayed, task, note="initial persona"))]
+
+        if task.labels and self.calibrate:  # 3. calibration, from the replays; scored on the window, no LM call
+            weights = fit_weights(task, replayed, program.persona.weights)
+            candidate = replace(program.persona, weights=weights)
+            score = score_answers(task, validated, weights)
+            accepted = weights != program.persona.weights and self.acceptance.accept(score, current)
+            steps.append(self._record(self._step(len(steps), candidate, score, replayed, task, accepted=accepted,
+                                                 note="evidence weights fitted on the replays")))
+            if accepted:
+                program.set_persona(candidate)
+                current = score
+
+        for _ in range(self.iterations):  # 4-5. textual loss and gradient, rewrite, validate
+            iteration = len(steps)
+            # No loss, no gradient; and a candidate that cannot be validated cannot be accepted.
+            if score_answers(task, replayed, program.persona.weights).task == 1.0 or (self.acceptance.validates and not window):
+                break
+            with timings.phase("reflection"):
+                try:
+                    candidate, feedback = self._rewrite(program, facts, replayed, older)
+                except AdapterParseError as exc:
+                    note = f"the reflection LM's output did not parse ({gist(str(exc).splitlines()[0], 200)})"
+                    steps.append(self._record(AlignmentStep(iteration, program.persona, None, "", False, note)))
+                    continue
+            problems = candidate.problems(task, [ex.question for ex in replays])
             if problems:
                 steps.append(self._record(AlignmentStep(iteration, candidate, None, feedback, False, "; ".join(problems))))
                 continue
-            if self.acceptance == "always":
-                program.set_persona(candidate)
-                # The next iteration replays the new persona; the last one is scored by whoever evaluates.
-                replays = self._replay(program, examples) if iteration < self.iterations else []
-                steps.append(self._record(AlignmentStep(iteration, candidate, _mean(replays) if replays else None, feedback)))
-                continue
             trial = program.deepcopy()
             trial.set_persona(candidate)
-            trial_replays = self._replay(trial, examples)
-            accepted = _mean(trial_replays) >= _mean(replays)
+            score, trial_validated = None, None
+            if self.acceptance.validates and window:
+                with timings.phase("validation"):
+                    trial_validated = self._answer(trial, window)
+                score = score_answers(task, trial_validated, candidate.weights)
+            accepted = self.acceptance.accept(score, current)
+            steps.append(self._record(AlignmentStep(
+                iteration, candidate, score.task if score else None, feedback, accepted,
+                "" if accepted else "did not score better on the validation window",
+                score.likelihood if score else None)))
             if accepted:
-                program, replays = trial, trial_replays
-            steps.append(self._record(AlignmentStep(iteration, candidate, _mean(trial_replays), feedback, accepted,
-                                                    "" if accepted else "replayed score dropped")))
+                program, current = trial, score or current
+                if self.iterations > 1:
+                    with timings.phase("replay"):
+                        replayed = self._answer(program, replays)
         program.alignment = steps
+        program.timings = timings.seconds
         return program
 
     # ------------------------------------------------------------------ steps
@@ -148,38 +288,57 @@ class PersonaAlignment(Teleprompter):
         return step
 
     @staticmethod
-    def _replay(program: PersonaProgram, examples: list[dspy.Example]) -> list[Replay]:
-        replays = []
-        for ex in examples:
-            pred = program(question=ex.question, as_of=ex.get("as_of"))
-            replays.append(Replay(ex.question, str(pred.answer), str(ex.answer), program.task.score(pred.answer, ex.answer)))
-        return replays
+    def _step(iteration, persona, score: Score | None, replayed: list[Answered], task, accepted=True,
+              note="") -> AlignmentStep:
+        replay = score_answers(task, replayed, persona.weights)
+        return AlignmentStep(iteration, persona, score.task if score else None, "", accepted, note,
+                             score.likelihood if score else None, replay.task if replay else None)
+
+    @staticmethod
+    def _answer(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:
+        """Answer each interaction as of its own time, keeping every tool's evidence for refitting."""
+        return [Answered(ex.question, str(ex.answer), str(pred.answer), pred.get("lm_scores"), pred.get("evidence") or {})
+                for ex in examples for pred in [program(question=ex.question, as_of=ex.get("as_of"))]]
 
     def _reflect(self):
         return use_lm(self.reflection_lm) if self.reflection_lm else contextlib.nullcontext()
 
-    def _feedback(self, program: PersonaProgram, facts: str, replays: list[Replay]) -> str:
-        cases = "\n\n".join(
-            f"Case {i}\nquestion: {gist(r.question, 500)}\nassistant's answer: {r.answer}\n"
-            f"user's real answer: {r.gold} ({'match' if r.score >= 1 else 'mismatch'})"
-            for i, r in enumerate(replays, 1)
-        )
+    def _rewrite(self, program: PersonaProgram, facts: str, replayed: list[Answered],
+                 older: list[dspy.Example]) -> tuple[Persona, str]:
+        task = program.task
+        cases = "\n\n".join(f"Case {i}\nquestion: {gist(a.question, 300)}\n{miss(task, a, program.persona.weights)}"
+                            for i, a in enumerate(replayed, 1))
+        tools = "\n".join(f"{name}: {tool.desc}" for name, tool in program.tools.items())
         with self._reflect():
-            out = self.critique(task=program.task.description, persona=program.instructions, user_facts=facts, cases=cases)
+            out = self.reflect(task=task.description, persona=program.instructions, user_facts=facts, cases=cases, tools=tools)
         notes = "".join(f"\n- {n}" for n in out.notes if n.strip())
-        return f"{out.gradient.strip()}\nNotes on the replayed cases:{notes}"
-
-    def _rewrite(self, program: PersonaProgram, facts: str, feedback: str,
-                 examples: list[dspy.Example]) -> tuple[Persona, list[str]]:
-        with self._reflect():
-            out = self.rewrite(task=program.task.description, persona=program.instructions, user_facts=facts, feedback=feedback)
-        candidate = Persona(
-            out.summary.strip(),
-            [p.strip() for p in out.preferences if p.strip()][:6],
-            [r.strip() for r in out.rules if r.strip()][:4] or program.persona.rules,
+        feedback = f"{out.gradient.strip()}\nNotes on the replayed cases:{notes}"
+        persona = program.persona
+        candidate = replace(
+            persona,
+            summary=out.summary.strip(),
+            preferences=[p.strip() for p in out.preferences if p.strip()][:6],
+            rules=[r.strip() for r in out.rules if r.strip()][:4] or persona.rules,
+            sources=[t for t in dict.fromkeys(out.show_tools) if t in program.tools] or persona.sources,
+            demos=[{"question": ex.question, "answer": ex.answer} for ex in older[-2:]],
         )
-        return candidate, candidate.problems(program.task, [ex.question for ex in examples])
+        return candidate, feedback
 
 
-def _mean(replays: list[Replay]) -> float:
-    return sum(r.score for r in replays) / len(replays) if replays else 0.0
+def miss(task, answered: Answered, weights: dict[str, float]) -> str:
+    """A replayed case as computed facts: the answers, and the size and direction of the miss."""
+    line = f"assistant's answer: {answered.answer}\nuser's real answer: {answered.gold}\n"
+    if answered.answer.strip().lower() == answered.gold.strip().lower():
+        return line + "result: match"
+    if task.kind == "rating":
+        try:
+            gap = float(answered.gold) - float(answered.answer)
+            return line + f"result: the assistant's rating was {abs(gap):g} {'too low' if gap > 0 else 'too high'}"
+        except ValueError:
+            pass
+    if answered.lm_scores is not None:
+        distribution = combine(answered.lm_scores, answered.evidence, weights)
+        gold = distribution.get(task.normalize(answered.gold), 0.0)
+        rank = sorted(distribution.values(), reverse=True).index(gold) + 1 if gold else len(distribution)
+        return line + f"result: miss; the user's answer had probability {gold:.2f} (rank {rank} of {len(distribution)})"
+    return line + f"result: miss (score {task.score(answered.answer, answered.gold):.2f})"

@@ -1,30 +1,37 @@
-"""Answering: the PersonaAgent (persona-instructed tool choice, then answer) and the baselines,
-as one DSPy module over the same parts.
+"""Answering: the PersonaAgent and the baselines, as one DSPy module over the same parts.
 
 Methods (what differs is where the context comes from and which instruction is used):
 - `none`: non-personalized, no context.
 - `icl`: the user's k most recent interactions in context.
 - `rag`: the user's k interactions most similar to the question.
 - `membank`: the semantic profile plus retrieval, no tools.
-- `react`: the agent chooses tools, under a generic instruction (no persona).
-- `persona`: the agent chooses tools under the user's persona: PersonaAgent.
+- `react`: an LM call chooses tools, under a generic instruction (no persona), then one answers.
+- `persona`: PersonaAgent: the user's persona is the instruction, and the choices compiled into it
+  (tools shown, demonstrations, evidence weights) need no planning call: an answer is one LM call.
 
-The agent spends two LM calls per answer: one to choose tools (and the memory query), one to
-answer from their results. The tools themselves call no LM.
+Every method answers a closed-set question from label likelihoods (`LabelPredict`), so all are
+decoded the same way; the persona then weighs the LM's distribution against its tools' evidence
+(`combine`) and decides: the most likely label, or a rating distribution's median.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from dataclasses import replace
+from typing import Callable, Literal
 
 import dspy
 
-from ..data.tasks import TaskSpec
-from .memory import EpisodicMemory, Profile
+from ..data.tasks import TaskSpec, same_order
+from .answer import LabelPredict, normalized
+from .memory import Cutoff, EpisodicMemory, Profile
 from .persona import Persona, gist
+from .tools import build_evidence, build_tools
 
 METHODS = ("none", "icl", "rag", "membank", "react", "persona")
 GENERIC_INSTRUCTION = "Answer the question. Use the tool results as evidence when they help."
+LM_WEIGHT = "lm"
+MAX_QUESTION_CHARS = 1200
 
 
 def answer_signature(task: TaskSpec, instructions: str) -> type[dspy.Signature]:
@@ -36,6 +43,13 @@ def answer_signature(task: TaskSpec, instructions: str) -> type[dspy.Signature]:
         },
         instructions,
     )
+
+
+def answer_module(task: TaskSpec, instructions: str) -> dspy.Predict:
+    """Label likelihoods for a closed set of answers (asked in every order the task lists),
+    generation for free text."""
+    signature = answer_signature(task, instructions)
+    return LabelPredict(signature, orderings=task.orderings, decide=task.decide) if task.labels else dspy.Predict(signature)
 
 
 def plan_signature(tool_names: list[str], instructions: str) -> type[dspy.Signature]:
@@ -50,31 +64,49 @@ def plan_signature(tool_names: list[str], instructions: str) -> type[dspy.Signat
     )
 
 
-class PersonaProgram(dspy.Module):
-    """One user's program. Its instruction, the rendered persona, is what alignment optimizes."""
+def combine(lm_scores: dict[str, float], evidence: dict[str, dict[str, float] | None],
+            weights: dict[str, float]) -> dict[str, float]:
+    """The label distribution ∝ p_LM^w_lm × Π p_tool^w_tool (a product of experts; a tool without
+    evidence for this question, or with no weight, does not count)."""
+    floor = 1e-12
+    log_scores = {label: weights.get(LM_WEIGHT, 1.0) * math.log(max(p, floor)) for label, p in lm_scores.items()}
+    for name, distribution in evidence.items():
+        weight = weights.get(name, 0.0)
+        if distribution and weight:
+            for label in log_scores:
+                log_scores[label] += weight * math.log(max(distribution.get(label, 0.0), floor))
+    return normalized(log_scores)
 
-    def __init__(self, task: TaskSpec, memory: EpisodicMemory, profile: Profile, tools: list[dspy.Tool],
+
+class PersonaProgram(dspy.Module):
+    """One user's program. Its persona (instruction and compiled choices) is what alignment optimizes."""
+
+    def __init__(self, task: TaskSpec, memory: EpisodicMemory, profile: Profile,
                  persona: Persona | None = None, method: str = "persona", k: int = 4):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
         if method == "persona" and persona is None:
-            persona = Persona.from_profile(profile, task)
-        self.task, self.memory, self.profile, self.method, self.k = task, memory, profile, method, k
-        self.tools = {t.name: t for t in tools}
-        self.answer = dspy.Predict(answer_signature(task, GENERIC_INSTRUCTION))
-        self.plan = dspy.Predict(plan_signature(list(self.tools), GENERIC_INSTRUCTION)) if method in ("react", "persona") else None
+            persona = Persona.from_profile(profile, task, default_sources(task))
+        self.task, self.memory, self.profile, self.method = task, memory, profile, method
+        self._use_k(k)
+        self.answer = answer_module(task, GENERIC_INSTRUCTION)
+        self.plan = dspy.Predict(plan_signature(list(self.tools), GENERIC_INSTRUCTION)) if method == "react" else None
         self.persona = None
         if persona is not None:
             self.set_persona(persona)
 
     def set_persona(self, persona: Persona) -> None:
-        """The rendered persona becomes the instruction of every predictor of the program."""
+        """The persona's text becomes the answer's instruction; its demos the answer's demos."""
         self.persona = persona
-        text = persona.render(self.task)
-        self.answer.signature = self.answer.signature.with_instructions(text)
-        if self.plan is not None:
-            self.plan.signature = plan_signature(list(self.tools), text)
+        self.answer.signature = self.answer.signature.with_instructions(persona.render(self.task))
+        self.answer.demos = [dspy.Example(**demo) for demo in persona.demos]
+        self._use_k(persona.k)
+
+    def _use_k(self, k: int) -> None:
+        """The tools (bound to this user's memory) return k past interactions."""
+        self.k = k
+        self.tools = {t.name: t for t in build_tools(self.task, self.memory, self.profile, k)}
 
     @property
     def instructions(self) -> str:
@@ -89,13 +121,29 @@ class PersonaProgram(dspy.Module):
             if name in instructions:
                 predictor.signature = predictor.signature.with_instructions(instructions[name])
 
-    def forward(self, question: str, as_of: int | None = None) -> dspy.Prediction:
-        """Answer `question`; `as_of` (replays only) hides the user's records from that one on."""
+    def forward(self, question: str, as_of: Cutoff | None = None) -> dspy.Prediction:
+        """Answer `question`; `as_of` (replays only) shows memory as it was before that interaction."""
         trajectory: list[dict] = []
         with self.memory.as_of(as_of):
             context = self._context(question, trajectory)
-        out = self.answer(question=question, context=context or "(nothing)")
-        return dspy.Prediction(answer=out.answer, context=context, trajectory=trajectory)
+            evidence = self._evidence(question)
+        # A very long input (a 6,000-character review) costs minutes on a small CPU model and adds
+        # little: the answer sees its head and most of its tail.
+        out = self.answer(question=gist(question, MAX_QUESTION_CHARS), context=context or "(nothing)")
+        if not self.task.labels:
+            return dspy.Prediction(answer=out.answer, context=context, trajectory=trajectory)
+        distribution = combine(out.label_scores, evidence, self.persona.weights) if self.persona else out.label_scores
+        answer = self.task.decide(distribution)
+        return dspy.Prediction(answer=answer, label_scores=distribution, confidence=distribution[answer],
+                               lm_scores=out.label_scores, evidence=evidence, scoring=out.scoring,
+                               context=context, trajectory=trajectory)
+
+    def _evidence(self, question: str) -> dict[str, dict[str, float] | None]:
+        """Every tool's label distribution (persona only: baselines trust the LM alone). Those the
+        persona gives no weight do not change the answer, but alignment refits the weights from them."""
+        if self.persona is None or not self.task.labels:
+            return {}
+        return {name: tool(question) for name, tool in build_evidence(self.task, self.memory, self.k).items()}
 
     def _context(self, question: str, trajectory: list[dict]) -> str:
         if self.method == "none":
@@ -105,14 +153,58 @@ class PersonaProgram(dspy.Module):
         if self.method in ("rag", "membank"):
             found = "\n".join(f"- {r.render()}" for r in self.memory.search(question, self.k))
             return f"Profile: {self.profile.render()}\nSimilar past interactions:\n{found}" if self.method == "membank" else found
+        if self.method == "persona":
+            return self._call_tools(self.persona.sources, question, trajectory)
         described = "\n".join(f"{name}: {tool.desc}" for name, tool in self.tools.items())
         # The plan needs the gist of the question, not all of it: a shorter prompt is a faster call.
         plan = self.plan(question=gist(question, 400), available_tools=described)
+        return self._call_tools(plan.tools, question, trajectory, plan.memory_query)
+
+    def _call_tools(self, names, question: str, trajectory: list[dict], query: str | None = None) -> str:
         parts = []
-        for name in dict.fromkeys(plan.tools):  # each chosen tool once, in the order chosen
+        for name in dict.fromkeys(names):  # each tool once, in the order given
+            if name not in self.tools:
+                continue
             tool = self.tools[name]
-            args = {arg: (plan.memory_query or question) if arg == "query" else question for arg in tool.args}
+            args = {arg: (query or question) if arg == "query" else question for arg in tool.args}
             result = tool(**args)
             trajectory.append({"tool": name, "args": args, "result": result})
             parts.append(f"[{name}]\n{result}")
         return "\n\n".join(parts)
+
+
+def default_sources(task: TaskSpec) -> list[str]:
+    """What a new user's answer call is shown before alignment chooses. Every closed-set task: the
+    user's label habits; a two-candidate choice: the candidates compared with the author's work
+    instead (their "habits" are reference lists, not labels); a classification: also their most
+    similar past interactions, as RAG would. Past reviews are not shown for ratings: a small model
+    copies their scores. Free-text tasks see their similar past interactions."""
+    if not task.labels:
+        return ["search_memory"]
+    if task.orderings is not same_order:
+        return ["compare_candidates"]
+    return ["answer_habits"] if task.kind == "rating" else ["answer_habits", "search_memory"]
+
+
+# Ablations of the paper, applied to a loaded persona program (each returns it changed).
+def without_persona(program: PersonaProgram) -> PersonaProgram:
+    """The compiled choices, under the generic instruction instead of the persona's text."""
+    program.answer.signature = program.answer.signature.with_instructions(GENERIC_INSTRUCTION)
+    return program
+
+
+def without_memory(program: PersonaProgram) -> PersonaProgram:
+    """No episodic or semantic memory: every tool reads memory, so no tool, demo or evidence;
+    the persona's text alone."""
+    program.set_persona(replace(program.persona, sources=[], demos=[], weights={}))
+    return program
+
+
+def without_actions(program: PersonaProgram) -> PersonaProgram:
+    """No tool is called: no tool results in the prompt and no tool evidence; text and demos stay."""
+    program.set_persona(replace(program.persona, sources=[], weights={}))
+    return program
+
+
+ABLATIONS: dict[str, Callable[[PersonaProgram], PersonaProgram]] = {
+    "nopersona": without_persona, "nomemory": without_memory, "noaction": without_actions}

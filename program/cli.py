@@ -77,11 +77,12 @@ def cmd_compile(args) -> int:
     data = load(args.data, args.task).select(args.users, args.user)
     config = CompileConfig(lm=_lm_spec(args), reflection_lm=args.reflection_lm, optimizer=args.optimizer,
                            n_recent=args.n_recent, iterations=args.iterations, acceptance=args.acceptance,
+                           validation=args.validation, max_lm_calls=args.max_lm_calls,
                            gepa_budget=args.gepa_budget)
     report = compile_users(data, args.store, config, workers=args.workers, tracking_uri=args.tracking_uri)
     for r in report.results:
         scores = " -> ".join("-" if s is None else f"{s:.2f}" for s in r.scores)
-        line = f"{r.status:<8} {r.user_id:<30} replay score {scores or '-'}"
+        line = f"{r.status:<8} {r.user_id:<30} validation score {scores or '-'}"
         if r.status == "compiled":
             line += f"  ({r.lm_calls} LM calls, {r.tokens} tokens, {r.seconds:.1f} s)"
         print(line + (f"  {r.error}" if r.error else ""))
@@ -134,11 +135,15 @@ def cmd_demo(args) -> int:
             continue
         state = UserStore(args.store, embedder=object()).load_state(r.user_id)
         first, current = state.versions[0], state.current
-        print(f"--- persona before (v{first.version}, replay score {_score(first.score)}):\n{first.instructions['answer']}")
+        print(f"--- persona before (v{first.version}, validation score {_score(first.score)}):\n{first.instructions['answer']}")
         for v in state.versions[1:]:
-            print(f"--- v{v.version}: {'accepted' if v.accepted else 'rejected'} ({v.note or 'rewritten from feedback'}); "
+            print(f"--- v{v.version}: {'accepted' if v.accepted else 'rejected'}, validation score {_score(v.score)}"
+                  f" (likelihood {_score(v.likelihood)}): {v.note or 'rewritten from feedback'}; "
                   f"feedback: {v.feedback.splitlines()[0] if v.feedback else '-'}")
-        print(f"--- persona after (v{current.version}):\n{current.instructions['answer']}\n")
+        persona = current.persona
+        print(f"--- persona after (v{current.version}): shown {', '.join(persona.get('sources', [])) or 'no tools'}, "
+              f"{len(persona.get('demos', []))} demos, evidence weights {persona.get('weights') or 'none'}\n"
+              f"{current.instructions['answer']}\n")
     compiled = [r.user_id for r in report.results if r.status != "failed"]
     if not compiled:
         print("every user failed to compile", file=sys.stderr)
@@ -150,8 +155,9 @@ def cmd_demo(args) -> int:
         for question in user.questions:
             pred = program(question=question.question)
             tools = ", ".join(step["tool"] for step in pred.trajectory) or "none"
+            confidence = f" (probability {pred.confidence:.2f})" if pred.get("confidence") is not None else ""
             print(f"Asked as user {user.user_id} (tools used: {tools}):\n  {question.question[:160]}...\n"
-                  f"  answer: {pred.answer}   what the user really gave: {question.answer}")
+                  f"  answer: {pred.answer}{confidence}   what the user really gave: {question.answer}")
     store.close()
     print(f"\nSee the runs: personaagent ui --tracking-uri {args.tracking_uri or DEFAULT_TRACKING_URI}  "
           "(then open http://127.0.0.1:5000)")
@@ -208,8 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["persona", "gepa", "none"], default="persona")
     p.add_argument("--n-recent", type=int, default=3, help="latest interactions replayed per user (paper: 3)")
     p.add_argument("--iterations", type=int, default=1)
-    p.add_argument("--acceptance", choices=["always", "guarded"], default="always",
-                   help="always accept the rewrite (paper) or only if the replayed score does not drop")
+    p.add_argument("--acceptance", choices=["validated", "always"], default="validated",
+                   help="keep a candidate only if it scores better on the user's earlier interactions (default), "
+                        "or always take the rewrite (the paper's setting)")
+    p.add_argument("--validation", type=int, default=3, help="earlier interactions every candidate is scored on")
+    p.add_argument("--max-lm-calls", type=int, default=10, help="LM calls per user's alignment (a scoring pass is one)")
     p.add_argument("--gepa-budget", type=int, default=15, help="metric calls per user for --optimizer gepa")
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads its own model)")
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")

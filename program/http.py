@@ -57,8 +57,9 @@ class InteractionAdded(BaseModel):
 class AlignRequest(BaseModel):
     n_recent: int = Field(3, ge=1, le=20, description="latest interactions with a known output to replay (paper: 3)")
     iterations: int = Field(1, ge=1, le=5)
-    acceptance: Literal["always", "guarded"] = Field(
-        "always", description="always take the rewrite (paper), or only if the replayed score does not drop")
+    acceptance: Literal["validated", "always"] = Field(
+        "validated", description="keep a candidate only if it scores better on the user's earlier interactions, "
+                                 "or always take the rewrite (the paper's setting)")
 
 
 class PersonaInfo(BaseModel):

@@ -16,8 +16,10 @@ import uuid
 import dspy
 import json_repair
 import jsonschema
+import numpy as np
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
 from llama_cpp import Llama, LlamaRAMCache
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from . import models
 
@@ -30,7 +32,8 @@ class LlamaCppEngine:
 
     One llama.cpp context is not thread-safe, so calls are serialized by a lock; parallelism
     means processes. A JSON schema sent by `dspy.JSONAdapter` is enforced as a grammar, so even
-    small models return parseable output.
+    small models return parseable output. `score` gives the log-probability of each of several
+    answers to one prompt, for answering from label likelihoods (`program.answer.LabelPredict`).
     """
 
     supports_response_schema = True
@@ -57,6 +60,10 @@ class LlamaCppEngine:
         # evaluating the prompt is most of a call's time here: keep the states of the last calls
         # so the next call with the same signature starts from the longest shared prefix.
         self._llama.set_cache(_RecentStates(prefix_states))
+        llama = self._llama
+        token_text = lambda token: llama._model.token_get_text(token) if token != -1 else ""  # noqa: E731
+        self._chat = Jinja2ChatFormatter(llama.metadata["tokenizer.chat_template"], token_text(llama.token_eos()),
+                                         token_text(llama.token_bos()))
 
     @staticmethod
     def _messages(request) -> list[dict]:
@@ -100,6 +107,59 @@ class LlamaCppEngine:
                         output_tokens=sum(a["usage"]["completion_tokens"] for a in attempts)),
         )
 
+    def score(self, messages: list[dict], continuations: list[str]) -> tuple[list[float], int]:
+        """The log-probability of each continuation as the assistant's reply to `messages`, and
+        the number of tokens evaluated. The prompt is evaluated once (resuming from the longest
+        prefix already in the context); the continuations are then scored as a tree from that
+        shared state: at every token where they part, by the LM's distribution there. What
+        follows the last parting is taken as given (a label's later tokens are its spelling), so
+        a label is not penalized for being spelled in more tokens, and most label sets need no
+        decoding beyond the prompt."""
+        llama = self._llama
+        prompt = self._chat(messages=messages).prompt
+        full = [llama.tokenize((prompt + c).encode(), add_bos=False, special=True) for c in continuations]
+        # Continuations share their first tokens (the reply's opening): evaluated once, with the prompt.
+        shared = min(len(os.path.commonprefix(full)), *(len(f) - 1 for f in full))
+        with self._lock:
+            cached = llama.input_ids[:llama.n_tokens].tolist()
+            reuse = min(len(os.path.commonprefix([cached, full[0][:shared]])), shared - 1)
+            llama.n_tokens = reuse
+            llama.eval(full[0][reuse:shared])
+            self._evaluated = shared - reuse
+            scores = self._tree([f[shared:] for f in full], shared, _log_softmax(self._logits()))
+            # The context holds the shared prefix again, as the next call's prefix search expects.
+            llama._ctx.kv_cache_seq_rm(-1, shared, -1)
+            llama.n_tokens = shared
+        return scores, self._evaluated
+
+    def _tree(self, rests: list[list[int]], position: int, log_probs: np.ndarray) -> list[float]:
+        """Scores of token sequences that follow the same state (`log_probs`: its next-token
+        distribution, at `position`): each sequence's first token, then, where several share it,
+        what follows it from the state after it."""
+        scores = [0.0] * len(rests)
+        groups: dict[int, list[int]] = {}
+        for i, rest in enumerate(rests):
+            if rest:
+                groups.setdefault(rest[0], []).append(i)
+        for token, members in groups.items():
+            for i in members:
+                scores[i] = float(log_probs[token])
+            if len(members) > 1 and any(len(rests[i]) > 1 for i in members):
+                llama = self._llama
+                llama._ctx.kv_cache_seq_rm(-1, position, -1)
+                llama._batch.set_batch([token], n_past=position, logits_all=False)
+                llama._ctx.decode(llama._batch)
+                self._evaluated += 1
+                deeper = self._tree([rests[i][1:] for i in members], position + 1, _log_softmax(self._logits()))
+                for i, extra in zip(members, deeper):
+                    scores[i] += extra
+        return scores
+
+    def _logits(self) -> np.ndarray:
+        """The logits at the last decoded position (a copy)."""
+        llama = self._llama
+        return np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama._n_vocab,)).copy()
+
     def _generate(self, kwargs: dict) -> dict:
         with self._lock:
             return self._llama.create_chat_completion(**kwargs)
@@ -139,6 +199,11 @@ class _RecentStates(LlamaRAMCache):
         super().__setitem__(key, value)
         while len(self.cache_state) > self.states:
             self.cache_state.popitem(last=False)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
 
 
 def _has_free_text(schema) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import itertools
 import json
 import re
@@ -50,22 +49,40 @@ class MemoryRecord:
     timestamp: float | None
     metadata: dict
     score: float = 0.0
+    key: str = ""
 
     def render(self, width: int = 240) -> str:
+        """The record for a prompt, input and answer each cut to `width` characters (a paper's
+        answer is its reference list: twenty titles)."""
         text = self.input if len(self.input) <= width else self.input[:width] + "..."
-        return f"{text}\n  -> the user's answer: {self.output}" if self.output else text
+        output = self.output if self.output is None or len(self.output) <= width else self.output[:width] + "..."
+        return f"{text}\n  -> the user's answer: {output}" if output else text
 
 
-def _key(item: Interaction) -> str:
-    """Identity of an interaction: re-ingesting the same data adds nothing."""
-    return hashlib.sha256(json.dumps([item.input, item.output, item.timestamp], ensure_ascii=False).encode()).hexdigest()
+@dataclass(frozen=True)
+class Cutoff:
+    """The moment an interaction happened, for replaying it: memory then shows only records
+    strictly before its time (or, without times, added before it), and never the interaction's own
+    record. `key` is the identity of its record in memory (`Interaction.key`), `timestamp` its time."""
+
+    key: str | None = None
+    timestamp: float | None = None
+
+    @classmethod
+    def of(cls, item: Interaction | MemoryRecord) -> "Cutoff":
+        return cls(item.key, item.timestamp)
+
+
+# Records visible at a cutoff: strictly earlier in time; without a time on either side, added earlier.
+_VISIBLE = ("key IS NOT :key AND ((:ts IS NOT NULL AND timestamp IS NOT NULL AND timestamp < :ts)"
+            " OR ((:ts IS NULL OR timestamp IS NULL) AND id < :id))")
 
 
 class EpisodicMemory:
     """One user's interactions: `add`, `search`, `delete`; thread-safe.
 
-    `as_of(n)` limits what is visible to the first n records, so replaying a past interaction
-    never sees that interaction (or later ones) in memory.
+    `as_of(cutoff)` limits what is visible to what came before an interaction, so replaying it
+    never sees its own record or a later one in memory.
     """
 
     SCHEMA = """
@@ -98,7 +115,7 @@ class EpisodicMemory:
         self._index_path = self.directory / "episodic.faiss"
         self._index, self._index_version = self._load_or_rebuild_index()
         self._seen = self._version()  # the log version the index in memory reflects
-        self._visible_below: contextvars.ContextVar[int | None] = contextvars.ContextVar("visible_below", default=None)
+        self._cutoff: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cutoff", default=None)
 
     def __deepcopy__(self, memo):
         # A handle on the user's stored memory: copies of a program (optimizers deepcopy the
@@ -183,7 +200,7 @@ class EpisodicMemory:
         for i, item in enumerate(interactions):
             if not isinstance(item.input, str) or not item.input.strip():
                 raise ValueError(f"interaction {i}: 'input' must be a non-empty string")
-        keyed = {_key(item): item for item in interactions}
+        keyed = {item.key: item for item in interactions}
         with self._lock:
             known = self._known_keys(list(keyed))
         fresh = [(k, item) for k, item in keyed.items() if k not in known]
@@ -231,23 +248,28 @@ class EpisodicMemory:
         return known
 
     @contextlib.contextmanager
-    def as_of(self, n_records: int | None):
-        """Within the block, only the first `n_records` records are visible (None: all)."""
-        below = None
-        if n_records is not None:
+    def as_of(self, cutoff: Cutoff | None):
+        """Within the block, only the records before `cutoff` are visible (None: all)."""
+        params = None
+        if cutoff is not None:
             with self._lock:
-                row = self._db.execute("SELECT id FROM records ORDER BY id LIMIT 1 OFFSET ?", (n_records,)).fetchone()
-            below = row[0] if row else None
-        token = self._visible_below.set(below)
+                own = self._db.execute("SELECT id, timestamp FROM records WHERE key = ?", (cutoff.key,)).fetchone()
+            if own is None and cutoff.timestamp is None:
+                raise ValueError("cannot tell what came before an interaction with no record in memory and no time")
+            # Not in memory: placed by its time; where it falls among records without a time is
+            # unknown, so those are hidden.
+            params = {"key": cutoff.key, "ts": cutoff.timestamp if cutoff.timestamp is not None else own[1],
+                      "id": own[0] if own else 0}
+        token = self._cutoff.set(params)
         try:
             yield self
         finally:
-            self._visible_below.reset(token)
+            self._cutoff.reset(token)
 
-    def _visible_bound(self) -> int:
-        """Row ids below this are visible (see `as_of`)."""
-        below = self._visible_below.get()
-        return below if below is not None else 2**62
+    def _visible(self) -> tuple[str, dict]:
+        """The SQL condition on `records` of what is visible now (see `as_of`), and its parameters."""
+        params = self._cutoff.get()
+        return (_VISIBLE, params) if params is not None else ("1", {})
 
     def search(self, query: str, k: int = 4) -> list[MemoryRecord]:
         """Hybrid search: the embedding's neighbours and the full-text (BM25) matches, taken in
@@ -273,22 +295,28 @@ class EpisodicMemory:
         words = sorted(set(re.findall(r"\w+", query.lower())), key=lambda w: (-len(w), w))[:MAX_QUERY_TERMS]
         if not words or k <= 0:
             return []
+        condition, params = self._visible()
         with self._lock:
             ids = [r[0] for r in self._db.execute(
-                "SELECT rowid FROM records_text WHERE records_text MATCH ? AND rowid < ? ORDER BY rank LIMIT ?",
-                (" OR ".join(f'"{w}"' for w in words), self._visible_bound(), k))]
+                "SELECT rowid FROM records_text WHERE records_text MATCH :match"
+                f" AND rowid IN (SELECT id FROM records WHERE {condition}) ORDER BY rank LIMIT :k",
+                {**params, "match": " OR ".join(f'"{w}"' for w in words), "k": k})]
             rows = self._fetch(ids)
         return [rows[i] for i in ids if i in rows]
 
     def search_vector(self, vector: np.ndarray, k: int = 4) -> list[MemoryRecord]:
-        below = self._visible_below.get()
+        condition, visible = self._visible()
         with self._lock:
             self._sync()
             if self._index.ntotal == 0 or k <= 0:
                 return []
             params = None
-            if below is not None:
-                selector = faiss.IDSelectorRange(0, below)
+            if visible:
+                ids = np.array([r[0] for r in self._db.execute(f"SELECT id FROM records WHERE {condition}", visible)],
+                               dtype=np.int64)
+                if len(ids) == 0:
+                    return []
+                selector = faiss.IDSelectorBatch(ids)
                 inner = faiss.downcast_index(self._index.index)
                 params = (faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
                           if isinstance(inner, faiss.IndexIVF) else faiss.SearchParameters(sel=selector))
@@ -302,17 +330,17 @@ class EpisodicMemory:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self._db.execute(
-            f"SELECT id, input, output, timestamp, metadata FROM records WHERE id IN ({marks})", ids
+            f"SELECT id, input, output, timestamp, metadata, key FROM records WHERE id IN ({marks})", ids
         ).fetchall()
-        return {r[0]: MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
+        return {r[0]: MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), key=r[5]) for r in rows}
 
     def all(self) -> list[MemoryRecord]:
+        condition, params = self._visible()
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, input, output, timestamp, metadata FROM records WHERE id < ? ORDER BY id",
-                (self._visible_bound(),),
+                f"SELECT id, input, output, timestamp, metadata, key FROM records WHERE {condition} ORDER BY id", params
             ).fetchall()
-        return [MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+        return [MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), key=r[5]) for r in rows]
 
     def recent(self, n: int) -> list[MemoryRecord]:
         return self.all()[-n:] if n > 0 else []
@@ -374,7 +402,7 @@ class Profile:
 class SemanticMemory(dspy.Module):
     """Writes and updates the user's profile: one LM call per update, over the records not yet read."""
 
-    def __init__(self, max_items: int = 12, width: int = 240):
+    def __init__(self, max_items: int = 6, width: int = 160):
         super().__init__()
         self.summarize = dspy.Predict(SummarizeUser)
         self.max_items = max_items

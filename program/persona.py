@@ -1,8 +1,12 @@
-"""The persona: one system prompt per user, kept as fields an LM fills and rendered into the
-instruction of the user's program.
+"""The persona: the state of one user's compiled program.
 
-Keeping fields rather than free prose lets a small reflection LM rewrite one part at a time, and
-lets `problems()` reject degenerate rewrites (empty, bloated, or copied from the examples).
+Its text is kept as fields an LM fills (summary, preferences, rules) and rendered into the
+instruction of the user's program; keeping fields rather than free prose lets a small reflection
+LM rewrite one part at a time, and lets `problems()` reject degenerate rewrites (empty, bloated,
+copied from the examples, or naming their items). Beside the text, the choices the answer call
+follows, made per user at compile time: which tools' results it is shown (`sources`, `k`), a few
+demonstrations from the user's history (`demos`), and how much each tool's evidence shifts the
+LM's label distribution (`weights`, by tool name; "lm" weighs the LM itself).
 """
 
 from __future__ import annotations
@@ -54,6 +58,23 @@ def gist(text: str, width: int) -> str:
     return f"{text[:head]} ... {text[-(width - head):]}"
 
 
+def _pairs(text: str) -> set[str]:
+    """Adjacent pairs of words of four letters or more: how an item's name ("nylon picks") looks."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return {f"{a} {b}" for a, b in zip(words, words[1:]) if len(a) > 3 and len(b) > 3}
+
+
+def named_items(text: str, examples: list[str]) -> list[str]:
+    """Word pairs of `text` that one of the examples uses but not all of them (what all share is
+    the task's own wording, such as "following review")."""
+    if not examples:
+        return []
+    per_example = [_pairs(e) for e in examples]
+    template = set.intersection(*per_example) if len(per_example) > 1 else set()
+    specific = set().union(*per_example) - template
+    return sorted(_pairs(text) & specific)
+
+
 FIXED_RULE = "Use the tool results about this user as evidence; prefer them to general knowledge."
 
 
@@ -62,6 +83,10 @@ class Persona:
     summary: str
     preferences: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    k: int = 3
+    demos: list[dict] = field(default_factory=list)  # {"question": ..., "answer": ...} from the user's history
+    weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         self.summary = clean_text(self.summary)
@@ -69,10 +94,16 @@ class Persona:
         self.rules = clean_items([r for r in self.rules if r.strip().lower() not in (FIXED_RULE.lower(),)], 4)
 
     @classmethod
-    def from_profile(cls, profile: Profile, task: TaskSpec) -> "Persona":
-        """The initial persona: the semantic memory, and the task's default rule."""
+    def from_profile(cls, profile: Profile, task: TaskSpec, sources: list[str] = ()) -> "Persona":
+        """The initial persona: the semantic memory, the task's default rule, and `sources`."""
         return cls(profile.summary or f"A user who will {task.description}.", list(profile.preferences),
-                   [f"Answer as this user would: {task.description}, in the exact answer format asked for."])
+                   [f"Answer as this user would: {task.description}, in the exact answer format asked for."],
+                   list(sources))
+
+    @property
+    def text(self) -> str:
+        """What the LM wrote: the fields a rewrite changes."""
+        return "\n".join([self.summary, *self.preferences, *self.rules])
 
     def render(self, task: TaskSpec) -> str:
         lines = [
@@ -92,6 +123,9 @@ class Persona:
     def problems(self, task: TaskSpec, examples: list[str] = ()) -> list[str]:
         """Why this persona should not be used (empty list: it is fine)."""
         found = []
+        named = named_items(self.text, examples)
+        if named:
+            found.append(f"persona names items from the examples instead of preferences ({', '.join(named[:3])})")
         if len(self.summary.split()) < 3:
             found.append("summary is empty or too short")
         text = self.render(task)

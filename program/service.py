@@ -34,6 +34,7 @@ from dspy.utils.exceptions import AdapterParseError, LMError
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
 from .agent import PersonaProgram
 from .lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
+from .memory import Cutoff
 from .store import ProgramState, UserStore, alignment_versions
 from .storage import validate_user_id
 
@@ -84,6 +85,11 @@ class Answer:
     answer: str
     persona_version: int | None  # None: the default program (nothing compiled yet)
     tools: list[str]
+    # Closed-set tasks: the probability of every label, the answer's, and how they were obtained
+    # ("likelihood": scored by the LM; "generation": the LM gave no scores, the answer has them all).
+    label_scores: dict[str, float] | None = None
+    confidence: float | None = None
+    scoring: str | None = None
 
 
 @dataclass
@@ -235,7 +241,8 @@ class PersonaService:
                 self._queued -= 1
                 self._answer_seconds = 0.9 * self._answer_seconds + 0.1 * (time.perf_counter() - started)
         version = loaded.state.current.version if loaded.state else None
-        return Answer(user_id, str(pred.answer), version, [step["tool"] for step in pred.trajectory])
+        return Answer(user_id, str(pred.answer), version, [step["tool"] for step in pred.trajectory],
+                      pred.get("label_scores"), pred.get("confidence"), pred.get("scoring"))
 
     @property
     def queued(self) -> int:
@@ -288,7 +295,7 @@ class PersonaService:
     # ------------------------------------------------------------------ test-time alignment
 
     def align(self, user_id: str, n_recent: int = 3, iterations: int = 1,
-              acceptance: Literal["always", "guarded"] = "always") -> AlignJob:
+              acceptance: Literal["validated", "always"] = "validated") -> AlignJob:
         """Start aligning the persona on the latest `n_recent` interactions with a known answer;
         returns at once with the job (see `job`)."""
         from ..optimizers.persona import PersonaAlignment  # the optimizer is loaded only when used
@@ -322,9 +329,9 @@ class PersonaService:
         try:
             loaded = self._loaded(job.user_id)
             program, previous = loaded.program, loaded.state
-            # A record's position is what memory shows when it is replayed: only what came before it.
-            examples = [dspy.Example(question=r.input, answer=r.output, as_of=position).with_inputs("question", "as_of")
-                        for position, r in enumerate(program.memory.all()) if r.output is not None]
+            # Each record is replayed as of its own time: memory then shows only what came before it.
+            examples = [dspy.Example(question=r.input, answer=r.output, as_of=Cutoff.of(r)).with_inputs("question", "as_of")
+                        for r in program.memory.all() if r.output is not None]
             with use_lm(self.lm), dspy.context(disable_history=True):
                 aligned = teleprompter.compile(program, trainset=examples)
             with self._user_lock(job.user_id):

@@ -25,7 +25,6 @@ from .embedder import Embedder, default_embedder
 from .memory import EpisodicMemory, Profile, load_profile, save_profile
 from .persona import Persona
 from .storage import validate_user_id, write_json_atomic
-from .tools import build_tools
 
 FORMAT_VERSION = 1
 
@@ -35,11 +34,12 @@ class PersonaVersion:
     version: int
     persona: dict
     instructions: dict[str, str]  # per predictor: what the program actually runs with
-    score: float | None = None
+    score: float | None = None  # the task's mean score on the user's validation window
     feedback: str = ""
     accepted: bool = True
     note: str = ""
     created_at: float = field(default_factory=time.time)
+    likelihood: float | None = None  # mean log-likelihood of the user's real answers on that window
 
 
 @dataclass
@@ -81,13 +81,15 @@ def alignment_versions(previous: ProgramState | None, program: PersonaProgram, s
     if there were none, then one version per rewrite (`steps`: the teleprompter's AlignmentSteps)."""
     versions = list(previous.versions) if previous else []
     if previous is None:
+        first = steps[0] if steps else None
         versions.append(PersonaVersion(1, program.persona.to_dict(), program.instructions_by_predictor(),
-                                       steps[0].score if steps else None, note="initial persona"))
+                                       first.score if first else None, note="initial persona",
+                                       likelihood=first.likelihood if first else None))
     for step in steps[1:]:
         trial = program.deepcopy()
         trial.set_persona(step.persona)
         versions.append(PersonaVersion(len(versions) + 1, step.persona.to_dict(), trial.instructions_by_predictor(),
-                                       step.score, step.feedback, step.accepted, step.note))
+                                       step.score, step.feedback, step.accepted, step.note, likelihood=step.likelihood))
     return versions
 
 
@@ -154,7 +156,7 @@ class UserStore:
     def build(self, user_id: str, task: TaskSpec, persona: Persona | None = None, method: str = "persona",
               k: int = 4) -> PersonaProgram:
         memory, profile = self.memory(user_id), self.profile(user_id)
-        return PersonaProgram(task, memory, profile, build_tools(task, memory, profile, k), persona, method, k)
+        return PersonaProgram(task, memory, profile, persona, method, k)
 
     def load_program(self, user_id: str, method: str = "persona") -> PersonaProgram:
         """The user's compiled program, with the persona in force."""

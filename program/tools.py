@@ -1,18 +1,26 @@
 """Personalized actions: tools bound to one user's memory, declared as `dspy.Tool`s.
 
-Every tool reads only the memory of the user it was built for. None calls an LM.
+Every tool reads only the memory of the user it was built for. None calls an LM. For a task with
+a closed set of answers, a tool may also give its evidence as a label distribution
+(`build_evidence`), which the user's program weighs against the LM's (`program.agent.combine`).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+from typing import Callable
 
 import dspy
 
-from ..data.tasks import TaskSpec
+from ..data.tasks import CANDIDATES, TaskSpec
+from .answer import normalized
 from .memory import EpisodicMemory, Profile
 
-CANDIDATE = re.compile(r'\[(\d+)\]:\s*"([^"]+)"')
+Evidence = Callable[[str], dict[str, float] | None]
+SMOOTHING = 0.5  # pseudo-count of every label in a tool's distribution: no label is ever impossible
+STOPWORDS = frozenset("""a an and are as at based by for from in into is of on or the to towards using via
+with without""".split())
 
 
 def build_tools(task: TaskSpec, memory: EpisodicMemory, profile: Profile, k: int = 4) -> list[dspy.Tool]:
@@ -39,18 +47,76 @@ def build_tools(task: TaskSpec, memory: EpisodicMemory, profile: Profile, k: int
 
 def _citation_evidence(memory: EpisodicMemory):
     def compare_candidates(question: str) -> str:
-        """For each candidate paper in the question: has this author cited it before, and how close
-        is it to the author's own past papers and citations."""
-        candidates = CANDIDATE.findall(question)
+        """For each candidate paper in the question: has this author cited it before, and how many
+        of its words the author's own past papers and citations use."""
+        candidates = CANDIDATES.findall(question)
         if not candidates:
             return "No candidates found in the question."
-        cited = {t.strip().lower() for r in memory.all() if r.output for t in r.output.split(";")}
+        history = author_history(memory.all())
         lines = []
         for number, title in candidates:
-            nearest = memory.search(title, 1)
-            closeness = f"{nearest[0].score:.2f}" if nearest else "n/a"
-            again = "yes" if title.strip().lower() in cited else "no"
-            lines.append(f"[{number}] cited by this author before: {again}; similarity to the author's work: {closeness}")
+            overlap, again = word_overlap(title, history)
+            lines.append(f"[{number}] cited by this author before: {'yes' if again else 'no'}; "
+                         f"share of its words in the author's work: {overlap:.2f}")
         return "\n".join(lines)
 
     return compare_candidates
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2 and w not in STOPWORDS}
+
+
+def author_history(records) -> tuple[Counter, set[str]]:
+    """An author's vocabulary (words of their past titles and of the titles they cited) and the
+    titles they cited, from their records (anything with `input` and `output`)."""
+    words: Counter = Counter()
+    cited = set()
+    for record in records:
+        titles = [t.strip() for t in (record.output or "").split(";") if t.strip()]
+        cited.update(t.lower() for t in titles)
+        for text in [record.input, *titles]:
+            words.update(content_words(text))
+    return words, cited
+
+
+def word_overlap(title: str, history: tuple[Counter, set[str]]) -> tuple[float, bool]:
+    """The share of a candidate title's words the author has used, and whether they cited it before."""
+    words, cited = history
+    own = content_words(title)
+    return (sum(w in words for w in own) / len(own) if own else 0.0), title.strip().lower() in cited
+
+
+def candidate_scores(question: str, history: tuple[Counter, set[str]]) -> dict[str, float] | None:
+    """Each candidate's overlap with the author's history (1 more if they cited it before), by label."""
+    candidates = CANDIDATES.findall(question)
+    if len(candidates) < 2:
+        return None
+    return {f"[{number}]": sum(map(float, word_overlap(title, history))) for number, title in candidates}
+
+
+def build_evidence(task: TaskSpec, memory: EpisodicMemory, k: int = 4) -> dict[str, Evidence]:
+    """Each tool's evidence as a distribution over the task's labels (None where it has none for
+    a question), computed from the records memory shows at the time, without an LM."""
+    labels = task.labels or ()
+
+    def smoothed(counts: dict[str, float]) -> dict[str, float] | None:
+        total = sum(counts.get(label, 0.0) for label in labels)
+        if not labels or total == 0:
+            return None
+        return {label: (counts.get(label, 0.0) + SMOOTHING) / (total + SMOOTHING * len(labels)) for label in labels}
+
+    def answer_habits(question: str) -> dict[str, float] | None:
+        return smoothed(Counter(task.normalize(r.output) for r in memory.all() if r.output))
+
+    def search_memory(question: str) -> dict[str, float] | None:
+        return smoothed(Counter(task.normalize(r.output) for r in memory.search(question, k) if r.output))
+
+    evidence: dict[str, Evidence] = {"answer_habits": answer_habits, "search_memory": search_memory}
+    if task.name == "LaMP-1":
+        def compare_candidates(question: str) -> dict[str, float] | None:
+            scores = candidate_scores(question, author_history(memory.all()))
+            # Overlaps differ by tenths: a scale of 4 makes a full overlap about 50 times as likely as none.
+            return None if scores is None else normalized({label: 4.0 * v for label, v in scores.items()})
+        evidence["compare_candidates"] = compare_candidates
+    return evidence

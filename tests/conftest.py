@@ -60,6 +60,19 @@ class FakeEngine:
         return Response(id="fake", model="fake", message=Message.assistant([TextPart(json.dumps(payload))]),
                         finish_reason="stop", usage=Usage(input_tokens=len(prompt) // 4, output_tokens=8))
 
+    def score(self, messages: list[dict], continuations: list[str]) -> tuple[list[float], int]:
+        """Label likelihoods, as the embedded engine gives them: the label the `answer` entry names
+        for this prompt gets log-probability 0, every other label -5 (the reply is the adapter's JSON)."""
+        prompt = "\n".join(m["content"] for m in messages)
+        with self._lock:
+            self.requests.append(prompt)
+        if self.fail:
+            raise ConnectionError("fake LM is unreachable")
+        chosen = self._value("answer", {}, prompt) if "answer" in self.answers else None
+        labels = [json.loads(c)["answer"] for c in continuations]
+        chosen = chosen if chosen in labels else labels[0]
+        return [0.0 if label == chosen else -5.0 for label in labels], len(prompt) // 4
+
     def stream(self, request):
         return response_to_events(self.complete(request))
 

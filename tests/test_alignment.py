@@ -1,96 +1,169 @@
+from dataclasses import replace
+
 import dspy
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.optimizers.persona import PersonaAlignment
+from personaagent.optimizers.persona import Answered, PersonaAlignment, fit_weights
 from personaagent.program.lm import UsageMeter, use_lm
-from personaagent.program.memory import Profile
+from personaagent.program.memory import Cutoff, Profile
 from personaagent.program.store import UserStore
 
 from conftest import fake_lm
 
 TASK = LAMP_TASKS["LaMP-3"]
-QUESTIONS = [f"What is the score of the following review? review: product number {i} arrived late and scratched" for i in range(4)]
+N = 7  # one older interaction, a validation window of 3, 3 replays
+ITEMS = ["nylon picks", "brass capo", "maple neck", "steel strings", "felt pads", "cable ties", "drum throne"]
+QUESTIONS = [f"What is the score of the following review? review: the {item} arrived late and scratched" for item in ITEMS]
 
 
 @pytest.fixture
-def program(tmp_path, embedder):
+def store(tmp_path, embedder):
     store = UserStore(tmp_path, embedder)
-    store.memory("alice").add([Interaction(f"review: product number {i} arrived late", "2", float(i)) for i in range(4)])
-    store.save_profile("alice", Profile("Alice rates everything 5.", ["generous"], 4))
-    yield store.build("alice", TASK)
+    store.memory("alice").add([Interaction(q, "2", float(i)) for i, q in enumerate(QUESTIONS)])
+    store.save_profile("alice", Profile("Alice rates everything 5.", ["generous"], N))
+    yield store
     store.close()
 
 
-def _trainset():
-    return [dspy.Example(question=q, answer="2", as_of=i).with_inputs("question", "as_of") for i, q in enumerate(QUESTIONS)]
+@pytest.fixture
+def program(store):
+    return store.build("alice", TASK)
 
 
-def _rewrites(summary="Alice is a strict reviewer who punishes late delivery."):
-    return {"tools": ["answer_habits"], "answer": "5", "notes": ["late delivery means a low score"],
-            "gradient": "Alice gives low scores to late or damaged deliveries.", "summary": summary,
-            "preferences": ["punishes late delivery"], "rules": ["late or damaged: answer 2"]}
+def _trainset(gold="2"):
+    return [dspy.Example(question=q, answer=gold, as_of=Cutoff(Interaction(q, "2", float(i)).key, float(i)))
+            .with_inputs("question", "as_of") for i, q in enumerate(QUESTIONS)]
 
 
-def test_one_iteration_costs_2n_plus_2_calls_and_rewrites_the_persona(program):
-    lm = fake_lm(_rewrites())
+def _reflection(summary="Alice is a strict reviewer who punishes late delivery.", **extra):
+    return {"notes": ["late delivery means a low score"], "gradient": "Alice gives low scores to late deliveries.",
+            "summary": summary, "preferences": ["punishes late delivery"], "rules": ["late or damaged: answer 2"],
+            "show_tools": ["answer_habits"], **extra}
+
+
+def _align(program, answer, acceptance="validated", calibrate=False, **reflection):
+    """Aligns on the fixture's history (the user always gave 2); the calibration step is off unless
+    asked for, so the rewrite is tested alone."""
+    lm = fake_lm({**_reflection(**reflection), "answer": answer})
     with use_lm(lm), UsageMeter(lm) as usage:
-        aligned = PersonaAlignment(n_recent=3).compile(program, trainset=_trainset())
-    assert usage.calls == 2 * 3 + 2
+        aligned = PersonaAlignment(n_recent=3, acceptance=acceptance, calibrate=calibrate).compile(
+            program, trainset=_trainset())
+    return aligned, usage, lm
+
+
+def test_one_iteration_stays_within_ten_calls_and_every_candidate_has_a_validation_score(program):
+    # Wrong ("5") under the initial persona, right ("2") once rewritten: the rewrite is kept.
+    aligned, usage, _ = _align(program, lambda p: "2" if "strict reviewer" in p else "5")
+    assert usage.calls == 3 + 3 + 1 + 3 <= 10
+    initial, rewrite = aligned.alignment
+    assert initial.score == 0.25 and rewrite.score == 1.0 and rewrite.accepted
+    assert rewrite.likelihood > initial.likelihood
     assert "strict reviewer" in aligned.instructions and "strict reviewer" not in program.instructions
-    assert [s.iteration for s in aligned.alignment] == [0, 1]
-    assert aligned.alignment[0].score == 0.25 and aligned.alignment[1].accepted  # answered 5, user gave 2
-    assert "late or damaged deliveries" in aligned.alignment[1].feedback
-    # Only the latest n interactions were replayed, each with memory as it was before it.
-    replayed = [r for r in lm.engine.requests if "product number" in r and "Case 1" not in r]
-    assert not any("product number 0 arrived late and scratched" in r for r in replayed)
+    assert aligned.persona.demos == [{"question": QUESTIONS[0], "answer": "2"}]  # older than the window
+    assert set(aligned.timings) == {"validation", "replay", "reflection"}
 
 
-def test_replay_hides_the_replayed_interaction_from_memory(program):
-    lm = fake_lm({**_rewrites(), "tools": ["search_memory"], "memory_query": "late"})
-    with use_lm(lm):
-        PersonaAlignment(n_recent=1).compile(program, trainset=_trainset())
-    answer_prompt = lm.engine.requests[1]
-    assert "- review: product number 2 arrived late" in answer_prompt  # memory before the replayed one
-    assert "- review: product number 3 arrived late" not in answer_prompt
+def _wrong_on_replays_and_once_rewritten(prompt: str) -> str:
+    """Misses the replays (the latest three) under any persona, gets the earlier window right
+    under the initial persona only."""
+    question = _field(prompt, "question")
+    return "5" if "strict reviewer" in prompt or any(item in question for item in ITEMS[4:]) else "2"
 
 
-COPIED = "Alice said: What is the score of the following review? review: product number 3 arrived late and scratched"
+def test_a_worse_scoring_candidate_is_never_accepted(program):
+    aligned, usage, _ = _align(program, _wrong_on_replays_and_once_rewritten)
+    rewrite = aligned.alignment[-1]
+    assert not rewrite.accepted and rewrite.likelihood < aligned.alignment[0].likelihood
+    assert aligned.instructions == program.instructions and aligned.persona.demos == []
 
 
-@pytest.mark.parametrize("rewrite, note", [
-    (_rewrites(summary=COPIED), "copies example text"),
-    ({**_rewrites(), "preferences": "1.1.1.1.1.1"}, "did not parse"),  # not a list: what a rambling small model sends
-])
-def test_a_degenerate_or_unparseable_rewrite_is_rejected_and_the_persona_kept(program, rewrite, note):
-    with use_lm(fake_lm(rewrite)):
-        aligned = PersonaAlignment(n_recent=3).compile(program, trainset=_trainset())
-    step = aligned.alignment[1]
-    assert not step.accepted and note in step.note
+def test_on_a_tie_the_simpler_state_stays(program):
+    aligned, _, _ = _align(program, "5")  # the same answers (and misses) either way
+    assert aligned.alignment[-1].score == aligned.alignment[0].score and not aligned.alignment[-1].accepted
     assert aligned.instructions == program.instructions
 
 
-def test_guarded_acceptance_keeps_the_old_persona_when_the_score_drops(program):
-    # Answers "2" (right) under the initial persona and "5" (wrong) once the persona was rewritten.
-    lm = fake_lm({**_rewrites(), "answer": lambda prompt: "5" if "strict reviewer" in prompt else "2"})
-    with use_lm(lm), UsageMeter(lm) as usage:
-        aligned = PersonaAlignment(n_recent=3, acceptance="guarded").compile(program, trainset=_trainset())
-    assert usage.calls == 2 * 3 + 2 + 2 * 3
-    assert [s.score for s in aligned.alignment] == [1.0, 0.25]
-    assert not aligned.alignment[1].accepted and aligned.instructions == program.instructions
+def test_always_takes_the_rewrite_unscored_as_the_paper_does(program):
+    aligned, usage, _ = _align(program, _wrong_on_replays_and_once_rewritten, acceptance="always")
+    assert usage.calls == 3 + 3 + 1 and aligned.alignment[-1].accepted and aligned.alignment[-1].score is None
+    assert "strict reviewer" in aligned.instructions
+
+
+def test_calibration_learns_the_users_habit_without_an_lm_call(program):
+    """The LM always says 5; this user always gives 2. The weight of their answer habits is fitted
+    on the replays, validated on the earlier window, and then decides the answer."""
+    aligned, _, lm = _align(program, "5", calibrate=True)
+    calibration = aligned.alignment[1]
+    assert calibration.accepted and calibration.persona.weights.get("answer_habits", 0) > 0
+    assert calibration.score > aligned.alignment[0].score
+    with use_lm(lm):
+        pred = aligned(question="What is the score of the following review? review: it arrived late again")
+    assert pred.answer == "2" and pred.lm_scores["5"] > 0.9 and abs(sum(pred.label_scores.values()) - 1) < 1e-9
+
+
+def test_fit_weights_prefers_no_weight_when_the_evidence_does_not_help():
+    lm_right = {"1": 0.02, "2": 0.9, "3": 0.02, "4": 0.03, "5": 0.03}
+    habits_wrong = {"1": 0.05, "2": 0.05, "3": 0.05, "4": 0.05, "5": 0.8}
+    answered = [Answered("q", "2", "2", lm_right, {"answer_habits": habits_wrong})] * 3
+    assert fit_weights(TASK, answered, {}) == {"lm": 1.0}
+
+
+@pytest.mark.parametrize("reflection, note", [
+    ({"summary": f"Alice said: {QUESTIONS[6]}"}, "copies example text"),
+    ({"preferences": ["loves cable ties from this shop"]}, "names items from the examples"),
+    ({"preferences": "1.1.1.1.1.1"}, "did not parse"),  # not a list: what a rambling small model sends
+])
+def test_a_degenerate_or_unparseable_rewrite_is_rejected_unscored(program, reflection, note):
+    aligned, usage, _ = _align(program, "5", **reflection)
+    step = aligned.alignment[-1]
+    assert not step.accepted and note in step.note and step.score is None
+    assert usage.calls == 3 + 3 + 1  # no validation spent on it
+    assert aligned.instructions == program.instructions
+
+
+def test_no_replayed_or_validated_interaction_sees_its_own_record_or_a_later_one(store):
+    program = store.build("alice", TASK)
+    program.set_persona(replace(program.persona, sources=["search_memory"], k=10))
+    lm = fake_lm({**_reflection(show_tools=["search_memory"]), "answer": "2"})
+    with use_lm(lm):
+        PersonaAlignment(n_recent=3).compile(program, trainset=_trainset())
+    answers = [p for p in lm.engine.requests if "Case 1" not in p]
+    asked = [next(i for i, q in enumerate(QUESTIONS) if q in _field(p, "question")) for p in answers]
+    assert sorted(set(asked)) == [1, 2, 3, 4, 5, 6]  # the window and the replays, not the oldest
+    for i, prompt in zip(asked, answers):
+        context = _field(prompt, "context")
+        seen = {j for j, q in enumerate(QUESTIONS) if q in context}
+        assert seen and max(seen) < i, (i, seen)
+
+
+def _field(prompt: str, name: str) -> str:
+    """The value of an input field in the prompt's last user message."""
+    return prompt.split(f"[[ ## {name} ## ]]")[-1].split("[[ ## ")[0]
 
 
 def test_the_reflection_lm_is_separate(program):
-    answering, reflecting = fake_lm(_rewrites()), fake_lm(_rewrites())
+    answering, reflecting = fake_lm({"answer": "5"}), fake_lm(_reflection())
     with use_lm(answering):
-        PersonaAlignment(n_recent=2, reflection_lm=reflecting).compile(program, trainset=_trainset())
-    assert len(answering.engine.requests) == 4 and len(reflecting.engine.requests) == 2
+        PersonaAlignment(n_recent=2, reflection_lm=reflecting, calibrate=False).compile(program, trainset=_trainset())
+    assert len(reflecting.engine.requests) == 1 and len(answering.engine.requests) == 3 + 2 + 3
+
+
+def test_no_reflection_without_a_loss(program):
+    aligned, usage, _ = _align(program, "2")  # every replay right: nothing to learn from
+    assert usage.calls == 3 + 3 and len(aligned.alignment) == 1
+
+
+def test_the_budget_shrinks_the_validation_window(program):
+    teleprompter = PersonaAlignment(n_recent=3, validation=3, max_lm_calls=6)
+    older, window, replays = teleprompter.windows(_trainset())
+    assert len(replays) == 3 and len(window) == 1 and len(older) == 3  # 1 + 3 + 1 + 1 = 6 calls
 
 
 def test_student_is_not_modified_and_bad_settings_are_refused(program):
     before = program.instructions
-    with use_lm(fake_lm(_rewrites())):
-        PersonaAlignment(iterations=2).compile(program, trainset=_trainset())
+    with use_lm(fake_lm({**_reflection(), "answer": lambda p: "2" if "strict" in p else "5"})):
+        PersonaAlignment(iterations=2, max_lm_calls=20).compile(program, trainset=_trainset())
     assert program.instructions == before
     with pytest.raises(ValueError, match="acceptance"):
         PersonaAlignment(acceptance="sometimes")

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from personaagent.data import SAMPLE_DIR
 from personaagent.data.loaders import DataError, load, load_jsonl, load_lamp
 from personaagent.data.tasks import LAMP_TASKS, resolve_task, rouge_1, rouge_l, task_from_dict, task_to_dict
 
@@ -27,9 +28,10 @@ def test_lamp_format_sets_load_per_user(folder, task, kind):
         # A question's own text never sits in the memory used to answer it.
         memory_inputs = {m.input for m in user.memories}
         assert not any(q.question in memory_inputs for q in user.questions)
-        # Replays are time-ordered past items with the user's real answer and their position.
-        positions = [r.metadata["position"] for r in user.replays]
-        assert positions == sorted(positions) and all(r.output for r in user.replays)
+        # Replays are time-ordered past items with the user's real answer, each naming its memory record.
+        times = [r.timestamp or 0 for r in user.replays]
+        keys = {m.key for m in user.memories}
+        assert times == sorted(times) and all(r.output and r.metadata["memory_key"] in keys for r in user.replays)
         if data.task.labels:
             assert all(r.output in data.task.labels for r in user.replays)
     assert len(data.questions_dataset()) == len(questions)
@@ -61,6 +63,16 @@ def test_official_lamp_files_read_unchanged(tmp_path):
     assert set(data.users) == {"100", "101"}
     assert [r.output for r in data.users["100"].replays] == ["5", "3"]
     assert data.users["101"].questions[0].answer == "1"
+    # Each replay names its own record in memory: replayed as of it, memory hides that record.
+    user = data.users["100"]
+    assert [r.metadata["memory_key"] for r in user.replays] == [m.key for m in user.memories]
+
+
+def test_replays_carry_their_memory_records_key_and_time():
+    for user in load(SAMPLE_DIR / "LaMP-3-amazon").users.values():
+        records = {m.key: m for m in user.memories}
+        assert user.replays and all(r.timestamp is not None and records[r.metadata["memory_key"]].timestamp == r.timestamp
+                                    for r in user.replays)
 
 
 def test_malformed_lamp_names_file_record_and_field(tmp_path):
@@ -121,3 +133,11 @@ def test_metrics():
     assert rouge_1("the cat sat", "the cat sat down") == pytest.approx(2 * 1 * 0.75 / 1.75)
     assert rouge_l("a b c d", "a c d") == pytest.approx(2 * 0.75 * 1 / 1.75)
     assert "mean 4.00" in rating.output_stats(["5", "3"])
+
+
+def test_label_habits_count_only_the_tasks_labels():
+    # A LaMP-1 history item's output is its reference list: no label habit to report (and no
+    # twenty-title strings in every prompt that shows the user's habits).
+    task = LAMP_TASKS["LaMP-1"]
+    assert task.output_stats(["A title; Another title"]) == "1 past items, none answered with one of this task's labels."
+    assert task.output_stats(["[1]", "[1]", "A title; Another title"]) == "2 past answers; most frequent: [1]: 2."

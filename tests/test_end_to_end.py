@@ -14,6 +14,8 @@ import pytest
 
 from personaagent.data import SAMPLE_DIR
 from personaagent.program import models
+from personaagent.data.tasks import LAMP_TASKS
+from personaagent.program.agent import GENERIC_INSTRUCTION, answer_module
 from personaagent.program.lm import LlamaCppEngine, make_lm, use_lm
 from personaagent.program.store import UserStore
 
@@ -105,6 +107,42 @@ def test_reusing_saved_prompt_states_changes_no_answer_and_keeps_few_states(smal
         fresh.close()
 
 
+CITATION = ('For an author who has written the paper with the title "{title}", which reference is related? '
+            'Just answer with [1] or [2] without explanation. [1]: "{a}" [2]: "{b}"')
+PAIRS = [("Dependency parsing with neural networks", "Fast shift-reduce parsing", "Growing tomatoes indoors"),
+         ("Statistical machine translation of idioms", "A survey of wine making", "Phrase-based translation models"),
+         ("Word sense disambiguation in context", "Senses of words in corpora", "The history of the bicycle")]
+
+
+def test_label_scoring_on_the_real_engine_is_a_distribution_and_a_shared_prefix_changes_nothing(small_model):
+    lm = make_lm(f"local/{SMALL}", cache=False)
+    module = answer_module(LAMP_TASKS["LaMP-3"], GENERIC_INSTRUCTION)
+    review = "What is the score of the following review on a scale of 1 to 5? review: Broke on day one, awful."
+    with use_lm(lm):
+        first = module(question=review, context="(nothing)")
+        module(question="What is the score of the following review? review: Lovely tone.", context="(nothing)")
+        again = module(question=review, context="(nothing)")
+    assert first.scoring == "likelihood" and set(first.label_scores) == {"1", "2", "3", "4", "5"}
+    assert abs(sum(first.label_scores.values()) - 1) < 1e-6 and all(0 < p < 1 for p in first.label_scores.values())
+    assert first.answer == LAMP_TASKS["LaMP-3"].decide(first.label_scores)
+    # Resumed from the prefix the previous call left: the same distribution (up to float rounding).
+    assert again.label_scores == pytest.approx(first.label_scores, abs=0.02)
+
+
+def test_a_choice_between_candidates_does_not_depend_on_their_order_on_the_real_model(small_model):
+    module = answer_module(LAMP_TASKS["LaMP-1"], GENERIC_INSTRUCTION)
+    with use_lm(make_lm(f"local/{SMALL}", cache=False)):
+        for title, a, b in PAIRS:
+            listed = module(question=CITATION.format(title=title, a=a, b=b), context="(nothing)")
+            swapped = module(question=CITATION.format(title=title, a=b, b=a), context="(nothing)")
+            # The same paper gets the same probability wherever it is listed (up to float rounding:
+            # the two orders resume from different prefixes), so the same paper is chosen unless
+            # the model cannot tell them apart.
+            assert swapped.label_scores["[2]"] == pytest.approx(listed.label_scores["[1]"], abs=0.02)
+            if abs(listed.label_scores["[1]"] - 0.5) > 0.02:
+                assert {"[1]": b, "[2]": a}[swapped.answer] == {"[1]": a, "[2]": b}[listed.answer]
+
+
 def _compile(tmp_path, store, log):
     # Output goes to a file: an unread pipe fills up and blocks the child.
     return subprocess.Popen(
@@ -145,7 +183,7 @@ def test_compile_interrupted_resumes_and_is_tracked_then_ask_answers(tmp_path, s
     client = mlflow.MlflowClient()
     run = compiled[0]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "personas")]
-    assert client.get_metric_history(run.info.run_id, "replay_score")
+    assert "seconds_replay" in run.data.metrics  # where the alignment's time went
     assert run.data.metrics["lm_calls"] > 0
 
     state = UserStore(store, embedder=object()).load_state(users[0])

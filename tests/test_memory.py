@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from personaagent.data.tasks import Interaction
 from personaagent.program import memory as memory_module
-from personaagent.program.memory import EpisodicMemory
+from personaagent.program.memory import Cutoff, EpisodicMemory
 from personaagent.program.store import UserStore
 
 from conftest import interactions
@@ -46,13 +46,41 @@ def test_stale_or_missing_index_is_rebuilt_from_the_log(tmp_path, embedder):
     assert EpisodicMemory(tmp_path, embedder)._index.ntotal == 12
 
 
-def test_as_of_hides_later_records(tmp_path, embedder):
+def _cutoff(memory, i):
+    """The cutoff of the i-th interaction of `interactions(...)` (its record, at time i)."""
+    return Cutoff.of(next(r for r in memory.all() if r.input.startswith(f"item {i}:")))
+
+
+def test_as_of_hides_the_record_itself_and_later_ones(tmp_path, embedder):
     memory = EpisodicMemory(tmp_path, embedder)
     memory.add(interactions(6))
-    with memory.as_of(3):
+    with memory.as_of(_cutoff(memory, 3)):
         assert [r.input.split(":")[0] for r in memory.all()] == ["item 0", "item 1", "item 2"]
         assert all(int(r.input.split()[1].rstrip(":")) < 3 for r in memory.search("item 5", 6))
     assert len(memory.all()) == 6
+
+
+def test_as_of_follows_time_not_insertion_order_and_survives_duplicates(tmp_path, embedder):
+    """The log differs from the list: items arrive out of time order, one twice, some with no
+    time. A replayed interaction sees only what happened strictly before it, never its own record."""
+    memory = EpisodicMemory(tmp_path, embedder)
+    late, early = Interaction("late review of guitar strings", "5", 50.0), Interaction("early review of picks", "4", 10.0)
+    same_time = Interaction("another review of a strap", "3", 50.0)
+    memory.add([late, early])
+    memory.add([late, same_time, Interaction("untimed note on a capo", "2")])  # `late` again: deduplicated
+    assert len(memory) == 4
+    with memory.as_of(Cutoff.of(late)):
+        assert [r.input for r in memory.all()] == ["early review of picks"]  # not itself, not the same time
+        assert {r.input for r in memory.search("late review of guitar strings", 4)} == {"early review of picks"}
+        assert {r.input for r in memory.search_text("review guitar strings strap", 4)} == {"early review of picks"}
+    with memory.as_of(Cutoff.of(early)):
+        assert memory.all() == [] and memory.search("review", 4) == []
+    # An interaction not in memory is placed by its time.
+    with memory.as_of(Cutoff(None, 20.0)):
+        assert [r.input for r in memory.all()] == ["early review of picks"]
+    with pytest.raises(ValueError, match="no record in memory and no time"):
+        with memory.as_of(Cutoff("unknown", None)):
+            pass
 
 
 def test_large_memories_switch_to_an_inverted_index(tmp_path, embedder, monkeypatch):
@@ -63,8 +91,8 @@ def test_large_memories_switch_to_an_inverted_index(tmp_path, embedder, monkeypa
     hit = memory.search("note 77: a review of guitar strings number 77", 1)[0]
     assert hit.input.startswith("note 77")
     assert memory.delete(hit.id) and memory._index.ntotal == 319
-    with memory.as_of(10):
-        assert all(r.id <= 10 for r in memory.search("note 300", 5))
+    with memory.as_of(Cutoff(None, 10.0)):
+        assert all(r.timestamp < 10 for r in memory.search("note 300", 5))
 
 
 def test_search_finds_a_rare_exact_term_that_the_embedding_alone_misses(tmp_path, embedder, monkeypatch):
@@ -81,7 +109,7 @@ def test_full_text_search_sees_only_visible_and_undeleted_records(tmp_path, embe
     memory = EpisodicMemory(tmp_path, embedder)
     memory.add(interactions(6))
     assert memory.search_text("number 4", 1)[0].input.startswith("item 4")
-    with memory.as_of(3):
+    with memory.as_of(_cutoff(memory, 3)):
         assert {r.input.split(":")[0] for r in memory.search_text("number 4 5 2", 6)} == {"item 0", "item 1", "item 2"}
     memory.delete(memory.search_text("number 4", 1)[0].id)
     assert all(not r.input.startswith("item 4") for r in memory.search_text("number 4", 6))

@@ -1,7 +1,9 @@
+from dataclasses import replace
+
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.program.agent import METHODS
+from personaagent.program.agent import ABLATIONS, METHODS
 from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Profile
 from personaagent.program.persona import Persona
@@ -23,37 +25,74 @@ def store(tmp_path, embedder):
     store.close()
 
 
-def test_persona_is_the_instruction_of_every_predictor(store):
-    persona = Persona("Alice plays guitar.", ["rates strings highly"], ["answer with a digit"])
+def test_the_persona_is_the_answer_instruction_and_its_choices_shape_the_call(store):
+    persona = Persona("Alice plays guitar.", ["rates strings highly"], ["answer with a digit"],
+                      sources=["search_memory"], k=1, demos=[{"question": "review: a DEMO-CAPO", "answer": "3"}])
     program = store.build("alice", TASK, persona)
-    for _, predictor in program.named_predictors():
-        assert predictor.signature.instructions.startswith(persona.render(TASK))
-    program.set_persona(Persona("Alice is strict.", [], []))
-    assert "Alice is strict." in program.answer.signature.instructions
-    assert "Alice is strict." in program.plan.signature.instructions
+    assert program.answer.signature.instructions == persona.render(TASK) and program.plan is None
+    lm = fake_lm({"answer": "4"})
+    with use_lm(lm), UsageMeter(lm) as usage:
+        pred = program(question="What is the score of this review? review: lovely new guitar strings")
+    # One call, no planning: the compiled sources are called, the demos shown.
+    assert usage.calls == 1 and [s["tool"] for s in pred.trajectory] == ["search_memory"]
+    prompt = lm.engine.requests[-1]
+    assert "guitar strings sound bright" in prompt and "strap broke" not in prompt  # k=1
+    assert "DEMO-CAPO" in prompt and "Alice plays guitar." in prompt
+    assert pred.answer == "4" and abs(sum(pred.label_scores.values()) - 1) < 1e-9 and pred.scoring == "likelihood"
+    program.set_persona(replace(persona, summary="Alice is strict.", sources=["answer_habits"], demos=[]))
+    with use_lm(lm):
+        program(question="review: lovely new strings")
+    assert "Alice is strict." in lm.engine.requests[-1] and "mean 3.50" in lm.engine.requests[-1]
+    assert "DEMO-CAPO" not in lm.engine.requests[-1]
 
 
-def test_agent_uses_the_tools_it_chooses_in_two_calls(store):
+def test_evidence_weights_shift_the_lms_distribution(store):
+    """The LM says 4; Alice's past answers are 5 and 2. Weighing her habits moves the answer."""
+    program = store.build("alice", TASK, Persona("Alice.", sources=[], weights={"lm": 0.25, "answer_habits": 2.0}))
+    with use_lm(fake_lm({"answer": "4"})):
+        pred = program(question="review: lovely new strings")
+    assert pred.lm_scores["4"] > 0.9 and pred.label_scores["4"] < pred.lm_scores["4"]
+    assert pred.label_scores["5"] > pred.lm_scores["5"] and set(pred.evidence) == {"answer_habits", "search_memory"}
+
+
+def test_react_plans_then_uses_the_tools_it_chooses_in_two_calls(store):
     lm = fake_lm({"tools": ["search_memory", "answer_habits"], "memory_query": "guitar strings", "answer": "4"})
-    program = store.build("alice", TASK)
+    program = store.build("alice", TASK, method="react")
     with use_lm(lm), UsageMeter(lm) as usage:
         pred = program(question="What is the score of this review? review: lovely new strings")
     assert pred.answer == "4" and usage.calls == 2
     assert [step["tool"] for step in pred.trajectory] == ["search_memory", "answer_habits"]
     assert pred.trajectory[0]["args"] == {"query": "guitar strings"}
     assert "guitar strings sound bright" in pred.context and "mean 3.50" in pred.context
-    # The answer call saw the tool results.
-    assert "the user's answer: 5" in lm.engine.requests[-1]
+    assert "the user's answer: 5" in lm.engine.requests[-1]  # the answer call saw the tool results
 
 
 def test_the_plan_of_a_long_templated_question_sees_what_it_is_about(store):
     lm = fake_lm({"tools": ["search_memory"], "memory_query": "strings", "answer": "4"})
     template = "What is the score of the following review? Answer with 1 to 5 only. " + "Rules: be fair. " * 40
     with use_lm(lm):
-        store.build("alice", TASK)(question=template + "review: the zebrawood neck warped within a week")
+        store.build("alice", TASK, method="react")(question=template + "review: the zebrawood neck warped within a week")
     plan_prompt = lm.engine.requests[0]
     assert "zebrawood neck warped within a week" in plan_prompt and "What is the score" in plan_prompt
     assert plan_prompt.count("be fair") < 40 == lm.engine.requests[1].count("be fair")  # the answer gets it all
+
+
+def test_the_ablations_remove_what_they_name(store):
+    persona = Persona("Alice plays guitar.", sources=["search_memory"], demos=[{"question": "review: DEMO", "answer": "3"}],
+                      weights={"answer_habits": 1.0})
+    lm = fake_lm({"answer": "4"})
+    prompts = {}
+    for name, ablate in ABLATIONS.items():
+        with use_lm(lm):
+            pred = ablate(store.build("alice", TASK, persona))(question="review: new guitar strings")
+        prompts[name] = (lm.engine.requests[-1], pred)
+    prompt, _ = prompts["nopersona"]
+    assert "Alice plays guitar." not in prompt and "guitar strings sound bright" in prompt and "DEMO" in prompt
+    prompt, pred = prompts["nomemory"]
+    assert "Alice plays guitar." in prompt and "sound bright" not in prompt and "DEMO" not in prompt
+    assert pred.label_scores == pred.lm_scores  # no evidence weighed
+    prompt, pred = prompts["noaction"]
+    assert "Alice plays guitar." in prompt and "sound bright" not in prompt and "DEMO" in prompt and not pred.trajectory
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -63,7 +102,8 @@ def test_every_method_answers_in_the_task_type_within_two_calls(store, method):
     with use_lm(lm), UsageMeter(lm) as usage:
         pred = program(question="review: solid tuner")
     assert pred.answer in TASK.labels
-    assert usage.calls == (2 if method in ("react", "persona") else 1)
+    assert usage.calls == (2 if method == "react" else 1)
+    assert abs(sum(pred.label_scores.values()) - 1) < 1e-9
 
 
 def test_one_users_data_never_reaches_another_users_prompt(store):
