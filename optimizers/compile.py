@@ -29,6 +29,7 @@ from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
 from ..program.memory import Cutoff, SemanticMemory
 from ..program.persona import Persona
 from ..program.store import PersonaVersion, ProgramState, UserStore, alignment_versions
+from .persona import ACCEPTANCE, PersonaAlignment
 from .tracking import setup_mlflow
 
 Optimizer = Literal["persona", "gepa", "none"]
@@ -50,6 +51,8 @@ class CompileConfig:
     def __post_init__(self):
         if self.optimizer not in ("persona", "gepa", "none"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose persona, gepa or none")
+        if self.acceptance not in ACCEPTANCE:
+            raise ValueError(f"unknown acceptance {self.acceptance!r}; choose {' or '.join(ACCEPTANCE)}")
         if self.n_recent < 1 or self.iterations < 1 or self.k < 1 or self.max_lm_calls < 1 or self.validation < 0:
             raise ValueError("n_recent, iterations, k and max_lm_calls must be at least 1, validation at least 0")
 
@@ -95,8 +98,6 @@ def _align(config: CompileConfig, program, examples, lm, task):
         return program, []
     reflection_lm = make_lm(config.reflection_lm) if config.reflection_lm else lm
     if config.optimizer == "persona":
-        from .persona import PersonaAlignment
-
         aligned = PersonaAlignment(config.n_recent, config.iterations, config.acceptance, reflection_lm,
                                    config.validation, config.max_lm_calls).compile(program, trainset=examples)
         return aligned, aligned.alignment

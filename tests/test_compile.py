@@ -7,14 +7,26 @@ from personaagent.program.store import UserStore
 
 from conftest import fake_lm
 
-ANSWERS = {"tools": ["answer_habits"], "answer": "5", "summary": "Rates guitar gear generously and often.",
-           "preferences": ["likes durable strings"], "notes": ["gave 5"], "gradient": "Lean towards 5.",
-           "rules": ["when in doubt answer 5"]}
+STEADY, VARIED = "A15TYOEWBQYF0X", "A22Z554ZQ8NFPC"  # latest ratings 5, 5, 5 and 5, 5, 4
+RULE = "rate each review as its text says"
 
 
 @pytest.fixture
 def data():
-    return load(SAMPLE_DIR / "LaMP-3-amazon").select(2)
+    return load(SAMPLE_DIR / "LaMP-3-amazon").select(user_ids=[STEADY, VARIED])
+
+
+def answers(data) -> dict:
+    """The fake LM writes the profile and the rewrite, and rates 4, or the user's real rating once the
+    persona carries the rewritten rule: only a rewrite can then score better on the validation window."""
+    real = {r.input: r.output for user in data.users.values() for r in user.replays}
+
+    def rating(prompt: str) -> str:
+        question = prompt.split("[[ ## question ## ]]")[-1].split("[[ ## ")[0].strip()
+        return real.get(question, "4") if RULE in prompt else "4"
+
+    return {"summary": "Rates guitar gear generously and often.", "preferences": ["likes durable strings"],
+            "notes": ["gave 5"], "gradient": "Read each review before rating it.", "rules": [RULE], "answer": rating}
 
 
 def _runs(uri):
@@ -24,48 +36,61 @@ def _runs(uri):
 
 def test_compile_saves_versions_logs_runs_and_skips_unchanged_users(tmp_path, data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    report = compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(ANSWERS))
+    report = compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))
     assert report.counts == {"compiled": 2, "skipped": 0, "failed": 0}
-    assert all(r.lm_calls == 1 + 2 * 3 + 2 for r in report.results)  # profile, replay, critique, rewrite
+    calls = {r.user_id: r.lm_calls for r in report.results}
+    # Profile, validation window, replays; the calibration needs no LM call, and for the steady user
+    # its weights (the user's habits) get every replay right: no loss, no reflection. The varied user
+    # also gets the reflection and the rewrite's validation.
+    assert calls == {STEADY: 1 + 3 + 3, VARIED: 1 + 3 + 3 + 1 + 3}
     store = UserStore(tmp_path / "store")
-    state = store.load_state(report.results[0].user_id)
-    assert [v.version for v in state.versions] == [1, 2] and state.current.version == 2
-    assert "Rates guitar gear generously" in state.current.instructions["answer"]
+    steady, varied = store.load_state(STEADY), store.load_state(VARIED)
+    assert [v.note for v in steady.versions] == ["initial persona", "evidence weights fitted on the replays"]
+    assert steady.current.version == 2 and steady.current.persona["weights"]
+    assert [v.version for v in varied.versions] == [1, 2, 3] and varied.current.version == 3
+    rewrite = varied.current
+    assert rewrite.score > varied.versions[1].score and RULE in rewrite.instructions["answer"]
     runs = _runs(uri)
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert {r.data.tags["user_id"] for r in children} == set(data.users)
-    assert parent.data.params["n_recent"] == "3" and parent.data.metrics["users_compiled"] == 2
+    children = {r.data.tags["user_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(data.users)
+    assert parent.data.params["n_recent"] == "3" and parent.data.params["acceptance"] == "validated"
+    assert parent.data.metrics["users_compiled"] == 2
+    metrics = children[VARIED].data.metrics
+    assert metrics["validation_score"] == rewrite.score and metrics["validation_likelihood"] == rewrite.likelihood
+    assert {"seconds_validation", "seconds_replay", "seconds_reflection"} <= set(metrics)
+    assert "seconds_reflection" not in children[STEADY].data.metrics
 
-    again = compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(ANSWERS))
+    again = compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))
     assert again.counts["skipped"] == 2
     changed = compile_users(data, tmp_path / "store", CompileConfig(iterations=2), tracking_uri=uri, progress=False,
-                            lm=fake_lm(ANSWERS))
+                            lm=fake_lm(answers(data)))
     assert changed.counts["compiled"] == 2
-    assert len(store.load_state(report.results[0].user_id).versions) == 4  # earlier versions are kept
+    recompiled = store.load_state(VARIED).versions
+    assert recompiled[:3] == varied.versions and len(recompiled) > 3  # earlier versions are kept
 
 
 def test_a_failing_lm_fails_users_without_stopping_the_run_or_losing_the_last_persona(tmp_path, data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(ANSWERS))
-    user = next(iter(data.users))
-    before = UserStore(tmp_path / "store").load_state(user).current.instructions
+    compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))
+    before = UserStore(tmp_path / "store").load_state(VARIED).current.instructions
+    assert RULE in before["answer"]  # the rewrite, which must survive
     report = compile_users(data, tmp_path / "store", CompileConfig(iterations=3), tracking_uri=uri, progress=False,
                            lm=fake_lm(fail=True))
     assert report.counts["failed"] == 2 and report.all_failed
     assert "fake LM is unreachable" in report.results[0].error
-    assert UserStore(tmp_path / "store").load_state(user).current.instructions == before
+    assert UserStore(tmp_path / "store").load_state(VARIED).current.instructions == before
 
 
 def test_gepa_and_no_optimizer(tmp_path, data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     gepa = compile_users(data, tmp_path / "gepa", CompileConfig(optimizer="gepa", gepa_budget=6), tracking_uri=uri,
-                         progress=False, lm=fake_lm({**ANSWERS, "new_instruction": "Answer 5 for this user."}))
+                         progress=False, lm=fake_lm({**answers(data), "new_instruction": "Answer 5 for this user."}))
     assert gepa.counts["compiled"] == 2, [r.error for r in gepa.results]
     state = UserStore(tmp_path / "gepa").load_state(gepa.results[0].user_id)
     assert state.current.note == "gepa" and state.current.instructions
     plain = compile_users(data, tmp_path / "none", CompileConfig(optimizer="none"), tracking_uri=uri, progress=False,
-                          lm=fake_lm(ANSWERS))
+                          lm=fake_lm(answers(data)))
     assert all(r.lm_calls == 1 for r in plain.results)  # the profile only
     assert len(UserStore(tmp_path / "none").load_state(plain.results[0].user_id).versions) == 1
 
@@ -75,3 +100,12 @@ def test_bad_config_is_refused():
         CompileConfig(optimizer="magic")
     with pytest.raises(ValueError, match="at least 1"):
         CompileConfig(n_recent=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        CompileConfig(max_lm_calls=0)
+    with pytest.raises(ValueError, match="validation at least 0"):
+        CompileConfig(validation=-1)
+
+
+def test_an_unknown_acceptance_is_refused_when_configured():
+    with pytest.raises(ValueError, match="unknown acceptance 'guarded'"):
+        CompileConfig(acceptance="guarded")

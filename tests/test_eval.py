@@ -50,6 +50,41 @@ def test_a_method_every_user_failed_is_reported_without_a_score(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
+def _citing_user(user_id: str, gold: str) -> UserData:
+    """A LaMP-1 author who wrote about parsing with kernels; the question's related candidate is at `gold`."""
+    memories = [Interaction("title: Tree kernels for dependency parsing | abstract: We parse sentences with kernels.",
+                            "Discriminative training of parsers; Kernel methods for syntax", 1.0)]
+    related, unrelated = "Parsing sentences with syntax kernels", "Graph cuts for image segmentation"
+    first, second = (related, unrelated) if gold == "[1]" else (unrelated, related)
+    question = ('For an author who has written the paper with the title "Kernels for parsing", which reference is '
+                f'related? Just answer with [1] or [2] without explanation. [1]: "{first}" [2]: "{second}"')
+    return UserData(user_id, memories, [], [dspy.Example(id=f"{user_id}-q", question=question, answer=gold)])
+
+
+def test_word_overlap_picks_the_candidate_whose_words_the_author_used_and_needs_candidates(tmp_path):
+    data = TaskData(LAMP_TASKS["LaMP-1"], {"a": _citing_user("a", "[1]"), "b": _citing_user("b", "[2]")})
+    rows = Evaluation(data, tmp_path, "local/none", CompileConfig(), questions_per_user=1).run_method("word_overlap")
+    assert {r["user_id"]: r["answers"][0]["pred"] for r in rows} == {"a": "[1]", "b": "[2]"}  # wherever it is listed
+    assert summarize(data.task, "word_overlap", rows)["accuracy"] == 1.0
+    assert all(a["lm_calls"] == 0 for r in rows for a in r["answers"])
+    # A rating has no candidates: the method does not apply, and leaves no results.
+    ratings = TaskData(LAMP_TASKS["LaMP-3"], {"a": _user("a", ["5", "4"], "5")})
+    assert Evaluation(ratings, tmp_path / "ratings", "local/none", CompileConfig(), 1).run_method("word_overlap") == []
+    assert not (tmp_path / "ratings" / "raw" / "word_overlap").exists()
+
+
+def test_summaries_count_generated_answers_and_keep_each_compiled_users_validation_scores():
+    task = LAMP_TASKS["LaMP-3"]
+    answer = {"id": "q", "pred": "4", "gold": "5", "lm_calls": 1, "tokens": 10, "seconds": 1.0}
+    rows = [{"user_id": "a", "answers": [{**answer, "scoring": "likelihood"}],
+             "compile": {"status": "compiled", "lm_calls": 10, "tokens": 100, "seconds": 5.0, "scores": [0.5, 0.75]}},
+            {"user_id": "b", "answers": [{**answer, "scoring": "generation"}],
+             "compile": {"status": "skipped", "lm_calls": 0, "tokens": 0, "seconds": 0.0, "scores": [0.5]}}]
+    summary = summarize(task, "persona", rows)
+    assert summary["generated_answers"] == 1 and summary["validation_scores"] == [[0.5, 0.75]]
+    assert summary["compile_lm_calls_per_user"] == 10 and "replay_scores" not in summary
+
+
 def _rows(correct: list[bool], label: str = "[1]") -> list[dict]:
     other = "[2]" if label == "[1]" else "[1]"
     return [{"user_id": f"u{i}", "answers": [{"id": f"q{i}", "pred": label if ok else other, "gold": label,

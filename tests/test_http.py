@@ -22,17 +22,14 @@ from personaagent.program.service import PersonaService
 from personaagent.program.store import UserStore
 
 from conftest import FakeEngine
-from test_service import REWRITE, save_persona
+from test_service import REWRITE, SOURCES, save_persona
 
 TOKEN = "test-token"
 
 
 @pytest.fixture(scope="module")
 def engine():
-    # "smudges" is in one record only, so full-text search ranks Bob's secret first however many
-    # other lipstick records the tests add (embedding ranks among near-duplicates vary by CPU).
-    return FakeEngine({"answer": "4", "tools": ["search_memory", "read_profile", "answer_habits"],
-                       "memory_query": "guitar lipstick smudges", **REWRITE})
+    return FakeEngine({"answer": "4", **REWRITE})
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +41,7 @@ def server(tmp_path_factory, embedder, engine):
     store.save_profile("alice", Profile("Alice loves ALICE-PERSONA vintage guitars.", [], 2))
     save_persona(store, "alice", "Alice loves ALICE-PERSONA vintage guitars.")
     store.memory("bob").add([Interaction("review: BOB-SECRET lipstick that smudges", "1", 1.0)])
+    store.save_profile("bob", Profile("Bob buys BOB-PROFILE makeup.", [], 1))
     save_persona(store, "bob", "Bob is hard to please about BOB-PERSONA makeup.")
     service = PersonaService(store, dspy.LM("local/fake", engine=engine, cache=False))
     with running(create_app(service, TOKEN, max_body_bytes=32 * 1024)) as url:
@@ -86,8 +84,13 @@ def test_a_missing_or_wrong_token_is_refused(server, headers, message):
 def test_answer(client):
     response = client.post("/v1/users/alice/answer", json={"text": "review: warm-sounding strings"})
     assert response.status_code == 200
-    assert response.json() == {"user_id": "alice", "answer": "4", "persona_version": 1,
-                                "tools": ["search_memory", "read_profile", "answer_habits"]}
+    body = response.json()
+    assert {k: body.pop(k) for k in ("user_id", "answer", "persona_version", "tools")} == {
+        "user_id": "alice", "answer": "4", "persona_version": 1, "tools": SOURCES}
+    # A rating is answered from label likelihoods: every label's probability comes with it.
+    assert set(body) == {"label_scores", "confidence", "scoring"} and body["scoring"] == "likelihood"
+    assert set(body["label_scores"]) == {"1", "2", "3", "4", "5"} and sum(body["label_scores"].values()) == pytest.approx(1)
+    assert body["confidence"] == body["label_scores"]["4"] == max(body["label_scores"].values())
     assert_error(client.post("/v1/users/nobody/answer", json={"text": "hi"}), 404, "unknown user 'nobody'")
 
 
@@ -129,15 +132,19 @@ def test_concurrent_appends_are_all_recorded(client):
 
 
 def test_one_user_never_sees_another_users_memory_or_persona(client, engine):
+    # The persona searches memory with the question: "smudges" is in one of Bob's records only, so
+    # full-text search ranks his secret first however many other lipstick records the tests add
+    # (embedding ranks among near-duplicates vary by CPU).
     start = len(engine.requests)
-    assert client.post("/v1/users/bob/answer", json={"text": "review: guitar strings and lipstick"}).status_code == 200
+    assert client.post("/v1/users/bob/answer", json={"text": "review: guitar strings and lipstick that smudges"}).status_code == 200
     bob_prompts = "\n".join(engine.requests[start:])
-    assert "BOB-SECRET" in bob_prompts and "BOB-PERSONA" in bob_prompts  # the tools did read Bob's memory
+    # The tools did read Bob's memory and profile.
+    assert "BOB-SECRET" in bob_prompts and "BOB-PROFILE" in bob_prompts and "BOB-PERSONA" in bob_prompts
     assert "ALICE" not in bob_prompts
     assert "ALICE" not in client.get("/v1/users/bob/persona").text
 
     start = len(engine.requests)
-    assert client.post("/v1/users/alice/answer", json={"text": "review: guitar strings and lipstick"}).status_code == 200
+    assert client.post("/v1/users/alice/answer", json={"text": "review: guitar strings and lipstick that smudges"}).status_code == 200
     alice_prompts = "\n".join(engine.requests[start:])
     assert "ALICE-SECRET" in alice_prompts and "BOB" not in alice_prompts
 
@@ -163,7 +170,10 @@ def test_a_broken_program_file_is_a_json_500_for_that_user_only(client, server):
 
 def test_align_in_the_background_then_read_the_new_persona_version(client):
     assert_error(client.post("/v1/users/alice/align", json={"n_recent": 0}), 422, "body.n_recent")
-    response = client.post("/v1/users/alice/align", json={"n_recent": 2})
+    assert_error(client.post("/v1/users/alice/align", json={"acceptance": "guarded"}), 422, "body.acceptance")
+    # Both of Alice's interactions are replayed, so none is left to validate on: the paper's setting
+    # ("always") takes the rewrite unscored. The evidence weights are fitted first (version 2).
+    response = client.post("/v1/users/alice/align", json={"n_recent": 2, "acceptance": "always"})
     assert response.status_code == 202
     job = response.json()
     deadline = time.time() + 60
@@ -171,14 +181,16 @@ def test_align_in_the_background_then_read_the_new_persona_version(client):
         assert time.time() < deadline
         time.sleep(0.05)
         job = client.get(f"/v1/users/alice/align/{job['id']}").json()
-    assert (job["status"], job["new_versions"], job["current_version"]) == ("succeeded", [2], 2)
+    assert (job["status"], job["new_versions"], job["current_version"]) == ("succeeded", [2, 3], 3)
     assert_error(client.get(f"/v1/users/bob/align/{job['id']}"), 404)  # another user's job is not theirs to read
 
     persona = client.get("/v1/users/alice/persona").json()
-    assert persona["compiled"] and persona["current_version"] == 2
-    assert [v["version"] for v in persona["versions"]] == [1, 2]
-    assert persona["persona"]["summary"] == REWRITE["summary"] == persona["versions"][1]["persona"]["summary"]
-    assert client.post("/v1/users/alice/answer", json={"text": "review: fine"}).json()["persona_version"] == 2
+    assert persona["compiled"] and persona["current_version"] == 3
+    assert [v["version"] for v in persona["versions"]] == [1, 2, 3]
+    assert persona["versions"][1]["note"] == "evidence weights fitted on the replays"
+    assert persona["persona"]["summary"] == REWRITE["summary"] == persona["versions"][2]["persona"]["summary"]
+    assert persona["versions"][2]["score"] is None  # not validated
+    assert client.post("/v1/users/alice/answer", json={"text": "review: fine"}).json()["persona_version"] == 3
 
 
 def test_delete_forgets_the_user_completely(client, server):

@@ -30,6 +30,8 @@ def test_all_conversations_load_with_their_turns_and_questions():
         assert len(conv.turns) == sum(len(raw[s]) for s in sessions)
         ids = [t.metadata["dia_id"] for t in conv.turns]
         assert len(set(ids)) == len(ids) and all(re.fullmatch(r"D\d+:\d+", i) for i in ids)
+        # Memory skips an interaction it holds already (same text, answer and time): no turn is one.
+        assert len({t.key for t in conv.turns}) == len(conv.turns)
         assert [t.timestamp for t in conv.turns] == sorted(t.timestamp for t in conv.turns)
         speaker = re.compile(r"\[[^\]]+\] (" + "|".join(conv.speakers) + "): ")
         assert all(speaker.match(t.input) for t in conv.turns)
@@ -96,7 +98,7 @@ def test_recall_at_k_on_a_tiny_conversation(tmp_path, embedder):
     assert evidence_recall(["D2:2"], puppy.evidence, 5) == 0.0
 
     memory = EpisodicMemory(tmp_path / "memory", embedder)
-    memory.add(conv.turns)
+    assert len(memory.add(conv.turns)) == len(conv.turns)
     for rank in (memory_ranker(memory), bm25_ranker(conv)):
         ranked = rank(puppy.question, 5)
         assert sorted(ranked) == sorted(t.metadata["dia_id"] for t in conv.turns)

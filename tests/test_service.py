@@ -21,16 +21,22 @@ from conftest import FakeEngine, interactions
 
 TASK = LAMP_TASKS["LaMP-3"]
 REWRITE = {  # what the fake reflection LM writes: a persona that passes the checks
-    "summary": "Alice is a demanding reviewer who rarely gives full marks.",
+    "summary": "Alice is a moody reviewer whose ratings swing from one extreme to the other.",
     "preferences": ["checks build quality first"],
-    "rules": ["answer 3 unless the review is glowing"],
-    "gradient": "Rate lower than the persona suggests.",
+    "rules": ["rate each review on its own merits"],
+    "gradient": "Rate each review on its own instead of generously.",
+    "notes": ["the ratings swing"],
 }
+# The tools a saved persona's answer call is shown: memory search among them, so isolation is tested.
+SOURCES = ["search_memory", "read_profile", "answer_habits"]
+# Alice's real ratings swing between 1 and 5: neither the LM ("4") nor her label habits predict
+# them, so her replays leave a loss for the reflection to learn from.
+ALICE = [Interaction(f"review {i}: guitar strings number {i}", rating, float(i)) for i, rating in enumerate("1515")]
 
 
 class GatedEngine(FakeEngine):
     """A fake LM that counts calls running at once (one llama.cpp context must never see two)
-    and can hold calls at a gate."""
+    and can hold calls at a gate: generations and label scorings alike."""
 
     def __init__(self, answers: dict | None = None):
         super().__init__(answers)
@@ -39,7 +45,7 @@ class GatedEngine(FakeEngine):
         self.entered = threading.Event()
         self.active = self.most_active = 0
 
-    def complete(self, request):
+    def _gated(self, call, *args):
         with self._lock:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
@@ -47,14 +53,30 @@ class GatedEngine(FakeEngine):
         try:
             assert self.gate.wait(30)
             time.sleep(0.001)  # a window for another call to overlap, if the service let it
-            return super().complete(request)
+            return call(*args)
         finally:
             with self._lock:
                 self.active -= 1
 
+    def complete(self, request):
+        return self._gated(super().complete, request)
+
+    def score(self, messages, continuations):
+        return self._gated(super().score, messages, continuations)
+
+
+def question(prompt: str) -> str:
+    return re.findall(r"\[\[ ## question ## \]\]\n(.*?)\n", prompt)[-1]
+
 
 def echo(prompt: str) -> str:
-    return "answer to " + re.findall(r"\[\[ ## question ## \]\]\n(.*?)\n", prompt)[-1]
+    return "answer to " + question(prompt)
+
+
+def rating(prompt: str) -> str:
+    """The fake LM rates 4, but Alice's real rating once it follows the rewritten persona."""
+    real = {item.input: item.output for item in ALICE}
+    return real.get(question(prompt), "4") if REWRITE["summary"] in prompt else "4"
 
 
 def local_lm(engine: FakeEngine) -> dspy.LM:
@@ -64,7 +86,7 @@ def local_lm(engine: FakeEngine) -> dspy.LM:
 
 def save_persona(store: UserStore, user_id: str, summary: str) -> ProgramState:
     """What a compile leaves: a program file whose newest version has this persona."""
-    persona = Persona(summary, ["likes Fender"], ["answer with a digit"])
+    persona = Persona(summary, ["likes Fender"], ["answer with a digit"], sources=SOURCES)
     previous = store.load_state(user_id)
     versions = previous.versions if previous else []
     instructions = store.build(user_id, TASK, persona).instructions_by_predictor()
@@ -86,14 +108,14 @@ def wait_for(job, seconds: float = 60):
 @pytest.fixture
 def store(tmp_path, embedder):
     store = UserStore(tmp_path / "store", embedder)
-    store.memory("alice").add(interactions(4, "alice"))
+    store.memory("alice").add(ALICE)
     save_persona(store, "alice", "Alice rates guitar gear generously.")
     return store
 
 
 @pytest.fixture
 def engine():
-    return GatedEngine({"answer": "4", "tools": ["search_memory", "read_profile"], "memory_query": "strings", **REWRITE})
+    return GatedEngine({"answer": rating, **REWRITE})
 
 
 @pytest.fixture
@@ -106,8 +128,11 @@ def service(store, engine):
 
 def test_answers_with_the_persona_in_force_and_picks_up_a_new_version_without_restart(service, store, engine):
     first = service.answer("alice", "review: bright strings")
-    assert (first.answer, first.persona_version, first.tools) == ("4", 1, ["search_memory", "read_profile"])
+    # One LM call, the persona's sources called before it: no planning call chooses them.
+    assert (first.answer, first.persona_version, first.tools) == ("4", 1, SOURCES) and len(engine.requests) == 1
     assert "Alice rates guitar gear generously." in engine.requests[-1]
+    assert "guitar strings number" in engine.requests[-1]  # her memory was searched
+    assert first.scoring == "likelihood" and first.confidence == first.label_scores["4"] == max(first.label_scores.values())
     assert service.program("alice") is service.program("alice")  # unchanged files: no reload
 
     save_persona(store, "alice", "Alice became a strict critic of guitar gear.")
@@ -133,9 +158,12 @@ def test_a_user_without_a_compiled_program_gets_the_default_program(service, sto
     assert not info["compiled"] and info["versions"] == [] and info["current_version"] is None
     assert info["task"]["kind"] == "generation" and info["interactions"] == 1
     assert "Dave writes dry, short headlines." in info["instructions"]["answer"]
+    assert info["persona"]["sources"] == ["search_memory"]  # a free-text task's default
     engine.answers["answer"] = echo
     answer = service.answer("dave", "write a headline: sun at last")
     assert answer.answer == "answer to write a headline: sun at last" and answer.persona_version is None
+    assert answer.tools == ["search_memory"] and "Rain, again" in engine.requests[-1]
+    assert (answer.label_scores, answer.confidence, answer.scoring) == (None, None, None)  # free text: no labels
 
 
 @pytest.mark.parametrize("user_id", ["../alice", "a/b", "..", "", " x", "x" * 200, "nul\x00"])
@@ -207,6 +235,8 @@ def test_an_lm_failure_is_reported_as_unavailable_and_the_service_goes_on(servic
 
 
 def test_alignment_records_every_version_and_the_new_persona_is_served(service, store, engine):
+    # Validated (the default): the fake LM gets Alice's ratings right only under the rewrite, so
+    # the rewrite scores better on her earlier interactions and is kept.
     engine.gate.clear()
     job = service.align("alice", n_recent=3)
     assert engine.entered.wait(30)
@@ -214,25 +244,36 @@ def test_alignment_records_every_version_and_the_new_persona_is_served(service, 
         service.align("alice")
     engine.gate.set()
     job = wait_for(job)
-    assert (job.status, job.error, job.new_versions, job.current_version) == ("succeeded", "", [2], 2)
+    assert (job.status, job.error, job.new_versions, job.current_version) == ("succeeded", "", [2, 3], 3)
 
     state = store.load_state("alice")
-    assert [v.version for v in state.versions] == [1, 2] and state.current.version == 2
-    assert state.current.persona["summary"] == REWRITE["summary"]
-    assert "Rate lower than the persona suggests." in state.current.feedback
-    assert state.current.instructions["answer"].startswith(Persona(**state.current.persona).render(TASK))
-    assert service.persona("alice")["current_version"] == 2
-    assert service.answer("alice", "review: ok").persona_version == 2
+    calibration, rewrite = state.versions[1:]
+    assert [v.version for v in state.versions] == [1, 2, 3] and state.current.version == 3
+    assert calibration.note == "evidence weights fitted on the replays" and calibration.persona["weights"]
+    assert calibration.persona["summary"] == "Alice rates guitar gear generously."  # no LM call: the text stays
+    assert rewrite.accepted and rewrite.score > calibration.score and rewrite.likelihood is not None
+    assert rewrite.persona["summary"] == REWRITE["summary"] and rewrite.persona["sources"] == SOURCES
+    assert REWRITE["gradient"] in rewrite.feedback
+    assert rewrite.instructions["answer"].startswith(Persona(**rewrite.persona).render(TASK))
+    assert service.persona("alice")["current_version"] == 3
+    assert service.answer("alice", "review: ok").persona_version == 3
     assert REWRITE["summary"] in engine.requests[-1]
 
 
 def test_alignment_of_a_default_user_saves_its_first_program(service, store):
     service.add_interaction("hana", "write a headline: rain again", "Rain, again")
+    # Validated: with one interaction there is nothing earlier to validate a rewrite on, so there is
+    # no reflection and only the initial persona is saved.
     job = wait_for(service.align("hana", n_recent=1))
-    assert job.status == "succeeded" and job.new_versions == [1, 2]
+    assert job.status == "succeeded" and job.new_versions == [1]
     state = store.load_state("hana")
-    assert state.versions[0].note == "initial persona" and state.current.persona["summary"] == REWRITE["summary"]
+    assert state.versions[0].note == "initial persona" and state.current.persona["summary"] != REWRITE["summary"]
     assert service.persona("hana")["compiled"] and store.users() == ["alice", "hana"]
+    # The paper's setting takes the rewrite unscored.
+    job = wait_for(service.align("hana", n_recent=1, acceptance="always"))
+    assert job.status == "succeeded" and (job.new_versions, job.current_version) == ([2], 2)
+    state = store.load_state("hana")
+    assert state.current.persona["summary"] == REWRITE["summary"] and state.current.score is None
 
 
 def test_alignment_needs_interactions_with_a_known_output_and_valid_settings(service):

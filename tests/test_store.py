@@ -17,10 +17,11 @@ TASK = LAMP_TASKS["LaMP-3"]
 
 
 def _state(user_id: str, summary: str = "Rates gear generously.", number: int = 1, padding: int = 0) -> ProgramState:
-    persona = Persona(summary, ["likes Fender"], ["answer with a digit"])
+    persona = Persona(summary, ["likes Fender"], ["answer with a digit"], sources=["answer_habits"], k=2,
+                      demos=[{"question": "review: a capo", "answer": "4"}], weights={"lm": 0.5, "answer_habits": 1.0})
     instructions = {"answer": persona.render(TASK) + "x" * padding}
     return ProgramState(user_id, task_to_dict(TASK), "local/smollm2-135m",
-                        [PersonaVersion(number, persona.to_dict(), instructions, 0.5)])
+                        [PersonaVersion(number, persona.to_dict(), instructions, 0.5, likelihood=-1.25)])
 
 
 def test_save_and_load_round_trip(tmp_path, embedder):
@@ -29,8 +30,12 @@ def test_save_and_load_round_trip(tmp_path, embedder):
     assert store.users() == ["alice"]
     state = store.load_state("alice")
     assert state.current.version == 1 and state.persona.summary == "Rates gear generously."
+    assert state.current.likelihood == -1.25
     program = store.load_program("alice")
     assert program.instructions == state.current.instructions["answer"]
+    # The compiled choices come back with the text: what the answer call is shown and how evidence weighs.
+    assert program.persona == _state("alice").persona and program.k == 2
+    assert [d.question for d in program.answer.demos] == ["review: a capo"]
     with pytest.raises(KeyError, match="no compiled program for user 'carol'"):
         store.load_program("carol")
 
@@ -43,6 +48,22 @@ def test_rejected_versions_are_kept_but_not_used(tmp_path, embedder):
     store.save_state(state)
     loaded = store.load_state("alice")
     assert len(loaded.versions) == 2 and loaded.current.version == 1
+
+
+def test_a_program_saved_before_the_compiled_choices_existed_still_loads(tmp_path, embedder):
+    store = UserStore(tmp_path, embedder)
+    store.save_state(_state("alice"))
+    path = store.program_path("alice")
+    payload = json.loads(path.read_text())
+    for version in payload["versions"]:
+        del version["likelihood"]
+        for name in ("sources", "k", "demos", "weights"):
+            del version["persona"][name]
+    path.write_text(json.dumps(payload))
+    state = store.load_state("alice")
+    assert state.current.likelihood is None
+    assert (state.persona.sources, state.persona.demos, state.persona.weights) == ([], [], {})
+    assert store.load_program("alice").persona.summary == "Rates gear generously."
 
 
 def test_a_newer_format_is_refused_not_misread(tmp_path, embedder):
