@@ -251,21 +251,16 @@ CANDIDATES = re.compile(r'\[(\d+)\]: "([^"]*)"')
 
 def swap_candidates(inputs: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, str]]]:
     """A two-choice question asked in both orders: the swapped one lists the second candidate
-    first, and any other input that names the candidates by number (a tool's result) is
-    renumbered to match. The label map turns the swapped answer back into the original's."""
+    first under the first number. The label map turns the swapped answer back into the original's.
+    Other inputs stay as they are: what they say of the candidates must not depend on the order
+    (tools name candidates by title)."""
     question = str(inputs["question"])
     found = CANDIDATES.findall(question)
     if len(found) != 2:
         return same_order(inputs)
     (a_no, a_text), (b_no, b_text) = found
-    first, second = f"[{a_no}]", f"[{b_no}]"
-    swapped_question = CANDIDATES.sub(
-        lambda m: f'[{m.group(1)}]: "{b_text if m.group(1) == a_no else a_text}"', question)
-    renumber = {first: second, second: first}
-    swapped = {name: (swapped_question if name == "question" else
-                      re.sub(r"\[\d+\]", lambda m: renumber.get(m.group(), m.group()), value) if isinstance(value, str) else value)
-               for name, value in inputs.items()}
-    return [(inputs, {}), (swapped, renumber)]
+    swapped = CANDIDATES.sub(lambda m: f'[{m.group(1)}]: "{b_text if m.group(1) == a_no else a_text}"', question)
+    return [(inputs, {}), ({**inputs, "question": swapped}, {f"[{a_no}]": f"[{b_no}]", f"[{b_no}]": f"[{a_no}]"})]
 
 
 def _reference_titles(item: dict) -> list[str]:

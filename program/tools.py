@@ -54,9 +54,11 @@ def _citation_evidence(memory: EpisodicMemory):
             return "No candidates found in the question."
         history = author_history(memory.all())
         lines = []
-        for number, title in candidates:
+        # Named by title, in alphabetical order: the result is the same whichever order the question
+        # lists the candidates in, so it cannot carry that order into the answer.
+        for title in sorted(title for _, title in candidates):
             overlap, again = word_overlap(title, history)
-            lines.append(f"[{number}] cited by this author before: {'yes' if again else 'no'}; "
+            lines.append(f'"{title}": cited by this author before: {"yes" if again else "no"}; '
                          f"share of its words in the author's work: {overlap:.2f}")
         return "\n".join(lines)
 

@@ -52,11 +52,11 @@ def test_swapping_the_candidates_does_not_change_the_choice():
     assert (a.answer, b.answer) == ("[2]", "[1]")  # the same paper both times
 
 
-def test_swap_candidates_renumbers_other_inputs_that_name_them():
-    (original, same), (swapped, relabel) = swap_candidates({"question": QUESTION, "context": "[1] cited before: yes"})
+def test_swap_candidates_swaps_the_question_and_nothing_else():
+    (original, same), (swapped, relabel) = swap_candidates({"question": QUESTION, "context": "tool results"})
     assert original["question"] == QUESTION and same == {}
     assert '[1]: "Neural parsing" [2]: "A survey of cooking"' in swapped["question"]
-    assert swapped["context"] == "[2] cited before: yes" and relabel == {"[1]": "[2]", "[2]": "[1]"}
+    assert swapped["context"] == "tool results" and relabel == {"[1]": "[2]", "[2]": "[1]"}
     assert swap_candidates({"question": "no candidates here"}) == [({"question": "no candidates here"}, {})]
 
 
@@ -100,3 +100,16 @@ def test_an_lm_without_likelihoods_falls_back_to_generation_and_says_so():
     with use_lm(lm):
         pred = answer_module(LAMP_TASKS["LaMP-3"], GENERIC_INSTRUCTION)(question="review: fine", context="")
     assert pred.scoring == "generation" and pred.answer == "3" and pred.confidence > 0.99
+
+
+def test_the_candidate_tool_says_the_same_whichever_order_the_question_lists_them(tmp_path, embedder):
+    from personaagent.data.tasks import Interaction
+    from personaagent.program.store import UserStore
+
+    store = UserStore(tmp_path, embedder)
+    store.memory("ann").add([Interaction("title: Neural parsing of trees", "Neural parsing; Tree kernels", 1.0)])
+    tool = next(t for t in store.build("ann", CITATION).tools.values() if t.name == "compare_candidates")
+    (_, _), (swapped, _) = swap_candidates({"question": QUESTION})
+    listed, reversed_ = tool(question=QUESTION), tool(question=swapped["question"])
+    assert listed == reversed_ and '"Neural parsing": cited by this author before: yes' in listed
+    store.close()
