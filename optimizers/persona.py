@@ -164,7 +164,6 @@ class AlignmentStep:
     accepted: bool = True
     note: str = ""
     likelihood: float | None = None  # mean log-likelihood of the user's real answers on that window
-    replay_score: float | None = None  # the current state's mean score on the replays it learned from
 
 
 @dataclass
@@ -230,14 +229,14 @@ class PersonaAlignment(Teleprompter):
         with timings.phase("replay"):
             replayed = self._answer(program, replays)
         current = score_answers(task, validated, program.persona.weights)
-        steps = [self._record(self._step(0, program.persona, current, replayed, task, note="initial persona"))]
+        steps = [self._record(self._step(0, program.persona, current, note="initial persona"))]
 
         if task.labels and self.calibrate:  # 3. calibration, from the replays; scored on the window, no LM call
             weights = fit_weights(task, replayed, program.persona.weights)
             candidate = replace(program.persona, weights=weights)
             score = score_answers(task, validated, weights)
             accepted = weights != program.persona.weights and self.acceptance.accept(score, current)
-            steps.append(self._record(self._step(len(steps), candidate, score, replayed, task, accepted=accepted,
+            steps.append(self._record(self._step(len(steps), candidate, score, accepted=accepted,
                                                  note="evidence weights fitted on the replays")))
             if accepted:
                 program.set_persona(candidate)
@@ -288,11 +287,9 @@ class PersonaAlignment(Teleprompter):
         return step
 
     @staticmethod
-    def _step(iteration, persona, score: Score | None, replayed: list[Answered], task, accepted=True,
-              note="") -> AlignmentStep:
-        replay = score_answers(task, replayed, persona.weights)
+    def _step(iteration, persona, score: Score | None, accepted=True, note="") -> AlignmentStep:
         return AlignmentStep(iteration, persona, score.task if score else None, "", accepted, note,
-                             score.likelihood if score else None, replay.task if replay else None)
+                             score.likelihood if score else None)
 
     @staticmethod
     def _answer(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:
