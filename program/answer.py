@@ -22,6 +22,7 @@ import math
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, get_args
 
 import dspy
@@ -44,17 +45,30 @@ def normalized(log_scores: dict[str, float]) -> dict[str, float]:
     return {label: w / total for label, w in weights.items()}
 
 
+@dataclass
+class Question:
+    """One way of asking: the signature's inputs and demos, the adapter's messages for them, and
+    the adapter's reply for each label."""
+
+    signature: type[dspy.Signature]
+    demos: list
+    inputs: dict[str, Any]
+    messages: list[dict]
+    replies: dict[str, str]
+
+
 class LabelScorer(Protocol):
     name: str
 
-    def score(self, lm: dspy.LM, messages: list[dict], replies: dict[str, str]) -> dict[str, float]:
-        """Log-scores of each label, given the adapter's reply text for each."""
+    def score(self, lm: dspy.LM, question: Question) -> dict[str, float]:
+        """Log-scores of each label."""
 
 
 class EngineScorer:
     name = "likelihood"
 
-    def score(self, lm, messages, replies):
+    def score(self, lm, question):
+        messages, replies = question.messages, question.replies
         try:
             scores, tokens = lm.engine.score(messages, list(replies.values()))
         except (LMError, AdapterParseError, LookupError, NotImplementedError, TypeError):
@@ -74,7 +88,8 @@ class LogprobScorer:
     def __init__(self, top: int = 20):
         self.top = top
 
-    def score(self, lm, messages, replies):
+    def score(self, lm, question):
+        messages, replies = question.messages, question.replies
         shared = os.path.commonprefix(list(replies.values()))
         out = lm(messages=messages, logprobs=True, top_logprobs=self.top, max_tokens=len(shared) // 2 + 16,
                  temperature=0.0)[0]
@@ -104,15 +119,12 @@ class GenerationScorer:
 
     name = "generation"
 
-    def __init__(self, signature: type[dspy.Signature]):
-        self.signature = signature
-
-    def answer(self, lm, demos, inputs, labels) -> dict[str, float]:
-        predict = dspy.Predict(self.signature)
-        predict.demos = demos
+    def score(self, lm, question):
+        predict = dspy.Predict(question.signature)
+        predict.demos = question.demos
         with dspy.context(lm=lm):
-            predicted = predict(**inputs).answer
-        return {label: 0.0 if label == predicted else FLOOR for label in labels}
+            predicted = predict(**question.inputs).answer
+        return {label: 0.0 if label == predicted else FLOOR for label in question.replies}
 
 
 def _record(lm: dspy.LM, messages: list[dict], tokens: int, scorer: str) -> None:
@@ -152,14 +164,14 @@ class LabelPredict(dspy.Predict):
         scorer = label_scorer(lm)
         totals = dict.fromkeys(self.labels, 0.0)
         for asked, relabel in variants:
-            messages = adapter.format(signature, demos, asked)
-            replies = {label: adapter.format_assistant_message_content(signature, {"answer": label})
-                       for label in self.labels}
+            question = Question(signature, demos, asked, adapter.format(signature, demos, asked),
+                                {label: adapter.format_assistant_message_content(signature, {"answer": label})
+                                 for label in self.labels})
             try:
-                scores = scorer.score(lm, messages, replies)
+                scores = scorer.score(lm, question)
             except (LookupError, AdapterParseError, NotImplementedError, TypeError):
-                scorer = GenerationScorer(signature)
-                scores = scorer.answer(lm, demos, asked, self.labels)
+                scorer = GenerationScorer()  # for this and the remaining orders
+                scores = scorer.score(lm, question)
             for label, value in scores.items():
                 totals[relabel.get(label, label)] += value / len(variants)
         distribution = normalized(totals)

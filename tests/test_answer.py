@@ -113,3 +113,10 @@ def test_the_candidate_tool_says_the_same_whichever_order_the_question_lists_the
     listed, reversed_ = tool(question=QUESTION), tool(question=swapped["question"])
     assert listed == reversed_ and '"Neural parsing": cited by this author before: yes' in listed
     store.close()
+
+
+def test_a_choice_asked_in_both_orders_falls_back_to_generation_for_both():
+    lm = dspy.LM("fake/plain", engine=GeneratingEngine({"answer": _prefers("Neural parsing")}), cache=False)
+    with use_lm(lm):
+        pred = answer_module(CITATION, GENERIC_INSTRUCTION)(question=QUESTION, context="")
+    assert pred.scoring == "generation" and pred.answer == "[2]"  # the same paper in both orders
