@@ -151,6 +151,12 @@ class TaskSpec:
     def with_labels(self, labels: tuple[str, ...]) -> "TaskSpec":
         return replace(self, labels=tuple(labels))
 
+    @property
+    def has_candidates(self) -> bool:
+        """Whether each question lists candidates to choose between (LaMP-1): the candidate tools
+        and the word-overlap baseline apply."""
+        return self.orderings is swap_candidates
+
     def decide(self, distribution: dict[str, float]) -> str:
         """The answer a label distribution gives: its median for ratings (least absolute error),
         else its most likely label (most often right)."""

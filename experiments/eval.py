@@ -95,8 +95,7 @@ class Evaluation:
         return self.out / "raw" / method / f"{user_id}.json"
 
     def run_method(self, method: str) -> list[dict]:
-        if method == "word_overlap" and not any(candidate_scores(q.question, (Counter(), set())) for u in self.data.users.values()
-                                                for q in self.questions(u)):
+        if method == "word_overlap" and not self.data.task.has_candidates:
             return []  # the task has no candidates to compare
         rows = []
         for user in tqdm(list(self.data.users.values()), desc=method, unit="user"):

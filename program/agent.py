@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 import dspy
 
-from ..data.tasks import TaskSpec, same_order
+from ..data.tasks import TaskSpec
 from .answer import LabelPredict, normalized
 from .memory import Cutoff, EpisodicMemory, Profile
 from .persona import Persona, gist
@@ -181,7 +181,7 @@ def default_sources(task: TaskSpec) -> list[str]:
     copies their scores. Free-text tasks see their similar past interactions."""
     if not task.labels:
         return ["search_memory"]
-    if task.orderings is not same_order:
+    if task.has_candidates:
         return ["compare_candidates"]
     return ["answer_habits"] if task.kind == "rating" else ["answer_habits", "search_memory"]
 

@@ -40,7 +40,7 @@ def build_tools(task: TaskSpec, memory: EpisodicMemory, profile: Profile, k: int
         return task.output_stats([r.output for r in memory.all()])
 
     tools = [dspy.Tool(search_memory), dspy.Tool(read_profile), dspy.Tool(answer_habits)]
-    if task.name == "LaMP-1":
+    if task.has_candidates:
         tools.append(dspy.Tool(_citation_evidence(memory)))
     return tools
 
@@ -115,7 +115,7 @@ def build_evidence(task: TaskSpec, memory: EpisodicMemory, k: int = 4) -> dict[s
         return smoothed(Counter(task.normalize(r.output) for r in memory.search(question, k) if r.output))
 
     evidence: dict[str, Evidence] = {"answer_habits": answer_habits, "search_memory": search_memory}
-    if task.name == "LaMP-1":
+    if task.has_candidates:
         def compare_candidates(question: str) -> dict[str, float] | None:
             scores = candidate_scores(question, author_history(memory.all()))
             # Overlaps differ by tenths: a scale of 4 makes a full overlap about 50 times as likely as none.
