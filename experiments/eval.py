@@ -6,7 +6,7 @@ Methods:
 - `word_overlap` (tasks with candidates, LaMP-1): the candidate sharing more words with the author's
   past titles and citations, one more if they cited it before (no LLM);
 - `none`, `icl`, `rag`, `membank`, `react`: the baselines of `program.agent`;
-- `persona_noalign`: PersonaAgent with the persona initialized from semantic memory, not aligned;
+- `persona_noalign`: PersonaAgent with its initial persona (the task's text, the default tools), not aligned;
 - `persona`: PersonaAgent after test-time alignment (the paper's method);
 - `persona_nopersona`, `persona_nomemory`, `persona_noaction`: the paper's ablations of the aligned
   program (`program.agent.ABLATIONS`), from the same compile;

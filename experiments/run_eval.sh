@@ -17,6 +17,9 @@ eval_set() {  # set, users, methods, extra arguments
   .venv/bin/personaagent eval --data ../shared/data/lamp/$1 --users "$2" --methods "$3" \
       --gepa-budget "${GEPA_BUDGET:-9}" --out experiments/results/eval/$1 \
       --tracking-uri sqlite:///experiments/results/eval/mlflow.db "${@:4}"
+  # COMMIT=1: each finished set is committed (its results only), so a long run keeps what it did.
+  [ -z "${COMMIT:-}" ] || { git add experiments/results/eval/$1 &&
+      git commit -q -m "Eval results: $1, first $2 users" -- experiments/results/eval/$1; }
 }
 for users in $STAGES; do
   for set in $SETS; do eval_set "$set" "$users" "$CORE"; done

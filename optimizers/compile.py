@@ -130,7 +130,7 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
             memory.flush()
             profile = SemanticMemory()(task=task, records=memory.all(), previous=store.profile(user.user_id)).profile
             store.save_profile(user.user_id, profile)
-            start = previous.persona if previous else Persona.from_profile(profile, task, default_sources(task))
+            start = previous.persona if previous else Persona.initial(task, default_sources(task))
             program = store.build(user.user_id, task, start, "persona", config.k)
             if previous:
                 program.load_instructions(previous.current.instructions)
@@ -193,6 +193,7 @@ class CompileReport:
 def compile_users(data: TaskData, store: str | Path, config: CompileConfig, workers: int = 1,
                   tracking_uri: str | None = None, progress: bool = True, lm: dspy.LM | None = None) -> CompileReport:
     """Compile every user in `data` into `store`; one parent MLflow run, one nested run per user."""
+    UserStore(store).close()  # a store that cannot be a directory fails here, before any user
     mlflow = setup_mlflow(tracking_uri, "personaagent-compile", autolog=False)
     task_dict = task_to_dict(data.task)
     results: list[UserResult] = []

@@ -7,7 +7,9 @@ For one user, whose past interactions come oldest first:
 2. validation window: it answers the `validation` interactions before those, the same way. The
    replays never see these, and every candidate state is scored on them;
 3. calibration: how much each tool's evidence (the user's label habits, their similar past answers,
-   the task's tools) should shift the LM's label distribution is fitted on the replays; no LM call;
+   the task's tools) should shift the LM's label distribution. The tools' weights relative to each
+   other are fitted on the user's history outside the window (each interaction as of its own time:
+   tools need no LM call), then the LM's weight and the tools' overall scale on the replays;
 4. textual loss and gradient: one reflection call compares the replayed answers with what the user
    really did, given computed facts (the direction and size of each miss, the user's label habits),
    and rewrites the persona's text and the tools its answer call is shown; demonstrations come from
@@ -45,6 +47,7 @@ from ..program.persona import Persona, gist
 # Candidate weights of each tool's evidence, and of the LM (lower: trust the LM less).
 TOOL_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 LM_WEIGHTS = (1.0, 0.5, 0.25)
+MAX_HISTORY = 60  # past interactions the tools' relative weights are fitted on (each costs a memory search)
 MIN_GAIN = 0.01  # mean log-likelihood gain (nats) that counts as better when the task score ties
 
 
@@ -89,18 +92,33 @@ def score_answers(task, answered: list[Answered], weights: dict[str, float]) -> 
     return Score(sum(scores) / len(scores), sum(likelihoods) / len(likelihoods) if likelihoods else None)
 
 
-def fit_weights(task, answered: list[Answered], current: dict[str, float]) -> dict[str, float]:
+def fit_weights(task, answered: list[Answered], history: list[Answered] = ()) -> dict[str, float]:
     """The evidence weights that best explain the user's real answers (likelihood, then task score),
-    the simplest (least total weight) on a tie. Tools without evidence on these questions keep 0."""
-    tools = sorted({name for a in answered for name, d in a.evidence.items() if d})
-    best, best_key = dict(current), None
-    for lm_weight, *tool_weights in itertools.product(LM_WEIGHTS, *(TOOL_WEIGHTS for _ in tools)):
-        weights = {LM_WEIGHT: lm_weight, **dict(zip(tools, tool_weights))}
-        score = score_answers(task, answered, weights)
-        key = (round(score.likelihood or 0.0, 6), score.task, -sum(tool_weights), lm_weight)
+    the simplest (least total weight) on a tie. Tools without evidence on these questions keep 0.
+
+    With `history` (past interactions whose evidence was computed without an LM), two stages, so
+    the few LM-answered interactions fit two numbers instead of one per tool: the tools' weights
+    relative to each other come from the whole history, then the LM's weight and the tools' overall
+    scale from `answered`."""
+    tools = sorted({name for a in [*answered, *history] for name, d in a.evidence.items() if d})
+    if history:
+        _, relative = _best(task, history, [(1.0, dict(zip(tools, w))) for w in itertools.product(TOOL_WEIGHTS, repeat=len(tools))])
+        grid = [(lm, {t: scale * w for t, w in relative.items()}) for lm in LM_WEIGHTS for scale in TOOL_WEIGHTS]
+    else:
+        grid = [(lm, dict(zip(tools, w))) for lm in LM_WEIGHTS for w in itertools.product(TOOL_WEIGHTS, repeat=len(tools))]
+    lm_weight, weights = _best(task, answered, grid)
+    return {LM_WEIGHT: lm_weight, **{name: w for name, w in weights.items() if w}}
+
+
+def _best(task, answered: list[Answered], grid: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+    """The (LM weight, tool weights) of `grid` under which `answered` scores best; the simplest on a tie."""
+    best, best_key = grid[0], None
+    for lm_weight, tool_weights in grid:
+        score = score_answers(task, answered, {LM_WEIGHT: lm_weight, **tool_weights})
+        key = (round(score.likelihood or 0.0, 6), score.task, -sum(tool_weights.values()), lm_weight)
         if best_key is None or key > best_key:
-            best, best_key = weights, key
-    return {name: w for name, w in best.items() if w or name == LM_WEIGHT}
+            best, best_key = (lm_weight, tool_weights), key
+    return best
 
 
 class Acceptance(Protocol):
@@ -231,8 +249,9 @@ class PersonaAlignment(Teleprompter):
         current = score_answers(task, validated, program.persona.weights)
         steps = [self._record(self._step(0, program.persona, current, note="initial persona"))]
 
-        if task.labels and self.calibrate:  # 3. calibration, from the replays; scored on the window, no LM call
-            weights = fit_weights(task, replayed, program.persona.weights)
+        if task.labels and self.calibrate:  # 3. calibration, from history and replays; scored on the window
+            with timings.phase("calibration"):
+                weights = fit_weights(task, replayed, self._tools_on(program, [*older, *replays][-MAX_HISTORY:]))
             candidate = replace(program.persona, weights=weights)
             score = score_answers(task, validated, weights)
             accepted = weights != program.persona.weights and self.acceptance.accept(score, current)
@@ -290,6 +309,13 @@ class PersonaAlignment(Teleprompter):
     def _step(iteration, persona, score: Score | None, accepted=True, note="") -> AlignmentStep:
         return AlignmentStep(iteration, persona, score.task if score else None, "", accepted, note,
                              score.likelihood if score else None)
+
+    @staticmethod
+    def _tools_on(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:
+        """The tools' evidence on each interaction as of its own time, under a uniform LM (no LM call)."""
+        uniform = {label: 1.0 / len(program.task.labels) for label in program.task.labels}
+        return [Answered(ex.question, str(ex.answer), "", uniform, program.evidence(ex.question, ex.get("as_of")))
+                for ex in examples]
 
     @staticmethod
     def _answer(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:

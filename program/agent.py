@@ -87,7 +87,7 @@ class PersonaProgram(dspy.Module):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
         if method == "persona" and persona is None:
-            persona = Persona.from_profile(profile, task, default_sources(task))
+            persona = Persona.initial(task, default_sources(task))
         self.task, self.memory, self.profile, self.method = task, memory, profile, method
         self._use_k(k)
         self.answer = answer_module(task, GENERIC_INSTRUCTION)
@@ -126,7 +126,7 @@ class PersonaProgram(dspy.Module):
         trajectory: list[dict] = []
         with self.memory.as_of(as_of):
             context = self._context(question, trajectory)
-            evidence = self._evidence(question)
+        evidence = self.evidence(question, as_of)
         # A very long input (a 6,000-character review) costs minutes on a small CPU model and adds
         # little: the answer sees its head and most of its tail.
         out = self.answer(question=gist(question, MAX_QUESTION_CHARS), context=context or "(nothing)")
@@ -138,12 +138,14 @@ class PersonaProgram(dspy.Module):
                                lm_scores=out.label_scores, evidence=evidence, scoring=out.scoring,
                                context=context, trajectory=trajectory)
 
-    def _evidence(self, question: str) -> dict[str, dict[str, float] | None]:
-        """Every tool's label distribution (persona only: baselines trust the LM alone). Those the
-        persona gives no weight do not change the answer, but alignment refits the weights from them."""
+    def evidence(self, question: str, as_of: Cutoff | None = None) -> dict[str, dict[str, float] | None]:
+        """Every tool's label distribution, from memory as of `as_of`, without an LM call (persona
+        only: baselines trust the LM alone). Those the persona gives no weight do not change the
+        answer, but alignment refits the weights from them."""
         if self.persona is None or not self.task.labels:
             return {}
-        return {name: tool(question) for name, tool in build_evidence(self.task, self.memory, self.k).items()}
+        with self.memory.as_of(as_of):
+            return {name: tool(question) for name, tool in build_evidence(self.task, self.memory, self.k).items()}
 
     def _context(self, question: str, trajectory: list[dict]) -> str:
         if self.method == "none":
@@ -174,16 +176,15 @@ class PersonaProgram(dspy.Module):
 
 
 def default_sources(task: TaskSpec) -> list[str]:
-    """What a new user's answer call is shown before alignment chooses. Every closed-set task: the
-    user's label habits; a two-candidate choice: the candidates compared with the author's work
-    instead (their "habits" are reference lists, not labels); a classification: also their most
-    similar past interactions, as RAG would. Past reviews are not shown for ratings: a small model
-    copies their scores. Free-text tasks see their similar past interactions."""
-    if not task.labels:
-        return ["search_memory"]
+    """What a new user's answer call is shown before alignment chooses. A two-candidate choice: the
+    candidates compared with the author's work; a rating: the user's rating habits (past reviews
+    are not shown: a small model copies their scores); a classification or free text: their most
+    similar past interactions, as RAG would. A classification's label counts are not shown: a small
+    model follows the majority label whatever the question, so the user's label habits enter as
+    evidence whose weight alignment fits on their history (`combine`) instead."""
     if task.has_candidates:
         return ["compare_candidates"]
-    return ["answer_habits"] if task.kind == "rating" else ["answer_habits", "search_memory"]
+    return ["answer_habits"] if task.kind == "rating" else ["search_memory"]
 
 
 # Ablations of the paper, applied to a loaded persona program (each returns it changed).

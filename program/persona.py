@@ -15,7 +15,6 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..data.tasks import TaskSpec
-from .memory import Profile
 
 MAX_CHARS = 1600
 MAX_SUMMARY_CHARS = 400
@@ -84,7 +83,7 @@ class Persona:
     preferences: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
-    k: int = 3
+    k: int = 4  # as many past interactions as RAG shows
     demos: list[dict] = field(default_factory=list)  # {"question": ..., "answer": ...} from the user's history
     weights: dict[str, float] = field(default_factory=dict)
 
@@ -94,9 +93,13 @@ class Persona:
         self.rules = clean_items([r for r in self.rules if r.strip().lower() not in (FIXED_RULE.lower(),)], 4)
 
     @classmethod
-    def from_profile(cls, profile: Profile, task: TaskSpec, sources: list[str] = ()) -> "Persona":
-        """The initial persona: the semantic memory, the task's default rule, and `sources`."""
-        return cls(profile.summary or f"A user who will {task.description}.", list(profile.preferences),
+    def initial(cls, task: TaskSpec, sources: list[str] = ()) -> "Persona":
+        """A new user's persona: the task's own text, its default rule, and `sources` (their tools).
+        The semantic profile is not copied into the text: a small model follows a stated preference
+        ("prefers entertainment") whatever the question. What the profile says reaches the text only
+        through a rewrite (the reflection is shown the profile) that scores better on the user's
+        own history."""
+        return cls(f"A user who will {task.description}.", [],
                    [f"Answer as this user would: {task.description}, in the exact answer format asked for."],
                    list(sources))
 

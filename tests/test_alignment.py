@@ -106,7 +106,25 @@ def test_fit_weights_prefers_no_weight_when_the_evidence_does_not_help():
     lm_right = {"1": 0.02, "2": 0.9, "3": 0.02, "4": 0.03, "5": 0.03}
     habits_wrong = {"1": 0.05, "2": 0.05, "3": 0.05, "4": 0.05, "5": 0.8}
     answered = [Answered("q", "2", "2", lm_right, {"answer_habits": habits_wrong})] * 3
-    assert fit_weights(TASK, answered, {}) == {"lm": 1.0}
+    assert fit_weights(TASK, answered) == {"lm": 1.0}
+
+
+def _pointing_at(label: str, p: float) -> dict[str, float]:
+    return {other: p if other == label else (1 - p) / 4 for other in TASK.labels}
+
+
+def test_the_tools_relative_weights_come_from_the_users_history_and_the_lms_from_the_replays():
+    """On three replays the user's habits look a little better than their similar past answers;
+    over their history (no LM needed), the similar answers are right and the habits wrong."""
+    uniform = {label: 0.2 for label in TASK.labels}
+    history = [Answered("q", gold, "", uniform, {"search_memory": _pointing_at(gold, 0.6), "answer_habits": _pointing_at("5", 0.6)})
+               for gold in "1234" * 3]
+    lm_unsure = _pointing_at("3", 0.3)
+    replays = [Answered("q", "5", "3", lm_unsure, {"search_memory": _pointing_at("5", 0.6), "answer_habits": _pointing_at("5", 0.8)})] * 3
+    from_replays_alone = fit_weights(TASK, replays)
+    assert from_replays_alone.get("answer_habits", 0) > 0
+    weights = fit_weights(TASK, replays, history)
+    assert weights.get("search_memory", 0) > 0 and "answer_habits" not in weights
 
 
 @pytest.mark.parametrize("reflection, note", [
