@@ -107,13 +107,17 @@ def _lamp_files(path: Path) -> tuple[Path, Path | None]:
     raise FileNotFoundError(f"{path}: no LaMP questions file (questions.json or *_questions.json)")
 
 
-def _infer_lamp_task(name: str | None, questions: list[dict]) -> TaskSpec:
+def _infer_lamp_task(name: str | None, questions: list[dict], questions_path: Path, outputs_path: Path | None) -> TaskSpec:
     if name and re.fullmatch(r"lamp[-_ ]?2(?:[-_].*)?", name.strip().lower()):
         # Official LaMP-2 files say 'LaMP_2' for both variants: the profile fields tell them apart.
-        fields = {k for q in questions[:5] for p in q.get("profile", [])[:3] for k in p}
+        fields = {k for q in questions[:5] for p in q.get("profile", [])[:3] if isinstance(p, dict) for k in p}
         name = "LaMP-2M" if "tag" in fields else "LaMP-2N"
     if not name:
-        raise ValueError("the task is not named in the outputs file: pass --task (e.g. LaMP-3)")
+        if outputs_path is None:
+            expected = questions_path.with_name(questions_path.name.replace("questions", "outputs"))
+            raise ValueError(f"{questions_path}: no outputs file beside it ({expected.name}) to name the task: "
+                             "add it, or pass --task (e.g. LaMP-3)")
+        raise ValueError(f"{outputs_path}: the task is not named in it: pass --task (e.g. LaMP-3)")
     return resolve_task(name)
 
 
@@ -151,13 +155,15 @@ def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
             if not isinstance(gold, dict) or "id" not in gold or "output" not in gold:
                 raise DataError(outputs_path, f"golds[{i}]", "missing field 'id' or 'output'")
             golds[str(gold["id"])] = str(gold["output"])
-    spec = _infer_lamp_task(task or file_task, questions)
+    spec = _infer_lamp_task(task or file_task, questions, questions_path, outputs_path)
     if spec.labels and questions:
         spec = spec.with_labels(_labels_in_question(str(questions[0].get("input", ""))) or spec.labels)
 
     users: dict[str, UserData] = {}
     profiles: dict[str, dict[str, dict]] = {}
     for i, q in enumerate(questions):
+        if not isinstance(q, dict):
+            raise DataError(questions_path, i, "expected a question object")
         for name in ("id", "input", "profile"):
             if name not in q:
                 raise DataError(questions_path, f"{i} (id {q.get('id', '?')})", f"missing field {name!r}")
@@ -167,6 +173,8 @@ def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
         users.setdefault(user_id, UserData(user_id)).questions.append(
             _example(str(q["id"]), str(q["input"]), golds.get(str(q["id"]))))
         for j, item in enumerate(q["profile"]):
+            if not isinstance(item, dict):
+                raise DataError(questions_path, f"{i} (id {q['id']})", f"profile[{j}] must be an object, not {type(item).__name__}")
             profiles.setdefault(user_id, {}).setdefault(str(item.get("id", f"{q['id']}/{j}")), item)
 
     for user_id, data in users.items():
@@ -189,8 +197,12 @@ def load_jsonl(path: str | Path, kind: Kind = "generation", labels: tuple[str, .
     """
     path = Path(path)
     rows: dict[str, list[dict]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(path, f"line {lineno}", f"not UTF-8 text (byte {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -231,6 +243,8 @@ def load(path: str | Path, task: str | None = None, **jsonl_options) -> TaskData
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.suffix == ".jsonl":
-        kind = task if task in ("classification", "rating", "generation") else "generation"
-        return load_jsonl(path, kind=kind, **jsonl_options)
+        kinds = ("classification", "rating", "generation")
+        if task is not None and task not in kinds:
+            raise ValueError(f"{path}: for an interaction log the task is its kind, one of {', '.join(kinds)}; not {task!r}")
+        return load_jsonl(path, kind=task or "generation", **jsonl_options)
     return load_lamp(path, task)

@@ -49,6 +49,8 @@ def cmd_ask(args) -> int:
     from .lm import make_lm, use_lm
     from .store import UserStore
 
+    if not os.path.isdir(args.store):  # asking must not create an empty store
+        raise FileNotFoundError(f"{args.store}: no such store (compile users into it first)")
     store = UserStore(args.store)
     state = store.load_state(args.user)
     if state is None:
@@ -259,14 +261,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: Exception) -> str:
+    """What went wrong, on one line, naming the file where the error has one."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc):
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     offline_environment()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as exc:  # bad input: one line, no traceback (--debug shows it)
+        if args.debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -7,20 +7,30 @@ import json
 import os
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
 
-# Letters (any script), digits and a few separators seen in real ids ("Tsujii, Jun'ichi").
-USER_ID_PATTERN = re.compile(r"\w[\w .@',:-]{0,127}")
+# Letters (any script), digits and a few separators seen in real ids ("Tsujii, Jun'ichi"). One
+# canonical spelling: no space at either end or twice in a row, so "a" and "a " are not two users.
+# A final "." stays allowed: author ids end with an initial ("Manning, Christopher D.").
+USER_ID_PATTERN = re.compile(r"\w(?:[\w .@',:-]*[\w.])?")
+MAX_USER_ID_BYTES = 128  # in UTF-8; a directory name holds at most 255 bytes on common file systems
 
 
 def validate_user_id(user_id: str) -> str:
-    """User ids become directory names: refuse anything that could escape or collide."""
-    if not isinstance(user_id, str) or not USER_ID_PATTERN.fullmatch(user_id) or ".." in user_id:
+    """User ids become directory names: refuse anything that could escape, collide or not fit."""
+    if (not isinstance(user_id, str) or not USER_ID_PATTERN.fullmatch(user_id) or ".." in user_id
+            or "  " in user_id):
         raise ValueError(
-            f"invalid user id {user_id!r}: use 1-128 letters, digits, spaces or _ . @ ' , : -, "
-            "starting with a letter or digit, with no '..'"
+            f"invalid user id {user_id!r}: use letters, digits, single spaces or _ . @ ' , : -, "
+            "starting with a letter or digit, ending with one or '.', with no '..'"
         )
+    if len(user_id.encode("utf-8")) > MAX_USER_ID_BYTES:
+        raise ValueError(f"invalid user id: {len(user_id.encode('utf-8'))} bytes in UTF-8, at most {MAX_USER_ID_BYTES}")
+    if unicodedata.normalize("NFC", user_id) != user_id:
+        # The same visible id spelled with combining marks would be a second directory.
+        raise ValueError(f"invalid user id {user_id!r}: not in Unicode NFC form (compose its accents)")
     return user_id
 
 

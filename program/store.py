@@ -98,6 +98,8 @@ class UserStore:
 
     def __init__(self, root: str | Path, embedder: Embedder | None = None, max_open: int = 256):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise NotADirectoryError(f"store {self.root}: is a file, not a directory")
         (self.root / "users").mkdir(parents=True, exist_ok=True)
         self._embedder = embedder
         self.max_open = max_open

@@ -85,6 +85,17 @@ def test_malformed_lamp_names_file_record_and_field(tmp_path):
     (tmp_path / "dev_questions.json").write_text("[{")
     with pytest.raises(DataError, match=r"dev_questions\.json.*not valid JSON"):
         load_lamp(tmp_path)
+    questions[1]["profile"] = ["a string, not an item"]
+    (tmp_path / "dev_questions.json").write_text(json.dumps(questions))
+    with pytest.raises(DataError, match=r"record 1 \(id 101\): profile\[0\] must be an object, not str"):
+        load_lamp(tmp_path)
+
+
+def test_a_questions_file_without_its_outputs_file_says_so(tmp_path):
+    _official(tmp_path)
+    (tmp_path / "dev_outputs.json").unlink()
+    with pytest.raises(ValueError, match=r"no outputs file beside it \(dev_outputs\.json\)"):
+        load_lamp(tmp_path)
 
 
 def test_jsonl_interactions(tmp_path):
@@ -109,6 +120,12 @@ def test_jsonl_errors_name_the_line_and_field(tmp_path):
     path.write_text(json.dumps({"user_id": "u", "input": "x", "timestamp": "yesterday"}))
     with pytest.raises(DataError, match="timestamp"):
         load_jsonl(path)
+    path.write_bytes(json.dumps({"user_id": "u", "input": "x"}).encode() + b"\n" + b'{"user_id": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: record line 2: not UTF-8"):
+        load_jsonl(path)
+    path.write_text(json.dumps({"user_id": "u", "input": "x"}))
+    with pytest.raises(ValueError, match="kind, one of classification, rating, generation; not 'banana'"):
+        load(path, "banana")
 
 
 def test_task_names_and_round_trip():

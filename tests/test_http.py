@@ -96,7 +96,8 @@ def test_answer(client):
 
 @pytest.mark.parametrize("path, status", [("/v1/users/bad$id/persona", 400), ("/v1/users/%2E%2E/persona", 400),
                                           ("/v1/users/..%2F..%2Fetc/persona", 404), ("/v1/users/a%2Fb/persona", 404),
-                                          (f"/v1/users/{'x' * 200}/persona", 400), ("/v1/users/%20x/persona", 400)])
+                                          (f"/v1/users/{'x' * 200}/persona", 400), ("/v1/users/%20x/persona", 400),
+                                          (f"/v1/users/{'%C3%A9' * 128}/persona", 400), ("/v1/users/a%20/persona", 400)])
 def test_bad_user_ids_are_refused_and_touch_nothing(client, server, path, status):
     root = server[1].root.parent
     before = sorted(map(str, root.rglob("*")))

@@ -77,14 +77,16 @@ def test_a_newer_format_is_refused_not_misread(tmp_path, embedder):
         store.load_state("alice")
 
 
-@pytest.mark.parametrize("bad", ["../etc", "a/b", "", ".hidden", "x" * 200, "a\nb", "..", "a..b"])
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "", ".hidden", "x" * 200, "a\nb", "..", "a..b",
+                                 "é" * 65, "a ", " a", "a  b", "a:", "e\u0301"])
 def test_path_tricks_in_user_ids_are_refused(bad):
     with pytest.raises(ValueError, match="invalid user id"):
         validate_user_id(bad)
 
 
 def test_real_ids_are_accepted():
-    for good in ["Tsujii, Jun'ichi", "A15TYOEWBQYF0X", "Mary Papenfuss", "José García", "user@example.com"]:
+    for good in ["Tsujii, Jun'ichi", "A15TYOEWBQYF0X", "Mary Papenfuss", "José García", "user@example.com",
+                 "Manning, Christopher D.", "é" * 64]:
         assert validate_user_id(good) == good
 
 
