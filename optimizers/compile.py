@@ -130,7 +130,7 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
             memory.flush()
             profile = SemanticMemory()(task=task, records=memory.all(), previous=store.profile(user.user_id)).profile
             store.save_profile(user.user_id, profile)
-            start = previous.persona if previous else Persona.initial(task, default_sources(task))
+            start = previous.persona if previous else Persona.initial(default_sources(task))
             program = store.build(user.user_id, task, start, "persona", config.k)
             if previous:
                 program.load_instructions(previous.current.instructions)

@@ -273,7 +273,7 @@ class PersonaAlignment(Teleprompter):
                     note = f"the reflection LM's output did not parse ({gist(str(exc).splitlines()[0], 200)})"
                     steps.append(self._record(AlignmentStep(iteration, program.persona, None, "", False, note)))
                     continue
-            problems = candidate.problems(task, [ex.question for ex in replays])
+            problems = candidate.problems([ex.question for ex in replays])
             if problems:
                 steps.append(self._record(AlignmentStep(iteration, candidate, None, feedback, False, "; ".join(problems))))
                 continue

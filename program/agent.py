@@ -25,11 +25,11 @@ import dspy
 from ..data.tasks import TaskSpec
 from .answer import LabelPredict, normalized
 from .memory import Cutoff, EpisodicMemory, Profile
-from .persona import Persona, gist
+from .persona import BASE_INSTRUCTION, Persona, gist
 from .tools import build_evidence, build_tools
 
 METHODS = ("none", "icl", "rag", "membank", "react", "persona")
-GENERIC_INSTRUCTION = "Answer the question. Use the tool results as evidence when they help."
+GENERIC_INSTRUCTION = BASE_INSTRUCTION
 LM_WEIGHT = "lm"
 MAX_QUESTION_CHARS = 1200
 
@@ -87,7 +87,7 @@ class PersonaProgram(dspy.Module):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
         if method == "persona" and persona is None:
-            persona = Persona.initial(task, default_sources(task))
+            persona = Persona.initial(default_sources(task))
         self.task, self.memory, self.profile, self.method = task, memory, profile, method
         self._use_k(k)
         self.answer = answer_module(task, GENERIC_INSTRUCTION)
@@ -99,7 +99,7 @@ class PersonaProgram(dspy.Module):
     def set_persona(self, persona: Persona) -> None:
         """The persona's text becomes the answer's instruction; its demos the answer's demos."""
         self.persona = persona
-        self.answer.signature = self.answer.signature.with_instructions(persona.render(self.task))
+        self.answer.signature = self.answer.signature.with_instructions(persona.render())
         self.answer.demos = [dspy.Example(**demo) for demo in persona.demos]
         self._use_k(persona.k)
 
@@ -181,9 +181,12 @@ def default_sources(task: TaskSpec) -> list[str]:
     are not shown: a small model copies their scores); a classification or free text: their most
     similar past interactions, as RAG would. A classification's label counts are not shown: a small
     model follows the majority label whatever the question, so the user's label habits enter as
-    evidence whose weight alignment fits on their history (`combine`) instead."""
+    evidence whose weight alignment fits on their history (`combine`) instead. Free text: also
+    their profile (semantic memory), which has no label to be biased towards."""
     if task.has_candidates:
         return ["compare_candidates"]
+    if not task.labels:
+        return ["read_profile", "search_memory"]
     return ["answer_habits"] if task.kind == "rating" else ["search_memory"]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..data.tasks import TaskSpec
 
 MAX_CHARS = 1600
 MAX_SUMMARY_CHARS = 400
@@ -74,12 +73,13 @@ def named_items(text: str, examples: list[str]) -> list[str]:
     return sorted(_pairs(text) & specific)
 
 
-FIXED_RULE = "Use the tool results about this user as evidence; prefer them to general knowledge."
+# Every program's instruction starts with this; a persona adds only what was learned about its user.
+BASE_INSTRUCTION = "Answer the question. Use the tool results as evidence when they help."
 
 
 @dataclass
 class Persona:
-    summary: str
+    summary: str = ""
     preferences: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -90,40 +90,37 @@ class Persona:
     def __post_init__(self):
         self.summary = clean_text(self.summary)
         self.preferences = clean_items(self.preferences, 6)
-        self.rules = clean_items([r for r in self.rules if r.strip().lower() not in (FIXED_RULE.lower(),)], 4)
+        self.rules = clean_items(self.rules, 4)
 
     @classmethod
-    def initial(cls, task: TaskSpec, sources: list[str] = ()) -> "Persona":
-        """A new user's persona: the task's own text, its default rule, and `sources` (their tools).
-        The semantic profile is not copied into the text: a small model follows a stated preference
-        ("prefers entertainment") whatever the question. What the profile says reaches the text only
-        through a rewrite (the reflection is shown the profile) that scores better on the user's
-        own history."""
-        return cls(f"A user who will {task.description}.", [],
-                   [f"Answer as this user would: {task.description}, in the exact answer format asked for."],
-                   list(sources))
+    def initial(cls, sources: list[str] = ()) -> "Persona":
+        """A new user's persona: no text yet (the program runs with the base instruction), only the
+        tools it is shown. Neither the semantic profile nor a generic "act as this user" text is
+        written in: a small model follows a stated preference ("prefers entertainment"), and even a
+        role sentence, whatever the question. Text reaches the persona only through a rewrite (the
+        reflection is shown the profile) that scores better on the user's own history."""
+        return cls(sources=list(sources))
 
     @property
     def text(self) -> str:
         """What the LM wrote: the fields a rewrite changes."""
         return "\n".join([self.summary, *self.preferences, *self.rules])
 
-    def render(self, task: TaskSpec) -> str:
-        lines = [
-            f"You act for one specific user. Your job: {task.description}, exactly as this user would.",
-            f"About this user: {self.summary}",
-        ]
+    def render(self) -> str:
+        """The instruction: the base instruction, then what was learned about the user, if anything."""
+        lines = [BASE_INSTRUCTION]
+        if self.summary:
+            lines.append(f"About this user: {self.summary}")
         if self.preferences:
             lines.append("This user's preferences and habits:" + "".join(f"\n- {p}" for p in self.preferences))
         if self.rules:
             lines.append("How to answer for this user:" + "".join(f"\n- {r}" for r in self.rules))
-        lines.append(FIXED_RULE)
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def problems(self, task: TaskSpec, examples: list[str] = ()) -> list[str]:
+    def problems(self, examples: list[str] = ()) -> list[str]:
         """Why this persona should not be used (empty list: it is fine)."""
         found = []
         named = named_items(self.text, examples)
@@ -131,7 +128,7 @@ class Persona:
             found.append(f"persona names items from the examples instead of preferences ({', '.join(named[:3])})")
         if len(self.summary.split()) < 3:
             found.append("summary is empty or too short")
-        text = self.render(task)
+        text = self.render()
         if len(text) > MAX_CHARS:
             found.append(f"persona is {len(text)} characters, over {MAX_CHARS}")
         words = re.findall(r"\w+", text.lower())

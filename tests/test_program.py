@@ -29,7 +29,7 @@ def test_the_persona_is_the_answer_instruction_and_its_choices_shape_the_call(st
     persona = Persona("Alice plays guitar.", ["rates strings highly"], ["answer with a digit"],
                       sources=["search_memory"], k=1, demos=[{"question": "review: a DEMO-CAPO", "answer": "3"}])
     program = store.build("alice", TASK, persona)
-    assert program.answer.signature.instructions == persona.render(TASK) and program.plan is None
+    assert program.answer.signature.instructions == persona.render() and program.plan is None
     lm = fake_lm({"answer": "4"})
     with use_lm(lm), UsageMeter(lm) as usage:
         pred = program(question="What is the score of this review? review: lovely new guitar strings")

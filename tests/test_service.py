@@ -157,12 +157,12 @@ def test_a_user_without_a_compiled_program_gets_the_default_program(service, sto
     info = service.persona("dave")
     assert not info["compiled"] and info["versions"] == [] and info["current_version"] is None
     assert info["task"]["kind"] == "generation" and info["interactions"] == 1
-    assert "Dave writes dry, short headlines." in info["instructions"]["answer"]
-    assert info["persona"]["sources"] == ["search_memory"]  # a free-text task's default
+    assert info["persona"]["sources"] == ["read_profile", "search_memory"]  # a free-text task's default
     engine.answers["answer"] = echo
     answer = service.answer("dave", "write a headline: sun at last")
     assert answer.answer == "answer to write a headline: sun at last" and answer.persona_version is None
-    assert answer.tools == ["search_memory"] and "Rain, again" in engine.requests[-1]
+    assert answer.tools == ["read_profile", "search_memory"]
+    assert "Rain, again" in engine.requests[-1] and "Dave writes dry, short headlines." in engine.requests[-1]
     assert (answer.label_scores, answer.confidence, answer.scoring) == (None, None, None)  # free text: no labels
 
 
@@ -254,7 +254,7 @@ def test_alignment_records_every_version_and_the_new_persona_is_served(service, 
     assert rewrite.accepted and rewrite.score > calibration.score and rewrite.likelihood is not None
     assert rewrite.persona["summary"] == REWRITE["summary"] and rewrite.persona["sources"] == SOURCES
     assert REWRITE["gradient"] in rewrite.feedback
-    assert rewrite.instructions["answer"].startswith(Persona(**rewrite.persona).render(TASK))
+    assert rewrite.instructions["answer"].startswith(Persona(**rewrite.persona).render())
     assert service.persona("alice")["current_version"] == 3
     assert service.answer("alice", "review: ok").persona_version == 3
     assert REWRITE["summary"] in engine.requests[-1]

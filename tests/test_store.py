@@ -19,7 +19,7 @@ TASK = LAMP_TASKS["LaMP-3"]
 def _state(user_id: str, summary: str = "Rates gear generously.", number: int = 1, padding: int = 0) -> ProgramState:
     persona = Persona(summary, ["likes Fender"], ["answer with a digit"], sources=["answer_habits"], k=2,
                       demos=[{"question": "review: a capo", "answer": "4"}], weights={"lm": 0.5, "answer_habits": 1.0})
-    instructions = {"answer": persona.render(TASK) + "x" * padding}
+    instructions = {"answer": persona.render() + "x" * padding}
     return ProgramState(user_id, task_to_dict(TASK), "local/smollm2-135m",
                         [PersonaVersion(number, persona.to_dict(), instructions, 0.5, likelihood=-1.25)])
 
@@ -44,7 +44,7 @@ def test_rejected_versions_are_kept_but_not_used(tmp_path, embedder):
     store = UserStore(tmp_path, embedder)
     state = _state("alice")
     bad = Persona("Copied text.", [], [])
-    state.versions.append(PersonaVersion(2, bad.to_dict(), {"answer": bad.render(TASK)}, None, "fb", False, "copied"))
+    state.versions.append(PersonaVersion(2, bad.to_dict(), {"answer": bad.render()}, None, "fb", False, "copied"))
     store.save_state(state)
     loaded = store.load_state("alice")
     assert len(loaded.versions) == 2 and loaded.current.version == 1
