@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "load_average_1min": os.getloadavg()[0]}
     timer = LMTimer()
-    lm = fake_lm(timer) if args.lm == "fake" else make_lm(args.lm, cache=False, callbacks=[timer])
+    lm = fake_lm(timer) if args.lm == "fake" else make_lm(args.lm, callbacks=[timer])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"
         users, questions = make_store(args.data, args.users, root)

@@ -84,7 +84,8 @@ class Evaluation:
 
     def _lm(self):
         if self.lm is None:
-            self.lm = make_lm(self.lm_spec)
+            # Cached: benchmark data is never forgotten, and a resumed run reuses what it generated.
+            self.lm = make_lm(self.lm_spec, cache=True)
         return self.lm
 
     def questions(self, user: UserData):

@@ -9,6 +9,7 @@ persona in place (the program file is replaced atomically, and only at the end).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -30,7 +31,7 @@ from ..program.memory import Cutoff, SemanticMemory
 from ..program.persona import Persona
 from ..program.store import PersonaVersion, ProgramState, UserStore, alignment_versions
 from .persona import ACCEPTANCE, PersonaAlignment
-from .tracking import setup_mlflow
+from .tracking import Tracker, tracking_uri_or_default
 
 Optimizer = Literal["persona", "gepa", "none"]
 
@@ -70,6 +71,7 @@ class UserResult:
     persona_before: str = ""
     persona_after: str = ""
     details: str = ""  # the traceback of a failure, for the MLflow run
+    tracking_errors: list[str] = field(default_factory=list)  # MLflow calls that failed; the compile went on
 
 
 def compile_key(config: CompileConfig, task: TaskSpec, user: UserData) -> str:
@@ -111,16 +113,38 @@ def _align(config: CompileConfig, program, examples, lm, task):
 def compile_user(store_root: str, task_dict: dict, user: UserData, config: CompileConfig,
                  parent_run_id: str | None = None, tracking_uri: str | None = None,
                  lm: dspy.LM | None = None) -> UserResult:
-    """Compile one user: ingest memory, write the profile, align the persona, save atomically.
+    """Compile one user: ingest memory, write the profile, align the persona, save atomically;
+    tracked in a run of its own (nested under `parent_run_id`) when `tracking_uri` is given.
 
-    `lm` overrides `config.lm` with an LM object (in-process callers only: it is not picklable)."""
+    Compiles of one user are serialized by a lock on their directory, across processes: a second
+    compile waits, then starts from what the first saved (or skips, if nothing changed), so no
+    version is lost. `lm` overrides `config.lm` with an LM object (in-process callers only: it is
+    not picklable)."""
     task = task_from_dict(task_dict)
     store = UserStore(store_root)
-    key = compile_key(config, task, user)
-    previous = store.load_state(user.user_id)
-    if previous is not None and previous.compile_key == key:
-        return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions])
-    mlflow = setup_mlflow(tracking_uri, "personaagent-compile") if parent_run_id else None
+    try:
+        with store.lock(user.user_id):
+            key = compile_key(config, task, user)
+            previous = store.load_state(user.user_id)
+            if previous is not None and previous.compile_key == key:
+                return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions])
+            tracker = Tracker(tracking_uri, "personaagent-compile", autolog=True) if tracking_uri else None
+            run = tracker.run(f"user {user.user_id}", {"user_id": user.user_id}, parent_run_id) if tracker else contextlib.nullcontext()
+            with run:  # the compile's traces land in the user's run, so forgetting the user finds them
+                result = _compile(store, task, user, config, previous, key, lm)
+                if tracker:
+                    _log_user(tracker, result, store.load_state(user.user_id) if result.status == "compiled" else None)
+                    # Traces are exported in the background: stored before the user counts as done.
+                    tracker.call("store the traces", "flush_trace_async_logging")
+            if tracker:
+                result.tracking_errors = tracker.errors
+            return result
+    finally:
+        store.close()
+
+
+def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileConfig,
+             previous: ProgramState | None, key: str, lm: dspy.LM | None) -> UserResult:
     lm = lm or make_lm(config.lm)
     started = time.perf_counter()
     try:
@@ -143,43 +167,40 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
         state = ProgramState(user.user_id, task_to_dict(task), config.lm, versions, key,
                              created_at=previous.created_at if previous else time.time())
         store.save_state(state)
-        result = UserResult(user.user_id, "compiled", scores=[v.score for v in versions], lm_calls=usage.calls,
-                            tokens=usage.tokens, seconds=time.perf_counter() - started,
-                            timings=getattr(aligned, "timings", {}),
-                            persona_before=before, persona_after=state.current.instructions.get("answer", ""))
+        return UserResult(user.user_id, "compiled", scores=[v.score for v in versions], lm_calls=usage.calls,
+                          tokens=usage.tokens, seconds=time.perf_counter() - started,
+                          timings=getattr(aligned, "timings", {}),
+                          persona_before=before, persona_after=state.current.instructions.get("answer", ""))
     except Exception as exc:  # one user's failure must not stop the others
-        result = UserResult(user.user_id, "failed", f"{type(exc).__name__}: {exc}",
-                            seconds=time.perf_counter() - started, details=traceback.format_exc(limit=3))
-    finally:
-        store.close()
-    if mlflow is not None:
-        _log_user(mlflow, parent_run_id, result, store.load_state(user.user_id) if result.status == "compiled" else None)
-    return result
+        return UserResult(user.user_id, "failed", f"{type(exc).__name__}: {exc}",
+                          seconds=time.perf_counter() - started, details=traceback.format_exc(limit=3))
 
 
-def _log_user(mlflow, parent_run_id: str, result: UserResult, state: ProgramState | None) -> None:
-    with mlflow.start_run(run_name=f"user {result.user_id}", parent_run_id=parent_run_id, nested=True,
-                          tags={"user_id": result.user_id, "status": result.status}):
-        mlflow.log_metrics({"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds,
-                            **{f"seconds_{phase}": s for phase, s in result.timings.items()}})
-        if result.error:
-            mlflow.log_text(result.error + "\n\n" + result.details, "error.txt")
-        if state is None:
-            return
-        for step, version in enumerate(state.versions):
-            if version.score is not None:
-                mlflow.log_metric("validation_score", version.score, step=step)
-            if version.likelihood is not None:
-                mlflow.log_metric("validation_likelihood", version.likelihood, step=step)
-            mlflow.log_text(version.instructions.get("answer", ""), f"personas/v{version.version:03d}.md")
-            mlflow.log_dict(asdict(version), f"personas/v{version.version:03d}.json")
-        mlflow.log_text(state.current.instructions.get("answer", ""), "persona.md")
+def _log_user(tracker: Tracker, result: UserResult, state: ProgramState | None) -> None:
+    """The user's run: status, costs, where the time went, and every persona version with its
+    validation score. Each call is contained: a failing sink loses the record, not the compile."""
+    tracker.call("tag the status", "set_tag", "status", result.status)
+    tracker.call("log costs", "log_metrics", {"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds,
+                                              **{f"seconds_{phase}": s for phase, s in result.timings.items()}})
+    if result.error:
+        tracker.call("log the error", "log_text", result.error + "\n\n" + result.details, "error.txt")
+    if state is None:
+        return
+    for step, version in enumerate(state.versions):
+        if version.score is not None:
+            tracker.call("log a validation score", "log_metric", "validation_score", version.score, step=step)
+        if version.likelihood is not None:
+            tracker.call("log a validation likelihood", "log_metric", "validation_likelihood", version.likelihood, step=step)
+        tracker.call("log a persona version", "log_text", version.instructions.get("answer", ""), f"personas/v{version.version:03d}.md")
+        tracker.call("log a persona version", "log_dict", asdict(version), f"personas/v{version.version:03d}.json")
+    tracker.call("log the persona", "log_text", state.current.instructions.get("answer", ""), "persona.md")
 
 
 @dataclass
 class CompileReport:
     results: list[UserResult]
     run_id: str | None
+    tracking_errors: list[str] = field(default_factory=list)  # of the parent run; each user's are in its result
 
     @property
     def counts(self) -> dict[str, int]:
@@ -192,17 +213,19 @@ class CompileReport:
 
 def compile_users(data: TaskData, store: str | Path, config: CompileConfig, workers: int = 1,
                   tracking_uri: str | None = None, progress: bool = True, lm: dspy.LM | None = None) -> CompileReport:
-    """Compile every user in `data` into `store`; one parent MLflow run, one nested run per user."""
+    """Compile every user in `data` into `store`; one parent MLflow run, one nested run per user.
+    Tracking only observes: when MLflow fails, users are compiled and saved all the same."""
     UserStore(store).close()  # a store that cannot be a directory fails here, before any user
-    mlflow = setup_mlflow(tracking_uri, "personaagent-compile", autolog=False)
+    tracker = Tracker(tracking_uri, "personaagent-compile")
+    uri = tracking_uri_or_default(tracking_uri)
     task_dict = task_to_dict(data.task)
     results: list[UserResult] = []
-    with mlflow.start_run(run_name=f"compile {data.task.name} ({len(data.users)} users)") as parent:
-        mlflow.log_params({**asdict(config), "task": data.task.name, "data": data.source,
-                           "users": len(data.users), "workers": workers})
-        uri = mlflow.get_tracking_uri()
+    with tracker.run(f"compile {data.task.name} ({len(data.users)} users)") as parent:
+        tracker.call("log the config", "log_params", {**asdict(config), "task": data.task.name, "data": data.source,
+                                                     "users": len(data.users), "workers": workers})
+        parent_id = parent.info.run_id if parent else None
         bar = tqdm(total=len(data.users), desc="compile", unit="user", disable=not progress)
-        jobs = [(str(store), task_dict, user, config, parent.info.run_id, uri) for user in data.users.values()]
+        jobs = [(str(store), task_dict, user, config, parent_id, uri) for user in data.users.values()]
         if workers <= 1 or lm is not None:
             for job in jobs:
                 bar.set_postfix_str(job[2].user_id[:30])
@@ -216,10 +239,10 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
                     bar.set_postfix_str(results[-1].user_id[:30])
                     bar.update()
         bar.close()
-        report = CompileReport(results, parent.info.run_id)
-        mlflow.log_metrics({f"users_{k}": v for k, v in report.counts.items()})
+        report = CompileReport(results, parent_id, tracker.errors)
+        tracker.call("log the counts", "log_metrics", {f"users_{k}": v for k, v in report.counts.items()})
         done = [r for r in results if r.status == "compiled"]
         if done:
-            mlflow.log_metrics({"mean_lm_calls_per_user": sum(r.lm_calls for r in done) / len(done),
-                                "mean_seconds_per_user": sum(r.seconds for r in done) / len(done)})
+            tracker.call("log the means", "log_metrics", {"mean_lm_calls_per_user": sum(r.lm_calls for r in done) / len(done),
+                                                          "mean_seconds_per_user": sum(r.seconds for r in done) / len(done)})
     return report

@@ -1,10 +1,22 @@
-"""MLflow set-up that works offline, and the tracking URI every command uses by default."""
+"""MLflow tracking that observes the work and never stops it, and forgetting a user in MLflow.
+
+`Tracker` follows GEPA's callbacks: it only observes, and contains its own errors. Each MLflow call
+is retried briefly (a locked SQLite file, two processes creating a new database at once); if it
+still fails, the error is kept in `errors`, for the caller to report per user, and the work goes on.
+Runs record their process, so runs left RUNNING by a killed compile are ended as KILLED by the next
+one, and a run interrupted in-process (Ctrl-C, SIGTERM) ends as KILLED, an error as FAILED.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
+from typing import Any, Callable, Iterator
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+HOST_TAG, PID_TAG = "personaagent.host", "personaagent.pid"
 
 
 def offline_environment() -> None:
@@ -14,11 +26,15 @@ def offline_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def tracking_uri_or_default(tracking_uri: str | None) -> str:
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 def setup_mlflow(tracking_uri: str | None, experiment: str, autolog: bool = True):
     offline_environment()
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    mlflow.set_tracking_uri(tracking_uri_or_default(tracking_uri))
     mlflow.set_experiment(experiment)
     if autolog:
         # Imported first so the teleprompter class exists when autolog patches Teleprompter subclasses.
@@ -26,3 +42,123 @@ def setup_mlflow(tracking_uri: str | None, experiment: str, autolog: bool = True
 
         mlflow.dspy.autolog(log_compiles=True, log_evals=True, log_traces=True, silent=True)
     return mlflow
+
+
+class Tracker:
+    """One process's view of an MLflow experiment; every method is safe to call when MLflow fails."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str, autolog: bool = False,
+                 attempts: int = 3, wait_s: float = 0.5):
+        self.attempts, self.wait_s, self.experiment = attempts, wait_s, experiment
+        self.errors: list[str] = []
+        self.mlflow = self._attempt("set up MLflow", lambda: setup_mlflow(tracking_uri, experiment, autolog))
+        if self.mlflow is not None:
+            self._attempt("end runs of killed compiles", self._end_orphaned_runs)
+
+    def _attempt(self, what: str, call: Callable[[], Any]) -> Any:
+        """`call()`, retried with backoff; None (and the error kept) when every attempt failed."""
+        for attempt in range(self.attempts):
+            try:
+                return call()
+            except Exception as exc:  # tracking must never stop the work
+                if attempt == self.attempts - 1:
+                    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                    self.errors.append(f"{what}: {type(exc).__name__}: {first_line}")
+                    return None
+                time.sleep(self.wait_s * 2 ** attempt)
+
+    def call(self, what: str, method: str, *args, **kwargs) -> Any:
+        """`mlflow.<method>(*args, **kwargs)`, contained."""
+        if self.mlflow is None:
+            return None
+        return self._attempt(what, lambda: getattr(self.mlflow, method)(*args, **kwargs))
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> Iterator[Any]:
+        """An MLflow run around a block (None if it could not start); it ends FINISHED, FAILED on an
+        error, KILLED on an interruption, and the block's own exceptions pass through."""
+        tags = {**(tags or {}), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+        run = self.call(f"start run {name!r}", "start_run", run_name=name, parent_run_id=parent_run_id,
+                        nested=parent_run_id is not None, tags=tags)
+        status = "FINISHED"
+        try:
+            yield run
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            if run is not None:
+                self._end(run.info.run_id, status)
+
+    def _end(self, run_id: str, status: str) -> None:
+        try:  # end_run leaves the active run first, then records the status: only the record is retried
+            self.mlflow.end_run(status)
+        except Exception:
+            self._attempt(f"end run {run_id}", lambda: self.mlflow.MlflowClient().set_terminated(run_id, status))
+
+    def _end_orphaned_runs(self) -> None:
+        """Runs of this host still RUNNING whose process is gone were killed (kill -9, power loss)."""
+        experiment = self.mlflow.get_experiment_by_name(self.experiment)
+        client = self.mlflow.MlflowClient()
+        host = socket.gethostname()
+        for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            pid = run.data.tags.get(PID_TAG)
+            if run.data.tags.get(HOST_TAG) == host and pid and pid.isdigit() and not _alive(int(pid)):
+                client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def forget_user(user_id: str, tracking_uri: str | None = None) -> int:
+    """Delete everything MLflow holds of one user: their runs (tagged `user_id`) in every experiment,
+    with their metrics, parameters, artifacts and the traces recorded under them, permanently (not
+    MLflow's soft delete). Returns the number of runs deleted.
+
+    A SQLite tracking database is vacuumed afterwards, so no deleted text stays in its free pages.
+    This reaches the tracking server and artifact store the URI names; copies elsewhere (a remote
+    server's backups, an exported trace) are the operator's to delete.
+    """
+    offline_environment()
+    import mlflow
+    from mlflow.artifacts import get_artifact_repository
+    from mlflow.entities import ViewType
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    uri = tracking_uri_or_default(tracking_uri)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        return 0  # nothing was ever tracked there (and connecting would create the database)
+    mlflow.flush_trace_async_logging()  # traces this process is still exporting are deleted too
+    client = mlflow.MlflowClient(uri)
+    escaped = user_id.replace("\\", "\\\\").replace("'", "\\'")
+    deleted = 0
+    for experiment in client.search_experiments(view_type=ViewType.ALL):
+        runs = client.search_runs([experiment.experiment_id], f"tags.user_id = '{escaped}'", ViewType.ALL, max_results=50000)
+        for run in runs:
+            run_id = run.info.run_id
+            while traces := client.search_traces(locations=[experiment.experiment_id], run_id=run_id, max_results=100):
+                client.delete_traces(experiment.experiment_id, trace_ids=[t.info.trace_id for t in traces])
+            with contextlib.suppress(Exception):  # a run without artifacts has no folder to delete
+                get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+            store = _get_store(uri)
+            if hasattr(store, "_hard_delete_run"):
+                store._hard_delete_run(run_id)
+            else:  # a remote server: its own garbage collection (`mlflow gc`) removes deleted runs
+                client.delete_run(run_id)
+            deleted += 1
+    if deleted and uri.startswith("sqlite:///"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"))) as db:
+            db.execute("VACUUM")
+    return deleted

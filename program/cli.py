@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-from ..optimizers.tracking import DEFAULT_TRACKING_URI, offline_environment
+from ..optimizers.tracking import DEFAULT_TRACKING_URI, offline_environment, tracking_uri_or_default
 
 
 def _add_lm(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,22 @@ def cmd_ask(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- forget
+
+def cmd_forget(args) -> int:
+    from ..optimizers.tracking import forget_user
+    from .store import UserStore
+
+    if not os.path.isdir(args.store):
+        raise FileNotFoundError(f"{args.store}: no such store")
+    # MLflow first: if it fails, the user is still whole in the store and the command can be rerun.
+    runs = forget_user(args.user, args.tracking_uri)
+    found = UserStore(args.store, embedder=object()).delete_user(args.user)
+    print(f"forgot {args.user!r}: {'their store data' if found else 'nothing in the store'}, {runs} MLflow runs "
+          f"({args.tracking_uri or DEFAULT_TRACKING_URI})")
+    return 0
+
+
 # ---------------------------------------------------------------- compile
 
 def cmd_compile(args) -> int:
@@ -81,6 +98,8 @@ def cmd_compile(args) -> int:
                            n_recent=args.n_recent, iterations=args.iterations, acceptance=args.acceptance,
                            validation=args.validation, max_lm_calls=args.max_lm_calls,
                            gepa_budget=args.gepa_budget)
+    # SIGTERM stops a compile as Ctrl-C does: MLflow runs end KILLED, every user keeps their last good persona.
+    signal.signal(signal.SIGTERM, _interrupt)
     report = compile_users(data, args.store, config, workers=args.workers, tracking_uri=args.tracking_uri)
     for r in report.results:
         scores = " -> ".join("-" if s is None else f"{s:.2f}" for s in r.scores)
@@ -88,10 +107,18 @@ def cmd_compile(args) -> int:
         if r.status == "compiled":
             line += f"  ({r.lm_calls} LM calls, {r.tokens} tokens, {r.seconds:.1f} s)"
         print(line + (f"  {r.error}" if r.error else ""))
+        if r.tracking_errors:
+            print(f"         tracking failed, the persona was saved: {r.tracking_errors[0]}")
+    if report.tracking_errors:
+        print(f"tracking failed for the compile's run: {report.tracking_errors[0]}")
     counts = report.counts
     print(f"{counts['compiled']} compiled, {counts['skipped']} skipped (unchanged), {counts['failed']} failed; "
           f"MLflow run {report.run_id} ({args.tracking_uri or DEFAULT_TRACKING_URI})")
     return 1 if report.all_failed else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # ---------------------------------------------------------------- serve
@@ -107,12 +134,12 @@ def cmd_serve(args) -> int:
         return 2
     kinds = ("classification", "rating", "generation")
     default_task = generic_task(args.default_task) if args.default_task in kinds else resolve_task(args.default_task)
-    # Uncached: a deleted user's prompts must not outlive them in DSPy's disk cache.
-    lm = make_lm(_lm_spec(args), cache=False, **_lm_kwargs(args))
-    reflection_lm = make_lm(args.reflection_lm, cache=False) if args.reflection_lm else None
+    lm = make_lm(_lm_spec(args), **_lm_kwargs(args))
+    reflection_lm = make_lm(args.reflection_lm) if args.reflection_lm else None
     print(f"serving {args.store} on http://{args.host}:{args.port} (OpenAPI description at /openapi.json)", flush=True)
     serve(args.store, token=token, host=args.host, port=args.port, lm=lm, reflection_lm=reflection_lm,
-          default_task=default_task, max_loaded=args.max_loaded)
+          default_task=default_task, max_loaded=args.max_loaded,
+          tracking_uri=tracking_uri_or_default(args.tracking_uri))
     return 0
 
 
@@ -226,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_compile)
 
+    p = sub.add_parser("forget", help="delete everything written about a user", description="Delete a user's memory, profile, persona and versions from the store, and their runs, traces and artifacts from MLflow. Copies elsewhere (a remote server's backups) are the operator's to delete.")
+    p.add_argument("--store", required=True, help="compile output directory")
+    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI the compiles used (default {DEFAULT_TRACKING_URI})")
+    p.set_defaults(func=cmd_forget)
+
     p = sub.add_parser("serve", help="serve the users' programs over HTTP", description="Answer, remember and align for every user of a store over an HTTP API (OpenAPI description at /openapi.json); requests carry the bearer token from --token or PERSONAAGENT_TOKEN.")
     p.add_argument("--store", required=True, help="compile output directory")
     p.add_argument("--host", default="127.0.0.1")
@@ -236,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-task", default="generation",
                    help="task of users with no compiled program: classification, rating, generation or a LaMP task name")
     p.add_argument("--max-loaded", type=int, default=256, help="programs kept loaded, least recently used dropped first")
+    p.add_argument("--tracking-uri", default=None,
+                   help=f"MLflow tracking URI the store's compiles used (default {DEFAULT_TRACKING_URI}): "
+                        "deleting a user also deletes their runs there")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="compile the bundled sample users and answer with one", description="The main job: compile personas for bundled sample users on the embedded model, print them before and after, answer with one.")

@@ -254,8 +254,11 @@ def local_engine(model_name: str) -> LlamaCppEngine:
         return _engines[model_name]
 
 
-def make_lm(spec: str = DEFAULT_LM, *, cache: bool = True, **kwargs) -> dspy.LM:
-    """`local/<name>` for an embedded model, else any DSPy model string (kwargs go to `dspy.LM`)."""
+def make_lm(spec: str = DEFAULT_LM, *, cache: bool = False, **kwargs) -> dspy.LM:
+    """`local/<name>` for an embedded model, else any DSPy model string (kwargs go to `dspy.LM`).
+
+    Uncached by default: DSPy's cache would keep users' text on disk (and in memory) after they
+    are forgotten. Benchmarks over fixed data may pass `cache=True`."""
     if spec.startswith(LOCAL_PREFIX):
         name = spec[len(LOCAL_PREFIX):]
         if name not in models.MODELS:

@@ -129,10 +129,10 @@ class PersonaService:
     def __init__(self, store: str | Path | UserStore, lm: dspy.LM | str = DEFAULT_LM, *,
                  reflection_lm: dspy.LM | None = None, default_task: TaskSpec | None = None,
                  max_loaded: int = 256, lm_workers: int | None = None, max_queued: int = 64,
-                 lm_retry_after: int = 5):
+                 lm_retry_after: int = 5, tracking_uri: str | None = None):
         self.store = store if isinstance(store, UserStore) else UserStore(store)
-        # Uncached: a deleted user's prompts must not outlive them in DSPy's disk cache.
-        self.lm = make_lm(lm, cache=False) if isinstance(lm, str) else lm
+        self.tracking_uri = tracking_uri  # where compiles of this store were tracked: deleting a user deletes their runs
+        self.lm = make_lm(lm) if isinstance(lm, str) else lm
         self.reflection_lm = reflection_lm
         self.default_task = default_task or generic_task("generation")
         self.max_loaded, self.max_queued, self.lm_retry_after = max_loaded, max_queued, lm_retry_after
@@ -282,8 +282,18 @@ class PersonaService:
         }
 
     def delete(self, user_id: str) -> None:
-        """Forget the user completely: memory, profile, persona, versions and alignment jobs."""
+        """Forget the user completely: their runs in MLflow (with `tracking_uri`) first, then memory,
+        profile, persona, versions and alignment jobs. If MLflow cannot be reached nothing is deleted
+        and the caller is told to retry, so a user is never left half forgotten."""
         user_id = self._existing(user_id)
+        if self.tracking_uri:
+            from ..optimizers.tracking import forget_user  # MLflow is loaded only when used
+
+            try:
+                forget_user(user_id, self.tracking_uri)
+            except Exception as exc:
+                raise Unavailable(f"the user's MLflow runs could not be deleted ({type(exc).__name__}); "
+                                  "nothing was deleted, retry", self.lm_retry_after) from exc
         with self._user_lock(user_id):
             with self._lock:
                 self._deletions[user_id] = self._deletions.get(user_id, 0) + 1
@@ -334,7 +344,9 @@ class PersonaService:
                         for r in program.memory.all() if r.output is not None]
             with use_lm(self.lm), dspy.context(disable_history=True):
                 aligned = teleprompter.compile(program, trainset=examples)
-            with self._user_lock(job.user_id):
+            # The store's lock first (a compile in another process may hold it for minutes), then
+            # this process's: appends of the user wait only for the save itself.
+            with self.store.lock(job.user_id, create=False), self._user_lock(job.user_id):
                 if self._deletions.get(job.user_id, 0) != deletions:
                     raise NotFound("the user was deleted during alignment")
                 on_disk = self.store.load_state(job.user_id)

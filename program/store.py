@@ -10,6 +10,8 @@ saving leaves the previous program loadable and an old file is never misread.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import shutil
 import threading
@@ -135,6 +137,21 @@ class UserStore:
         if evicted is not None:
             evicted.flush()  # written now, the index need not be rebuilt when the user comes back
         return memory
+
+    @contextlib.contextmanager
+    def lock(self, user_id: str, create: bool = True):
+        """Exclusive, across processes, while held: compiles and alignments of one user that would
+        each save a new version take turns, so neither overwrites the other's. Blocks until free.
+        With `create=False` a user without a directory (deleted) is a FileNotFoundError, not recreated."""
+        directory = self.user_dir(user_id)
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def profile(self, user_id: str) -> Profile:
         return load_profile(self.user_dir(user_id) / "profile.json")

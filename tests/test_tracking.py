@@ -1,0 +1,125 @@
+"""Tracking observes and never stops the work; compiles of one user never lose a version; forgetting
+a user leaves none of their text in anything the project wrote (the store, MLflow's database and
+artifacts)."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from personaagent.data.loaders import load
+from personaagent.optimizers.compile import CompileConfig, compile_users
+from personaagent.optimizers.tracking import HOST_TAG, PID_TAG, Tracker
+from personaagent.program.cli import main
+from personaagent.program.lm import make_lm
+from personaagent.program.service import PersonaService
+from personaagent.program.store import UserStore
+
+from conftest import fake_lm
+
+SECRETS = {"alice": "ZEBRA-MARMALADE-4471", "bob": "OKAPI-TURPENTINE-9902"}
+
+
+@pytest.fixture
+def log(tmp_path):
+    """Two users whose every interaction carries their secret, as a JSONL rating log."""
+    path = tmp_path / "log.jsonl"
+    rows = [{"user_id": user, "timestamp": t, "input": f"review {t} by {user}: {secret} strings held up well",
+             "output": str(4 + t % 2)} for user, secret in SECRETS.items() for t in range(8)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return load(path, "rating")
+
+
+def _fake():
+    return fake_lm({"summary": "Rates strings.", "gradient": "Rate 5.", "rules": ["rate 5"], "answer": "4"})
+
+
+def _files_with(root: Path, text: str) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+def test_forgetting_leaves_no_byte_of_the_user_in_the_store_or_mlflow(tmp_path, log, monkeypatch):
+    tmp_path = tmp_path / "written"  # everything the project writes, and nothing else (not the input log)
+    tmp_path.mkdir()
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts go under the working directory
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    report = compile_users(log, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=_fake())
+    assert report.counts["compiled"] == 2 and not report.tracking_errors
+    for secret in SECRETS.values():  # the compile's traces carried each user's text into MLflow
+        assert "mlflow.db" in _files_with(tmp_path, secret) and any(f.startswith("store") for f in _files_with(tmp_path, secret))
+
+    assert main(["forget", "--store", str(tmp_path / "store"), "--user", "alice", "--tracking-uri", uri]) == 0
+    assert _files_with(tmp_path, SECRETS["alice"]) == []
+    assert "mlflow.db" in _files_with(tmp_path, SECRETS["bob"])  # only alice was forgotten
+
+    with PersonaService(tmp_path / "store", lm=_fake(), tracking_uri=uri) as service:
+        service.delete("bob")
+    assert _files_with(tmp_path, SECRETS["bob"]) == []
+    mlflow.set_tracking_uri(uri)
+    users = {r.data.tags.get("user_id") for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    assert users == {None}  # the parent run stays: it holds no user's text
+
+
+def test_a_failing_tracking_sink_is_reported_and_every_user_is_still_compiled(tmp_path, log):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the tracking database's folder should be")
+    report = compile_users(log, tmp_path / "store", CompileConfig(), tracking_uri=f"sqlite:///{blocked}/mlflow.db",
+                           progress=False, lm=_fake())
+    assert report.counts["compiled"] == 2 and report.run_id is None
+    assert report.tracking_errors and all(r.tracking_errors for r in report.results)
+    store = UserStore(tmp_path / "store")
+    assert {u: store.load_state(u).current.version >= 1 for u in SECRETS} == {"alice": True, "bob": True}
+
+
+def test_runs_end_failed_or_killed_and_runs_of_a_killed_process_are_ended(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "runs")
+    with pytest.raises(RuntimeError), tracker.run("fails") as failed:
+        raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), tracker.run("interrupted") as interrupted:
+        raise KeyboardInterrupt
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client = mlflow.MlflowClient(uri)
+    orphan = client.create_run(client.get_experiment_by_name("runs").experiment_id,
+                               tags={HOST_TAG: __import__("socket").gethostname(), PID_TAG: dead.stdout.strip()})
+    alive = client.create_run(orphan.info.experiment_id, tags={HOST_TAG: __import__("socket").gethostname(),
+                                                               PID_TAG: str(__import__("os").getpid())})
+    Tracker(uri, "runs")  # the next compile's tracker ends what a kill -9 left running
+    status = {name: client.get_run(run.info.run_id).info.status
+              for name, run in [("failed", failed), ("interrupted", interrupted), ("orphan", orphan), ("alive", alive)]}
+    assert status == {"failed": "FAILED", "interrupted": "KILLED", "orphan": "KILLED", "alive": "RUNNING"}
+
+
+def test_two_compiles_of_one_user_at_once_lose_no_version_on_a_fresh_mlflow_store(tmp_path, log):
+    one = log.select(user_ids=["alice"])
+    configs = [CompileConfig(), CompileConfig(acceptance="always")]
+    # Reference: the same two compiles one after the other.
+    for config in configs:
+        compile_users(one, tmp_path / "sequential", config, tracking_uri=f"sqlite:///{tmp_path / 'seq.db'}",
+                      progress=False, lm=_fake())
+    expected = len(UserStore(tmp_path / "sequential").load_state("alice").versions)
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    reports = [None, None]
+
+    def run(i):
+        reports[i] = compile_users(one, tmp_path / "store", configs[i], tracking_uri=uri, progress=False, lm=_fake())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.counts["compiled"] for r in reports] == [1, 1]
+    versions = UserStore(tmp_path / "store").load_state("alice").versions
+    assert [v.version for v in versions] == list(range(1, expected + 1))  # the second built on the first
+    assert [v.note for v in versions].count("initial persona") == 1
+
+
+def test_lms_are_uncached_unless_asked():
+    # DSPy's cache would keep users' prompts on disk after they are forgotten.
+    assert make_lm("openai/any-model").cache is False and make_lm("openai/any-model", cache=True).cache is True
