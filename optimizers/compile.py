@@ -29,6 +29,7 @@ from ..program.agent import default_sources
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
 from ..program.memory import Cutoff, SemanticMemory
 from ..program.persona import Persona
+from ..program.storage import MAX_VERSIONS
 from ..program.store import PersonaVersion, ProgramState, UserStore, alignment_versions
 from .persona import ACCEPTANCE, PersonaAlignment
 from .tracking import Tracker, tracking_uri_or_default
@@ -48,6 +49,7 @@ class CompileConfig:
     max_lm_calls: int = 10  # per user's alignment; one label-scoring pass is one call
     gepa_budget: int = 15
     k: int = 4
+    max_versions: int = MAX_VERSIONS  # persona versions kept per user
 
     def __post_init__(self):
         if self.optimizer not in ("persona", "gepa", "none"):
@@ -121,7 +123,7 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
     version is lost. `lm` overrides `config.lm` with an LM object (in-process callers only: it is
     not picklable)."""
     task = task_from_dict(task_dict)
-    store = UserStore(store_root)
+    store = UserStore(store_root, max_versions=config.max_versions)
     try:
         with store.lock(user.user_id):
             key = compile_key(config, task, user)
@@ -162,7 +164,7 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
             aligned, steps = _align(config, program, _examples(user), lm, task)
         versions = alignment_versions(previous, program, steps)
         if config.optimizer == "gepa":
-            versions.append(PersonaVersion(len(versions) + 1, aligned.persona.to_dict(),
+            versions.append(PersonaVersion(versions[-1].version + 1, aligned.persona.to_dict(),
                                            aligned.instructions_by_predictor(), note="gepa"))
         state = ProgramState(user.user_id, task_to_dict(task), config.lm, versions, key,
                              created_at=previous.created_at if previous else time.time())

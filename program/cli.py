@@ -17,6 +17,13 @@ def _add_lm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-base", default=None, help="base URL of an OpenAI-compatible server for --lm")
 
 
+def _add_max_versions(parser: argparse.ArgumentParser) -> None:
+    from .storage import MAX_VERSIONS
+
+    parser.add_argument("--max-versions", type=int, default=MAX_VERSIONS,
+                        help="persona versions kept per user: the initial, the best, the current, then the latest")
+
+
 def _lm_spec(args) -> str:
     from .lm import DEFAULT_LM
 
@@ -87,6 +94,21 @@ def cmd_forget(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- rollback
+
+def cmd_rollback(args) -> int:
+    from .store import UserStore
+
+    if not os.path.isdir(args.store):
+        raise FileNotFoundError(f"{args.store}: no such store")
+    store = UserStore(args.store, embedder=object(), max_versions=args.max_versions)
+    if not store.user_dir(args.user).exists():
+        raise KeyError(f"unknown user {args.user!r} in {args.store}")
+    state = store.rollback(args.user, args.version)
+    print(f"{args.user}: v{state.current.version} is now current ({state.current.note})")
+    return 0
+
+
 # ---------------------------------------------------------------- compile
 
 def cmd_compile(args) -> int:
@@ -97,7 +119,7 @@ def cmd_compile(args) -> int:
     config = CompileConfig(lm=_lm_spec(args), reflection_lm=args.reflection_lm, optimizer=args.optimizer,
                            n_recent=args.n_recent, iterations=args.iterations, acceptance=args.acceptance,
                            validation=args.validation, max_lm_calls=args.max_lm_calls,
-                           gepa_budget=args.gepa_budget)
+                           gepa_budget=args.gepa_budget, max_versions=args.max_versions)
     # SIGTERM stops a compile as Ctrl-C does: MLflow runs end KILLED, every user keeps their last good persona.
     signal.signal(signal.SIGTERM, _interrupt)
     report = compile_users(data, args.store, config, workers=args.workers, tracking_uri=args.tracking_uri)
@@ -138,7 +160,7 @@ def cmd_serve(args) -> int:
     reflection_lm = make_lm(args.reflection_lm) if args.reflection_lm else None
     print(f"serving {args.store} on http://{args.host}:{args.port} (OpenAPI description at /openapi.json)", flush=True)
     serve(args.store, token=token, host=args.host, port=args.port, lm=lm, reflection_lm=reflection_lm,
-          default_task=default_task, max_loaded=args.max_loaded,
+          default_task=default_task, max_loaded=args.max_loaded, max_versions=args.max_versions,
           tracking_uri=tracking_uri_or_default(args.tracking_uri))
     return 0
 
@@ -250,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lm-calls", type=int, default=10, help="LM calls per user's alignment (a scoring pass is one)")
     p.add_argument("--gepa-budget", type=int, default=15, help="metric calls per user for --optimizer gepa")
     p.add_argument("--workers", type=int, default=1, help="worker processes (each loads its own model)")
+    _add_max_versions(p)
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_compile)
 
@@ -258,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI the compiles used (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("rollback", help="make an earlier persona version current again", description="Make a kept persona version of a user current again; it is saved as a new version, so the history only grows.")
+    p.add_argument("--store", required=True, help="compile output directory")
+    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("--version", type=int, required=True, help="the version to restore")
+    _add_max_versions(p)
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("serve", help="serve the users' programs over HTTP", description="Answer, remember and align for every user of a store over an HTTP API (OpenAPI description at /openapi.json); requests carry the bearer token from --token or PERSONAAGENT_TOKEN.")
     p.add_argument("--store", required=True, help="compile output directory")
@@ -269,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-task", default="generation",
                    help="task of users with no compiled program: classification, rating, generation or a LaMP task name")
     p.add_argument("--max-loaded", type=int, default=256, help="programs kept loaded, least recently used dropped first")
+    _add_max_versions(p)
     p.add_argument("--tracking-uri", default=None,
                    help=f"MLflow tracking URI the store's compiles used (default {DEFAULT_TRACKING_URI}): "
                         "deleting a user also deletes their runs there")

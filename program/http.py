@@ -1,9 +1,13 @@
 """The HTTP API over `PersonaService`: `create_app` builds it, `serve` runs it (OpenAPI description
-at /openapi.json, interactive docs at /docs).
+at /openapi.json; the interactive docs page is off by default, as it loads its script from a CDN:
+`create_app(..., docs=True)` serves it at /docs where the browser can reach the internet).
 
 Every /v1 request carries `Authorization: Bearer <token>`. Errors are JSON,
 `{"error": "<kind>", "message": "<what went wrong>"}`, with a 4xx status for a bad request and
-503 with `Retry-After` when the language model fails or too many answers are queued.
+503 with `Retry-After` when the language model fails, the answer queue is full or slow, or the
+store cannot be written (then /healthz is 503 too, saying why). Every status a route can return is
+in the OpenAPI description. An answer whose caller disconnected is dropped before the LM. On
+SIGTERM the server stops accepting work, cancels what is queued and exits within a few seconds.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ import logging
 import threading
 import time
 from http import HTTPStatus
-from pathlib import Path
-from typing import Any, Iterator, Literal
+from pathlib import Path as FilePath
+from typing import Annotated, Any, Iterator, Literal
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -35,6 +39,36 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_TEXT_CHARS = 16_000
 log = logging.getLogger(__name__)
 STATUS = {InvalidRequest: 400, NotFound: 404, AlignmentRunning: 409, Unavailable: 503}
+DISCONNECT_POLL_S = 0.25  # how often a waiting answer checks that its caller is still there
+GRACEFUL_SHUTDOWN_S = 5  # after SIGTERM, how long requests in progress may take to finish
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="the kind of error, from the HTTP status, e.g. not_found")
+    message: str = Field(description="what went wrong, for a person")
+
+
+ERRORS = {
+    400: "invalid user id or request",
+    401: "missing or wrong bearer token",
+    404: "unknown user, job or persona version",
+    409: "an alignment of this user is already running",
+    413: "request body over the size limit",
+    422: "the body does not match the schema",
+    500: "unexpected error; the server log has the details",
+    503: "the LM failed, the answer queue is full or slow, or the store is not writable; see Retry-After",
+}
+
+
+# Documented, not validated here: the service checks ids and answers 400 (not 422) with the reason,
+# including what a JSON-schema pattern cannot say (no "..", no double space, at most 128 UTF-8 bytes).
+UserId = Annotated[str, Path(description="the user's id: letters, digits, single spaces or _ . @ ' , : -; "
+                                         "at most 128 bytes in UTF-8",
+                             json_schema_extra={"pattern": r"^\w(?:[\w .@',:-]*[\w.])?$", "maxLength": 128})]
+
+
+def _documented(*statuses: int) -> dict:
+    return {status: {"model": ErrorBody, "description": ERRORS[status]} for status in statuses}
 
 
 class AnswerRequest(BaseModel):
@@ -62,6 +96,10 @@ class AlignRequest(BaseModel):
                                  "or always take the rewrite (the paper's setting)")
 
 
+class RollbackRequest(BaseModel):
+    version: int = Field(ge=1, description="a kept version (see the persona's versions) to make current again")
+
+
 class PersonaInfo(BaseModel):
     user_id: str
     compiled: bool = Field(description="false: no compiled program yet, the default program serves this user")
@@ -79,7 +117,8 @@ class Deleted(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="ok, or not ready")
+    reason: str | None = Field(None, description="why the service is not ready")
     lm: str
     loaded_programs: int
     queued_answers: int
@@ -141,7 +180,7 @@ class InternalErrors:
             await _error(500, f"internal error ({type(exc).__name__}); the server log has the details")(scope, receive, send)
 
 
-def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BODY_BYTES, docs: bool = False) -> FastAPI:
     if not token:
         raise ValueError("a bearer token is required: pass --token or set PERSONAAGENT_TOKEN")
     bearer = HTTPBearer(auto_error=False, description="the token the server was started with")
@@ -153,10 +192,12 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
         if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
             raise HTTPException(401, "wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
-    app = FastAPI(title="PersonaAgent", description="Per-user personas for LLM agents, served.")
+    app = FastAPI(title="PersonaAgent", description="Per-user personas for LLM agents, served.",
+                  docs_url="/docs" if docs else None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(InternalErrors)
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)],
+                    responses=_documented(400, 401, 404, 413, 422, 500, 503))
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -173,18 +214,29 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return _error(422, f"invalid request: {problems}")
 
-    @app.get("/healthz", response_model=Health, tags=["service"])
-    def healthz() -> Health:
-        return Health(status="ok", lm=service.lm.model, loaded_programs=service.loaded, queued_answers=service.queued)
+    @app.get("/healthz", response_model=Health, tags=["service"],
+             responses={503: {"model": Health, "description": "not ready: the reason says why"}, **_documented(500)})
+    def healthz() -> JSONResponse:
+        reason = service.not_ready()
+        health = Health(status="not ready" if reason else "ok", reason=reason, lm=service.lm.model,
+                        loaded_programs=service.loaded, queued_answers=service.queued)
+        return JSONResponse(health.model_dump(), 503 if reason else 200)
 
-    @api.post("/users/{user_id}/answer", response_model=Answer, tags=["users"],
-              responses={503: {"description": "the LM failed or too many answers are queued; see Retry-After"}})
-    async def answer(user_id: str, body: AnswerRequest) -> Answer:
-        """Answer as the user's program (compiled, or the default one); queued behind other LM work."""
-        return await asyncio.wrap_future(service.submit_answer(user_id, body.text))
+    @api.post("/users/{user_id}/answer", response_model=Answer, tags=["users"])
+    async def answer(user_id: UserId, body: AnswerRequest, request: Request) -> Answer:
+        """Answer as the user's program (compiled, or the default one); queued behind other LM work.
+        If the caller disconnects while it waits, the answer is dropped before it reaches the LM."""
+        future = service.submit_answer(user_id, body.text)
+        waiting = asyncio.wrap_future(future)
+        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                future.cancel()  # not started: it never runs; started: its result is not sent
+                raise Unavailable("the caller disconnected", 1)
+        return waiting.result()
 
-    @api.post("/users/{user_id}/interactions", response_model=InteractionAdded, status_code=201, tags=["users"])
-    def add_interaction(user_id: str, body: InteractionRequest, response: Response) -> InteractionAdded:
+    @api.post("/users/{user_id}/interactions", response_model=InteractionAdded, status_code=201, tags=["users"],
+              responses={200: {"model": InteractionAdded, "description": "the same interaction was already recorded"}})
+    def add_interaction(user_id: UserId, body: InteractionRequest, response: Response) -> InteractionAdded:
         """Append an interaction to the user's memory (creating the user if new)."""
         ids = service.add_interaction(user_id, body.input, body.output, body.timestamp, body.metadata)
         if not ids:
@@ -192,22 +244,28 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
         return InteractionAdded(user_id=user_id, added=bool(ids), ids=ids)
 
     @api.get("/users/{user_id}/persona", response_model=PersonaInfo, tags=["users"])
-    def persona(user_id: str) -> dict:
+    def persona(user_id: UserId) -> dict:
         """The persona in force, its instructions and its version history."""
         return service.persona(user_id)
 
-    @api.post("/users/{user_id}/align", response_model=AlignJob, status_code=202, tags=["alignment"])
-    def align(user_id: str, body: AlignRequest | None = None) -> AlignJob:
+    @api.post("/users/{user_id}/persona/rollback", response_model=PersonaInfo, tags=["users"])
+    def rollback(user_id: UserId, body: RollbackRequest) -> dict:
+        """Make a kept persona version current again, as a new version; the history only grows."""
+        return service.rollback(user_id, body.version)
+
+    @api.post("/users/{user_id}/align", response_model=AlignJob, status_code=202, tags=["alignment"],
+              responses=_documented(409))
+    def align(user_id: UserId, body: AlignRequest | None = None) -> AlignJob:
         """Start test-time alignment on the latest interactions with a known output, in the background."""
         body = body or AlignRequest()
         return service.align(user_id, body.n_recent, body.iterations, body.acceptance)
 
     @api.get("/users/{user_id}/align/{job_id}", response_model=AlignJob, tags=["alignment"])
-    def align_status(user_id: str, job_id: str) -> AlignJob:
+    def align_status(user_id: UserId, job_id: str) -> AlignJob:
         return service.job(user_id, job_id)
 
     @api.delete("/users/{user_id}", response_model=Deleted, tags=["users"])
-    def delete(user_id: str) -> Deleted:
+    def delete(user_id: UserId) -> Deleted:
         """Forget the user completely: memory, profile, persona and its versions."""
         service.delete(user_id)
         return Deleted(user_id=user_id, deleted=True)
@@ -216,12 +274,13 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
     return app
 
 
-def serve(store: str | Path, *, token: str, host: str = "127.0.0.1", port: int = 8000,
+def serve(store: str | FilePath, *, token: str, host: str = "127.0.0.1", port: int = 8000,
           max_body_bytes: int = MAX_BODY_BYTES, **service_options) -> None:
     """Serve the store over HTTP until interrupted; `service_options` go to `PersonaService`."""
     service = PersonaService(store, **service_options)
     try:
-        uvicorn.run(create_app(service, token, max_body_bytes), host=host, port=port)
+        uvicorn.run(create_app(service, token, max_body_bytes), host=host, port=port,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     finally:
         service.close()
 

@@ -9,7 +9,11 @@
 - A user without a compiled program gets the default program: their memory and profile under
   `default_task`, with the persona written from the profile.
 - LM work runs on a few worker threads (one for the embedded model: one llama.cpp context) behind
-  a bounded FIFO queue; when it is full, callers are told to retry instead of piling up.
+  a bounded FIFO queue. Every queued answer has a deadline: a caller is told to retry (with a
+  hint) when the queue is full or would not reach them in time, an answer that waited past its
+  deadline is dropped before the LM, and so is one whose caller gave up (`Future.cancel`).
+- Closing cancels what is queued, lets running answers finish, and abandons a running alignment
+  (nothing of it is saved: a version is written only at its end, atomically).
 - Test-time alignment runs in the background on the user's latest interactions with a known
   answer and records every persona version in the user's program file.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 import time
 import uuid
@@ -36,7 +41,7 @@ from .agent import PersonaProgram
 from .lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
 from .memory import Cutoff
 from .store import ProgramState, UserStore, alignment_versions
-from .storage import validate_user_id
+from .storage import MAX_VERSIONS, validate_user_id
 
 if TYPE_CHECKING:
     from ..optimizers.persona import PersonaAlignment
@@ -76,6 +81,10 @@ class LMUnavailable(Unavailable):
 
 
 class ServiceBusy(Unavailable):
+    pass
+
+
+class StoreUnavailable(Unavailable):
     pass
 
 
@@ -129,13 +138,15 @@ class PersonaService:
     def __init__(self, store: str | Path | UserStore, lm: dspy.LM | str = DEFAULT_LM, *,
                  reflection_lm: dspy.LM | None = None, default_task: TaskSpec | None = None,
                  max_loaded: int = 256, lm_workers: int | None = None, max_queued: int = 64,
-                 lm_retry_after: int = 5, tracking_uri: str | None = None):
-        self.store = store if isinstance(store, UserStore) else UserStore(store)
+                 lm_retry_after: int = 5, tracking_uri: str | None = None, max_versions: int = MAX_VERSIONS,
+                 answer_deadline: float = 60.0):
+        self.store = store if isinstance(store, UserStore) else UserStore(store, max_versions=max_versions)
         self.tracking_uri = tracking_uri  # where compiles of this store were tracked: deleting a user deletes their runs
         self.lm = make_lm(lm) if isinstance(lm, str) else lm
         self.reflection_lm = reflection_lm
         self.default_task = default_task or generic_task("generation")
         self.max_loaded, self.max_queued, self.lm_retry_after = max_loaded, max_queued, lm_retry_after
+        self.answer_deadline = answer_deadline  # seconds an answer may wait in the queue
         self.lm_workers = lm_workers or (1 if self.lm.model.startswith(LOCAL_PREFIX) else 8)
         self.store.embedder  # loaded now (about a second, with torch), not by the first request
         import torch
@@ -151,8 +162,11 @@ class PersonaService:
         self._user_locks = [threading.Lock() for _ in range(64)]  # appends, deletes and saves of one user
         self._queued = 0
         self._answer_seconds = 1.0  # running mean, for the retry hint
+        self._readiness: tuple[float, str | None] = (float("-inf"), None)  # (checked at, why not ready)
         self._lm_pool = ThreadPoolExecutor(self.lm_workers, "persona-lm", initializer=_single_threaded_search)
-        self._job_pool = ThreadPoolExecutor(1, "persona-align", initializer=_single_threaded_search)
+        # Alignments run one at a time on a daemon thread: closing does not wait minutes for one.
+        self._align_queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run_alignments, name="persona-align", daemon=True).start()
 
     # ------------------------------------------------------------------ programs
 
@@ -160,11 +174,25 @@ class PersonaService:
         """The program serving `user_id`: their compiled one, else the default program."""
         return self._loaded(self._existing(user_id)).program
 
+    def not_ready(self) -> str | None:
+        """Why users cannot be served now (None: they can); checked at most once a second."""
+        checked, reason = self._readiness
+        if time.monotonic() - checked > 1.0:
+            reason = self.store.unwritable()
+            self._readiness = (time.monotonic(), reason)
+        return reason
+
+    def _require_ready(self) -> None:
+        reason = self.not_ready()
+        if reason:
+            raise StoreUnavailable(reason, self.lm_retry_after)
+
     def _existing(self, user_id: str) -> str:
         try:
             validate_user_id(user_id)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+        self._require_ready()
         if not self.store.user_dir(user_id).exists():
             raise _unknown(user_id)
         return user_id
@@ -217,20 +245,35 @@ class PersonaService:
         return self.submit_answer(user_id, text).result()
 
     def submit_answer(self, user_id: str, text: str) -> Future:
-        """Queue an answer; the future gives an `Answer` or raises `LMUnavailable`."""
+        """Queue an answer; the future gives an `Answer` or raises `LMUnavailable` or `ServiceBusy`
+        (it waited past its deadline). Cancelling it before it starts keeps it from the LM."""
         user_id = self._existing(user_id)
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequest("the question text must be a non-empty string")
         with self._lock:
+            expected_wait = self._queued * self._answer_seconds / self.lm_workers
+            retry_after = max(1, math.ceil(expected_wait))
             if self._queued >= self.max_queued:
-                wait = math.ceil(self._queued * self._answer_seconds / self.lm_workers)
-                raise ServiceBusy(f"{self._queued} answers are queued; retry later", max(1, wait))
+                raise ServiceBusy(f"{self._queued} answers are queued; retry later", retry_after)
+            if expected_wait > self.answer_deadline:
+                raise ServiceBusy(f"the queue would take about {expected_wait:.0f} s, over the {self.answer_deadline:g} s "
+                                  "an answer may wait; retry later", retry_after)
             self._queued += 1
-        return self._lm_pool.submit(self._answer, user_id, text)
+        future = self._lm_pool.submit(self._answer, user_id, text, time.monotonic() + self.answer_deadline)
+        future.add_done_callback(self._dequeue_if_cancelled)
+        return future
 
-    def _answer(self, user_id: str, text: str) -> Answer:
+    def _dequeue_if_cancelled(self, future: Future) -> None:
+        if future.cancelled():  # it never ran, so `_answer` did not count it out
+            with self._lock:
+                self._queued -= 1
+
+    def _answer(self, user_id: str, text: str, deadline: float) -> Answer:
         started = time.perf_counter()
         try:
+            if time.monotonic() > deadline:
+                raise ServiceBusy(f"the answer waited over {self.answer_deadline:g} s in the queue; retry later",
+                                  self.lm_retry_after)
             loaded = self._loaded(user_id)
             with use_lm(self.lm), dspy.context(disable_history=True):
                 pred = loaded.program(question=text)
@@ -260,6 +303,7 @@ class PersonaService:
         Returns the new record's id, or [] when the same interaction is already recorded."""
         try:
             validate_user_id(user_id)
+            self._require_ready()
             item = Interaction(input, output, time.time() if timestamp is None else timestamp, metadata or {})
             with self._user_lock(user_id):  # not while the user is being deleted
                 return self.store.memory(user_id).add([item])
@@ -280,6 +324,15 @@ class PersonaService:
             "versions": state.versions if state else [],
             "interactions": len(program.memory),
         }
+
+    def rollback(self, user_id: str, version: int) -> dict:
+        """Make a kept version of the user's persona current again, as a new version; returns `persona`."""
+        user_id = self._existing(user_id)
+        try:
+            self.store.rollback(user_id, version)
+        except KeyError as exc:
+            raise NotFound(str(exc.args[0])) from None
+        return self.persona(user_id)
 
     def delete(self, user_id: str) -> None:
         """Forget the user completely: their runs in MLflow (with `tracking_uri`) first, then memory,
@@ -325,7 +378,7 @@ class PersonaService:
             job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations)
             self._jobs[job.id] = job
             deletions = self._deletions.get(user_id, 0)
-        self._job_pool.submit(self._run_align, job, teleprompter, deletions)
+        self._align_queue.put((job, teleprompter, deletions))
         return job
 
     def job(self, user_id: str, job_id: str) -> AlignJob:
@@ -333,6 +386,11 @@ class PersonaService:
         if job is None or job.user_id != user_id:
             raise NotFound(f"no alignment job {job_id!r} for user {user_id!r}")
         return job
+
+    def _run_alignments(self) -> None:
+        _single_threaded_search()
+        while (item := self._align_queue.get()) is not None:
+            self._run_align(*item)
 
     def _run_align(self, job: AlignJob, teleprompter: PersonaAlignment, deletions: int) -> None:
         job.status = "running"
@@ -357,7 +415,8 @@ class PersonaService:
                     alignment_versions(previous, program, aligned.alignment), previous.compile_key if previous else "",
                     created_at=previous.created_at if previous else time.time())
                 self.store.save_state(state)
-            job.new_versions = [v.version for v in state.versions[len(previous.versions) if previous else 0:]]
+            last = previous.versions[-1].version if previous else 0
+            job.new_versions = [v.version for v in state.versions if v.version > last]
             job.current_version = state.current.version
             job.status = "succeeded"
         except Exception as exc:  # the job reports it; the service goes on
@@ -379,9 +438,11 @@ class PersonaService:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Finish queued work, then write the memory indexes."""
-        self._lm_pool.shutdown(wait=True)
-        self._job_pool.shutdown(wait=True)
+        """Cancel queued answers and alignments, let running answers finish, then write the memory
+        indexes. A running alignment is abandoned: it saves nothing (its version would be written
+        only at its end), and its thread does not keep the process alive."""
+        self._align_queue.put(None)
+        self._lm_pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
     def __enter__(self) -> "PersonaService":

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 # canonical spelling: no space at either end or twice in a row, so "a" and "a " are not two users.
 # A final "." stays allowed: author ids end with an initial ("Manning, Christopher D.").
 USER_ID_PATTERN = re.compile(r"\w(?:[\w .@',:-]*[\w.])?")
+MAX_VERSIONS = 50  # persona versions kept per user by default: the initial, the best, the current, the latest
 MAX_USER_ID_BYTES = 128  # in UTF-8; a directory name holds at most 255 bytes on common file systems
 
 

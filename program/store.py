@@ -14,11 +14,12 @@ import contextlib
 import fcntl
 import json
 import shutil
+import tempfile
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..data.tasks import TaskSpec, task_from_dict, task_to_dict
@@ -26,7 +27,7 @@ from .agent import PersonaProgram
 from .embedder import Embedder, default_embedder
 from .memory import EpisodicMemory, Profile, load_profile, save_profile
 from .persona import Persona
-from .storage import validate_user_id, write_json_atomic
+from .storage import MAX_VERSIONS, validate_user_id, write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -65,6 +66,35 @@ class ProgramState:
     def persona(self) -> Persona:
         return Persona(**self.current.persona)
 
+    @property
+    def next_version(self) -> int:
+        return self.versions[-1].version + 1 if self.versions else 1
+
+    def kept(self, max_versions: int) -> list[PersonaVersion]:
+        """At most `max_versions` of the versions: always the initial one, the best validated one
+        and the one in force, then the latest. Numbers are never reused."""
+        if len(self.versions) <= max_versions:
+            return self.versions
+        scored = [v for v in self.versions if v.accepted and v.score is not None]
+        best = max(scored, key=lambda v: (v.score, v.likelihood or float("-inf")), default=self.current)
+        keep = {self.versions[0].version, best.version, self.current.version}
+        for v in reversed(self.versions):
+            if len(keep) >= max_versions:
+                break
+            keep.add(v.version)
+        return [v for v in self.versions if v.version in keep]
+
+    def rollback(self, version: int) -> PersonaVersion:
+        """Make a kept version current again, as a new version (history only grows)."""
+        target = next((v for v in self.versions if v.version == version), None)
+        if target is None:
+            raise KeyError(f"version {version} of user {self.user_id!r} is not kept "
+                           f"(kept: {', '.join(str(v.version) for v in self.versions)})")
+        restored = replace(target, version=self.next_version, feedback="", accepted=True,
+                           note=f"rollback to v{version}", created_at=time.time())
+        self.versions.append(restored)
+        return restored
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -90,7 +120,7 @@ def alignment_versions(previous: ProgramState | None, program: PersonaProgram, s
     for step in steps[1:]:
         trial = program.deepcopy()
         trial.set_persona(step.persona)
-        versions.append(PersonaVersion(len(versions) + 1, step.persona.to_dict(), trial.instructions_by_predictor(),
+        versions.append(PersonaVersion(versions[-1].version + 1, step.persona.to_dict(), trial.instructions_by_predictor(),
                                        step.score, step.feedback, step.accepted, step.note, likelihood=step.likelihood))
     return versions
 
@@ -98,7 +128,11 @@ def alignment_versions(previous: ProgramState | None, program: PersonaProgram, s
 class UserStore:
     """Users' memories, profiles and programs under one directory; safe to share between threads."""
 
-    def __init__(self, root: str | Path, embedder: Embedder | None = None, max_open: int = 256):
+    def __init__(self, root: str | Path, embedder: Embedder | None = None, max_open: int = 256,
+                 max_versions: int = MAX_VERSIONS):
+        if max_versions < 3:
+            raise ValueError("max_versions must be at least 3 (the initial, the best and the current version)")
+        self.max_versions = max_versions
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise NotADirectoryError(f"store {self.root}: is a file, not a directory")
@@ -153,6 +187,15 @@ class UserStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def unwritable(self) -> str | None:
+        """Why nothing can be saved in the store now (None: a file can be written, as SQLite needs
+        even to read a memory)."""
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.root / "users", prefix=".probe"):
+                return None
+        except OSError as exc:
+            return f"the store {self.root} is not writable ({exc.strerror or type(exc).__name__})"
+
     def profile(self, user_id: str) -> Profile:
         return load_profile(self.user_dir(user_id) / "profile.json")
 
@@ -169,8 +212,20 @@ class UserStore:
         return ProgramState.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
 
     def save_state(self, state: ProgramState) -> None:
+        """The one path a program is saved by: its history bounded to `max_versions`, atomically."""
+        state.versions = state.kept(self.max_versions)
         state.updated_at = time.time()
         write_json_atomic(self.program_path(state.user_id), state.to_dict())
+
+    def rollback(self, user_id: str, version: int) -> ProgramState:
+        """Make a kept version of the user's persona current again, as a new version."""
+        with self.lock(user_id, create=False):
+            state = self.load_state(user_id)
+            if state is None:
+                raise KeyError(f"no compiled program for user {user_id!r} in {self.root}")
+            state.rollback(version)
+            self.save_state(state)
+        return state
 
     def build(self, user_id: str, task: TaskSpec, persona: Persona | None = None, method: str = "persona",
               k: int = 4) -> PersonaProgram:

@@ -224,6 +224,34 @@ def test_a_full_queue_turns_callers_away_with_a_retry_hint(store, engine):
         assert service.answer("alice", "review: ok").answer == "4"
 
 
+def test_an_answer_past_its_deadline_or_cancelled_never_reaches_the_lm(store, engine):
+    with PersonaService(store, local_lm(engine), answer_deadline=0.3) as service:
+        service._answer_seconds = 0.01  # as if answers were quick: the queue is accepted
+        engine.gate.clear()
+        running = service.submit_answer("alice", "review: first")
+        assert engine.entered.wait(10)
+        late, cancelled = service.submit_answer("alice", "review: late"), service.submit_answer("alice", "review: gone")
+        assert cancelled.cancel() and service.queued == 2
+        time.sleep(0.5)
+        engine.gate.set()
+        assert running.result(30).answer == "4"
+        with pytest.raises(ServiceBusy, match="waited over 0.3 s in the queue"):
+            late.result(30)
+        assert not any("review: late" in r or "review: gone" in r for r in engine.requests) and service.queued == 0
+
+
+def test_a_queue_too_slow_for_the_deadline_turns_callers_away_at_once(store, engine):
+    with PersonaService(store, local_lm(engine), answer_deadline=2.0) as service:
+        service._answer_seconds = 5.0  # as if each answer took 5 s
+        engine.gate.clear()
+        first = service.submit_answer("alice", "review: ok")
+        with pytest.raises(ServiceBusy, match="the queue would take about 5 s") as busy:
+            service.submit_answer("alice", "review: ok")
+        assert busy.value.retry_after == 5
+        engine.gate.set()
+        assert first.result(30).answer == "4"
+
+
 def test_an_lm_failure_is_reported_as_unavailable_and_the_service_goes_on(service, engine):
     engine.fail = True
     with pytest.raises(LMUnavailable, match="the language model failed") as failure:

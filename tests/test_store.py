@@ -157,3 +157,37 @@ def test_only_recent_or_held_memories_stay_open(tmp_path, embedder):
     assert store.delete_user("u1") and not store.user_dir("u1").exists()
     store.close()
     assert _open_logs(tmp_path) == set()
+
+
+def _history(user_id: str, scores: list[float | None]) -> ProgramState:
+    """Version 1, then one version per score (None: a rejected rewrite)."""
+    state = _state(user_id)
+    for score in scores:
+        persona = Persona(f"Version {state.next_version} of the user.", [], [])
+        state.versions.append(PersonaVersion(state.next_version, persona.to_dict(), {"answer": persona.render()},
+                                             score, accepted=score is not None))
+    return state
+
+
+def test_history_is_bounded_keeping_the_initial_best_current_and_latest_versions(tmp_path, embedder):
+    store = UserStore(tmp_path, embedder, max_versions=4)
+    store.save_state(_history("alice", [0.6, 0.9, 0.7, 0.8, None, None]))  # v2..v7; v3 best, v5 current
+    state = store.load_state("alice")
+    assert [v.version for v in state.versions] == [1, 3, 5, 7]
+    assert state.current.version == 5 and state.next_version == 8  # numbers are never reused
+    for _ in range(30):  # many alignments later, the file stays bounded
+        state.versions.append(PersonaVersion(state.next_version, state.versions[-1].persona, {"answer": "a"}, 0.1))
+        store.save_state(state)
+    assert len(store.load_state("alice").versions) == 4 and store.load_state("alice").versions[0].version == 1
+
+
+def test_rollback_makes_a_kept_version_current_again_as_a_new_version(tmp_path, embedder):
+    store = UserStore(tmp_path, embedder, max_versions=4)
+    store.save_state(_history("alice", [0.6, 0.9, 0.7, 0.8, None, None]))
+    state = store.rollback("alice", 3)
+    assert state.current.version == 8 and state.current.note == "rollback to v3"
+    assert state.current.persona == state.versions[1].persona and store.load_state("alice").current.version == 8
+    assert store.load_program("alice").instructions == "Answer the question. Use the tool results as evidence when they help.\n" \
+                                                     "About this user: Version 3 of the user."
+    with pytest.raises(KeyError, match=r"version 2 of user 'alice' is not kept \(kept: 1, 3, 7, 8\)"):
+        store.rollback("alice", 2)
