@@ -32,10 +32,11 @@ from dspy.utils.callback import BaseCallback
 
 from ..data.loaders import load
 from ..data.tasks import task_to_dict
-from ..program.http import create_app, running
+from ..app.http import create_app, running
 from ..program.lm import make_lm
-from ..program.service import PersonaService
+from ..app.service import PersonaService
 from ..program.store import PersonaVersion, ProgramState, UserStore
+from ..program.testing import FakeEngine
 
 RESULTS = Path(__file__).parent / "results" / "serving"
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "LaMP-3-amazon"
@@ -60,9 +61,6 @@ class LMTimer(BaseCallback):
 
 def fake_lm(timer: LMTimer) -> dspy.LM:
     """The tests' fake LM (instant answers, every tool chosen): what remains is the service's own time."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import FakeEngine
-
     engine = FakeEngine({"answer": "5", "tools": ["search_memory", "read_profile", "answer_habits"],
                          "memory_query": "sound quality and price"})
     return dspy.LM("fake/model", engine=engine, cache=False, callbacks=[timer])

@@ -1,10 +1,17 @@
-"""What runs per query: memory, tools, the persona and the answering program, the LM, the store."""
+"""What runs per query: memory, tools, the persona and the answering program, the LM, the store.
 
-from .agent import METHODS, PersonaProgram
-from .lm import DEFAULT_LM, make_lm, use_lm
-from .memory import EpisodicMemory, Profile, SemanticMemory
-from .persona import Persona
-from .store import ProgramState, UserStore
+Names are imported on first use, so `import personaagent.program.storage` (or the CLI's --help)
+does not load llama.cpp, FAISS or torch."""
 
-__all__ = ["DEFAULT_LM", "EpisodicMemory", "METHODS", "Persona", "PersonaProgram", "Profile", "ProgramState",
-           "SemanticMemory", "UserStore", "make_lm", "use_lm"]
+from importlib import import_module
+
+_HOMES = {"METHODS": "agent", "PersonaProgram": "agent", "DEFAULT_LM": "lm", "make_lm": "lm", "use_lm": "lm",
+          "EpisodicMemory": "memory", "Profile": "memory", "SemanticMemory": "memory", "Persona": "persona",
+          "ProgramState": "store", "UserStore": "store"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_HOMES[name]}", __name__), name)

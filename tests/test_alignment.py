@@ -4,12 +4,12 @@ import dspy
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.optimizers.persona import Answered, PersonaAlignment, fit_weights
+from personaagent.optimizers.persona import Answered, PersonaAlignment, Score, fit_weights
 from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Cutoff, Profile
 from personaagent.program.store import UserStore
+from personaagent.program.testing import fake_lm
 
-from conftest import fake_lm
 
 TASK = LAMP_TASKS["LaMP-3"]
 N = 7  # one older interaction, a validation window of 3, 3 replays
@@ -100,6 +100,15 @@ def test_calibration_learns_the_users_habit_without_an_lm_call(program):
     with use_lm(lm):
         pred = aligned(question="What is the score of the following review? review: it arrived late again")
     assert pred.answer == "2" and pred.lm_scores["5"] > 0.9 and abs(sum(pred.label_scores.values()) - 1) < 1e-9
+
+
+def test_one_net_win_in_a_window_of_three_is_not_enough_to_replace_the_persona():
+    current = Score(1 / 3, -1.2, (1.0, 0.0, 0.0))
+    assert not Score(2 / 3, -0.7, (1.0, 1.0, 0.0)).beats(current)  # one more right: within noise
+    assert Score(1.0, -0.5, (1.0, 1.0, 1.0)).beats(current)
+    assert Score(1 / 3, -1.0, (0.0, 1.0, 0.0)).beats(current)  # a win and a loss cancel: the likelihood decides
+    assert not Score(1 / 3, -1.2, (0.0, 1.0, 0.0)).beats(current)
+    assert Score(1.0, -0.1, (1.0,)).beats(Score(0.0, -2.0, (0.0,)))  # a window of one: all of it
 
 
 def test_fit_weights_prefers_no_weight_when_the_evidence_does_not_help():

@@ -9,8 +9,8 @@ from dspy.lm15 import Message, Response, TextPart, TokenLogprob, TopLogprob, Usa
 from personaagent.data.tasks import LAMP_TASKS, median_rating, swap_candidates
 from personaagent.program.agent import GENERIC_INSTRUCTION, answer_module
 from personaagent.program.lm import UsageMeter, use_lm
+from personaagent.program.testing import FakeEngine, fake_lm
 
-from conftest import FakeEngine, fake_lm
 
 CITATION = LAMP_TASKS["LaMP-1"]
 QUESTION = ('For an author who has written the paper with the title "Parsing with neural nets", which reference is '

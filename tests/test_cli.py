@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from personaagent.program.cli import main
+from personaagent.app.cli import main
 
 GOOD_ROW = {"user_id": "u", "input": "x", "output": "yes"}
 

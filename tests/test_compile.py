@@ -4,8 +4,8 @@ import pytest
 from personaagent.data import SAMPLE_DIR, load
 from personaagent.optimizers.compile import CompileConfig, compile_users
 from personaagent.program.store import UserStore
+from personaagent.program.testing import fake_lm
 
-from conftest import fake_lm
 
 STEADY, VARIED = "A15TYOEWBQYF0X", "A22Z554ZQ8NFPC"  # latest ratings 5, 5, 5 and 5, 5, 4
 RULE = "rate each review as its text says"

@@ -21,7 +21,7 @@ from personaagent.program.store import UserStore
 
 pytestmark = pytest.mark.model
 SMALL = "smollm2-135m"
-CLI = [sys.executable, "-m", "personaagent.program.cli"]
+CLI = [sys.executable, "-m", "personaagent.app.cli"]
 
 
 @pytest.fixture(scope="module")

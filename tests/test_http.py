@@ -16,12 +16,12 @@ import httpx
 import pytest
 
 from personaagent.data.tasks import Interaction
-from personaagent.program.http import create_app, running
+from personaagent.app.http import create_app, running
 from personaagent.program.memory import Profile
-from personaagent.program.service import PersonaService
+from personaagent.app.service import PersonaService
 from personaagent.program.store import UserStore
+from personaagent.program.testing import FakeEngine
 
-from conftest import FakeEngine
 from test_service import REWRITE, SOURCES, save_persona
 
 TOKEN = "test-token"
@@ -209,7 +209,7 @@ def test_delete_forgets_the_user_completely(client, server):
 
 def test_the_serve_command(tmp_path):
     env = {**os.environ, "PERSONAAGENT_TOKEN": TOKEN}
-    missing = subprocess.run([sys.executable, "-m", "personaagent.program.cli", "serve", "--store", str(tmp_path)],
+    missing = subprocess.run([sys.executable, "-m", "personaagent.app.cli", "serve", "--store", str(tmp_path)],
                              env={k: v for k, v in env.items() if k != "PERSONAAGENT_TOKEN"}, capture_output=True, text=True)
     assert missing.returncode == 2 and "PERSONAAGENT_TOKEN" in missing.stderr
     with serve_command(["--store", str(tmp_path), "--lm", "openai/unused", "--api-base", "http://127.0.0.1:9"], env) as url:
@@ -224,7 +224,7 @@ def serve_command(args: list[str], env: dict) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "personaagent.program.cli", "serve", *args, "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "personaagent.app.cli", "serve", *args, "--port", str(port)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -21,8 +21,8 @@ import schemathesis
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
 
-from personaagent.program.http import create_app, running
-from personaagent.program.service import PersonaService
+from personaagent.app.http import create_app, running
+from personaagent.app.service import PersonaService
 from personaagent.program.store import UserStore
 
 from test_service import ALICE, GatedEngine, save_persona
@@ -129,11 +129,10 @@ def test_answers_whose_callers_gave_up_are_dropped_before_the_lm(tmp_path, embed
 
 
 SERVER = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {tests!r})
+    import time
     import dspy
-    from conftest import FakeEngine
-    from personaagent.program.http import serve
+    from personaagent.program.testing import FakeEngine
+    from personaagent.app.http import serve
 
     class Slow(FakeEngine):
         def score(self, messages, continuations):
@@ -150,7 +149,7 @@ def test_sigterm_under_load_stops_the_server_within_ten_seconds(tmp_path, embedd
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-c", SERVER.format(tests=str(Path(__file__).parent), store=str(store.root), port=port)],
+    server = subprocess.Popen([sys.executable, "-c", SERVER.format(store=str(store.root), port=port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PERSONAAGENT_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:

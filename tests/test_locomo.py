@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dspy
 import pytest
-from conftest import FakeEngine
+from personaagent.program.testing import FakeEngine
 
 from personaagent.data.locomo import (LocomoQuestion, evidence_recall, load_conversation, load_locomo,
                                       score_answer, token_f1)

@@ -9,6 +9,7 @@ from personaagent.program import memory as memory_module
 from personaagent.program.memory import Cutoff, EpisodicMemory
 from personaagent.program.store import UserStore
 
+
 from conftest import interactions
 
 

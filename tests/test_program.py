@@ -8,8 +8,8 @@ from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Profile
 from personaagent.program.persona import Persona
 from personaagent.program.store import UserStore
+from personaagent.program.testing import fake_lm
 
-from conftest import fake_lm
 
 TASK = LAMP_TASKS["LaMP-3"]
 

@@ -13,11 +13,12 @@ import pytest
 from personaagent.data.tasks import LAMP_TASKS, Interaction, task_to_dict
 from personaagent.program.memory import Profile
 from personaagent.program.persona import Persona
-from personaagent.program.service import (AlignmentRunning, InvalidRequest, LMUnavailable, NotFound, PersonaService,
+from personaagent.app.service import (AlignmentRunning, InvalidRequest, LMUnavailable, NotFound, PersonaService,
                                           ServiceBusy)
 from personaagent.program.store import PersonaVersion, ProgramState, UserStore
+from personaagent.program.testing import FakeEngine
 
-from conftest import FakeEngine, interactions
+from conftest import interactions
 
 TASK = LAMP_TASKS["LaMP-3"]
 REWRITE = {  # what the fake reflection LM writes: a persona that passes the checks

@@ -14,12 +14,12 @@ import pytest
 from personaagent.data.loaders import load
 from personaagent.optimizers.compile import CompileConfig, compile_users
 from personaagent.optimizers.tracking import HOST_TAG, PID_TAG, Tracker
-from personaagent.program.cli import main
+from personaagent.app.cli import main
 from personaagent.program.lm import make_lm
-from personaagent.program.service import PersonaService
+from personaagent.app.service import PersonaService
 from personaagent.program.store import UserStore
+from personaagent.program.testing import fake_lm
 
-from conftest import fake_lm
 
 SECRETS = {"alice": "ZEBRA-MARMALADE-4471", "bob": "OKAPI-TURPENTINE-9902"}
 

@@ -30,21 +30,20 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import dspy
 import faiss
 from dspy.utils.exceptions import AdapterParseError, LMError
 
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
-from .agent import PersonaProgram
-from .lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
-from .memory import Cutoff
-from .store import ProgramState, UserStore, alignment_versions
-from .storage import MAX_VERSIONS, validate_user_id
-
-if TYPE_CHECKING:
-    from ..optimizers.persona import PersonaAlignment
+from ..optimizers.persona import PersonaAlignment
+from ..optimizers.tracking import forget_user
+from ..program.agent import PersonaProgram
+from ..program.lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
+from ..program.memory import Cutoff
+from ..program.storage import MAX_VERSIONS, validate_user_id
+from ..program.store import ProgramState, UserStore, alignment_versions
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -99,6 +98,13 @@ class Answer:
     label_scores: dict[str, float] | None = None
     confidence: float | None = None
     scoring: str | None = None
+
+
+@dataclass
+class ChatReply:
+    user_id: str
+    reply: str
+    persona_version: int | None
 
 
 @dataclass
@@ -250,6 +256,24 @@ class PersonaService:
         user_id = self._existing(user_id)
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequest("the question text must be a non-empty string")
+        return self._enqueue(self._answer, user_id, text)
+
+    def submit_chat(self, user_id: str, messages: list[dict]) -> Future:
+        """Queue one chat turn (OpenAI-style `messages`, the last from the user); the future gives a
+        `ChatReply`. The user's persona is the system prompt, their past interactions most like the
+        message are in it, and the turn is appended to their memory. A new user is created."""
+        try:
+            validate_user_id(user_id)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        self._require_ready()
+        if not messages or messages[-1].get("role") != "user" or not str(messages[-1].get("content") or "").strip():
+            raise InvalidRequest("the last message must be the user's, with content")
+        with self._user_lock(user_id):
+            self.store.memory(user_id)  # a new user gets their directory, as an appended interaction would
+        return self._enqueue(self._chat, user_id, messages)
+
+    def _enqueue(self, work, user_id: str, *args) -> Future:
         with self._lock:
             expected_wait = self._queued * self._answer_seconds / self.lm_workers
             retry_after = max(1, math.ceil(expected_wait))
@@ -259,33 +283,49 @@ class PersonaService:
                 raise ServiceBusy(f"the queue would take about {expected_wait:.0f} s, over the {self.answer_deadline:g} s "
                                   "an answer may wait; retry later", retry_after)
             self._queued += 1
-        future = self._lm_pool.submit(self._answer, user_id, text, time.monotonic() + self.answer_deadline)
+        future = self._lm_pool.submit(self._run_queued, work, time.monotonic() + self.answer_deadline, user_id, *args)
         future.add_done_callback(self._dequeue_if_cancelled)
         return future
 
     def _dequeue_if_cancelled(self, future: Future) -> None:
-        if future.cancelled():  # it never ran, so `_answer` did not count it out
+        if future.cancelled():  # it never ran, so `_run_queued` did not count it out
             with self._lock:
                 self._queued -= 1
 
-    def _answer(self, user_id: str, text: str, deadline: float) -> Answer:
+    def _run_queued(self, work, deadline: float, *args):
         started = time.perf_counter()
         try:
             if time.monotonic() > deadline:
                 raise ServiceBusy(f"the answer waited over {self.answer_deadline:g} s in the queue; retry later",
                                   self.lm_retry_after)
-            loaded = self._loaded(user_id)
             with use_lm(self.lm), dspy.context(disable_history=True):
-                pred = loaded.program(question=text)
+                return work(*args)
         except (LMError, AdapterParseError) as exc:
             raise LMUnavailable(f"the language model failed: {exc}", self.lm_retry_after) from exc
         finally:
             with self._lock:
                 self._queued -= 1
                 self._answer_seconds = 0.9 * self._answer_seconds + 0.1 * (time.perf_counter() - started)
+
+    def _answer(self, user_id: str, text: str) -> Answer:
+        loaded = self._loaded(user_id)
+        pred = loaded.program(question=text)
         version = loaded.state.current.version if loaded.state else None
         return Answer(user_id, str(pred.answer), version, [step["tool"] for step in pred.trajectory],
                       pred.get("label_scores"), pred.get("confidence"), pred.get("scoring"))
+
+    def _chat(self, user_id: str, messages: list[dict]) -> ChatReply:
+        loaded = self._loaded(user_id)
+        program, message = loaded.program, str(messages[-1]["content"])
+        system = (f"{program.instructions}\n\nThis user's past interactions most like their message:\n"
+                  f"{program.tools['search_memory'](query=message)}")
+        turns = [{"role": "system", "content": system}] + [
+            {"role": m["role"], "content": str(m.get("content") or "")} for m in messages if m.get("role") in ("system", "user", "assistant")]
+        output = self.lm(messages=turns)[0]
+        reply = output if isinstance(output, str) else str(output.get("text", ""))
+        with self._user_lock(user_id):
+            self.store.memory(user_id).add([Interaction(message, None, time.time(), {"source": "chat", "reply": reply})])
+        return ChatReply(user_id, reply, loaded.state.current.version if loaded.state else None)
 
     @property
     def queued(self) -> int:
@@ -340,8 +380,6 @@ class PersonaService:
         and the caller is told to retry, so a user is never left half forgotten."""
         user_id = self._existing(user_id)
         if self.tracking_uri:
-            from ..optimizers.tracking import forget_user  # MLflow is loaded only when used
-
             try:
                 forget_user(user_id, self.tracking_uri)
             except Exception as exc:
@@ -361,8 +399,6 @@ class PersonaService:
               acceptance: Literal["validated", "always"] = "validated") -> AlignJob:
         """Start aligning the persona on the latest `n_recent` interactions with a known answer;
         returns at once with the job (see `job`)."""
-        from ..optimizers.persona import PersonaAlignment  # the optimizer is loaded only when used
-
         user_id = self._existing(user_id)
         try:
             teleprompter = PersonaAlignment(n_recent, iterations, acceptance, self.reflection_lm)

@@ -18,14 +18,14 @@ def _add_lm(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_max_versions(parser: argparse.ArgumentParser) -> None:
-    from .storage import MAX_VERSIONS
+    from ..program.storage import MAX_VERSIONS
 
     parser.add_argument("--max-versions", type=int, default=MAX_VERSIONS,
                         help="persona versions kept per user: the initial, the best, the current, then the latest")
 
 
 def _lm_spec(args) -> str:
-    from .lm import DEFAULT_LM
+    from ..program.lm import DEFAULT_LM
 
     return args.lm or DEFAULT_LM
 
@@ -37,7 +37,7 @@ def _lm_kwargs(args) -> dict:
 # ---------------------------------------------------------------- models
 
 def cmd_models(args) -> int:
-    from . import models
+    from ..program import models
 
     if args.action == "prepare":
         path = models.prepare(args.name or models.DEFAULT_MODEL)
@@ -54,8 +54,8 @@ def cmd_models(args) -> int:
 # ---------------------------------------------------------------- ask
 
 def cmd_ask(args) -> int:
-    from .lm import make_lm, use_lm
-    from .store import UserStore
+    from ..program.lm import make_lm, use_lm
+    from ..program.store import UserStore
 
     if not os.path.isdir(args.store):  # asking must not create an empty store
         raise FileNotFoundError(f"{args.store}: no such store (compile users into it first)")
@@ -82,7 +82,7 @@ def cmd_ask(args) -> int:
 
 def cmd_forget(args) -> int:
     from ..optimizers.tracking import forget_user
-    from .store import UserStore
+    from ..program.store import UserStore
 
     if not os.path.isdir(args.store):
         raise FileNotFoundError(f"{args.store}: no such store")
@@ -97,7 +97,7 @@ def cmd_forget(args) -> int:
 # ---------------------------------------------------------------- rollback
 
 def cmd_rollback(args) -> int:
-    from .store import UserStore
+    from ..program.store import UserStore
 
     if not os.path.isdir(args.store):
         raise FileNotFoundError(f"{args.store}: no such store")
@@ -147,8 +147,8 @@ def _interrupt(signum, frame):
 
 def cmd_serve(args) -> int:
     from ..data.tasks import generic_task, resolve_task
+    from ..program.lm import make_lm
     from .http import serve
-    from .lm import make_lm
 
     token = args.token or os.environ.get("PERSONAAGENT_TOKEN")
     if not token:
@@ -171,8 +171,8 @@ def cmd_demo(args) -> int:
     """The README's main job: compile the bundled sample users, show the personas, answer with one."""
     from ..data import SAMPLE_DIR, load
     from ..optimizers.compile import CompileConfig, compile_users
-    from .lm import make_lm, use_lm
-    from .store import UserStore
+    from ..program.lm import make_lm, use_lm
+    from ..program.store import UserStore
 
     data = load(SAMPLE_DIR / args.sample).select(args.users)
     config = CompileConfig(lm=_lm_spec(args))
@@ -236,8 +236,11 @@ def cmd_eval(args) -> int:
     return evaluation.run(args, _lm_spec(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; `eval`'s options are added only when `argv` names it: they list every method,
+    which loads the evaluation and so the models, and `--help` should stay instant."""
     parser = argparse.ArgumentParser(prog="personaagent", description="Per-user personas for LLM agents, aligned at test time.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the embedded models, or prepare one", description="List the embedded models and whether each is ready; `prepare [NAME]` installs, joins and verifies one.")
@@ -314,10 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="compare methods on the same users", description="Run every method on the same users' held-out questions; writes results.json, results.md and plots.")
-    from ..experiments.eval import add_arguments
+    if "eval" in (sys.argv[1:] if argv is None else argv):
+        from ..experiments.eval import add_arguments
 
-    add_arguments(p)
-    _add_lm(p)
+        add_arguments(p)
+        _add_lm(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1", description="Start the MLflow UI over the compile runs, offline.")
@@ -339,9 +343,7 @@ def _one_line(exc: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     offline_environment()
-    parser = build_parser()
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, KeyError, OSError) as exc:  # bad input: one line, no traceback (--debug shows it)

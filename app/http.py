@@ -15,25 +15,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
+import re
 import threading
 import time
+import uuid
 from http import HTTPStatus
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Iterator, Literal
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from ..program.store import PersonaVersion
 from .service import (AlignJob, AlignmentRunning, Answer, InvalidRequest, NotFound, PersonaService, ServiceError,
                       Unavailable)
-from .store import PersonaVersion
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_TEXT_CHARS = 16_000
@@ -67,8 +70,21 @@ UserId = Annotated[str, Path(description="the user's id: letters, digits, single
                              json_schema_extra={"pattern": r"^\w(?:[\w .@',:-]*[\w.])?$", "maxLength": 128})]
 
 
-def _documented(*statuses: int) -> dict:
-    return {status: {"model": ErrorBody, "description": ERRORS[status]} for status in statuses}
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="OpenAI's error type, e.g. invalid_request_error")
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """The error shape of the OpenAI-compatible endpoint."""
+
+    error: OpenAIError
+
+
+def _documented(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict:
+    return {status: {"model": model, "description": ERRORS[status]} for status in statuses}
 
 
 class AnswerRequest(BaseModel):
@@ -94,6 +110,35 @@ class AlignRequest(BaseModel):
     acceptance: Literal["validated", "always"] = Field(
         "validated", description="keep a candidate only if it scores better on the user's earlier interactions, "
                                  "or always take the rewrite (the paper's setting)")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+    @property
+    def text(self) -> str:
+        """The content's text (OpenAI also sends a list of parts)."""
+        if isinstance(self.content, list):
+            return "".join(str(part.get("text", "")) for part in self.content if isinstance(part, dict))
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # temperature, max_tokens...: accepted; the server's LM settings hold
+    model: str = Field("personaagent", description="echoed back; the server's LM answers")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=100)
+    user: str | None = Field(None, description="the user whose persona answers")
+    stream: bool = False
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[dict]
 
 
 class RollbackRequest(BaseModel):
@@ -124,7 +169,18 @@ class Health(BaseModel):
     queued_answers: int
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+CHAT_PATH = "/v1/chat/completions"
+# OpenAI's error types, by status, for the chat endpoint (its clients read `error.type`).
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                      503: "service_unavailable_error"}
+
+
+def _error(status: int, message: str, headers: dict | None = None, path: str = "") -> JSONResponse:
+    """Our error shape, or OpenAI's on the OpenAI-compatible endpoint."""
+    if path == CHAT_PATH:
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status, headers)
     kind = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     return JSONResponse({"error": kind, "message": message}, status, headers)
 
@@ -142,7 +198,7 @@ class BodyLimit:
         message = f"request body over the limit of {self.max_bytes} bytes"
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await _error(413, message)(scope, receive, send)
+            return await _error(413, message, path=scope["path"])(scope, receive, send)
         received = 0
 
         async def limited_receive():
@@ -177,7 +233,19 @@ class InternalErrors:
             if started or scope["type"] != "http":
                 raise
             log.exception("%s %s failed", scope["method"], scope["path"])
-            await _error(500, f"internal error ({type(exc).__name__}); the server log has the details")(scope, receive, send)
+            await _error(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                         path=scope["path"])(scope, receive, send)
+
+
+async def _unless_disconnected(future, request: Request):
+    """The queued work's result; if the caller disconnects first, it is cancelled (never reaching
+    the LM if it had not started) and nothing is sent."""
+    waiting = asyncio.wrap_future(future)
+    while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
+        if await request.is_disconnected():
+            future.cancel()
+            raise Unavailable("the caller disconnected", 1)
+    return waiting.result()
 
 
 def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BODY_BYTES, docs: bool = False) -> FastAPI:
@@ -200,19 +268,19 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
                     responses=_documented(400, 401, 404, 413, 422, 500, 503))
 
     @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         status = next(s for cls, s in STATUS.items() if isinstance(exc, cls))
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
-        return _error(status, str(exc), headers)
+        return _error(status, str(exc), headers, request.url.path)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), exc.headers)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), exc.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return _error(422, f"invalid request: {problems}")
+        return _error(422, f"invalid request: {problems}", path=request.url.path)
 
     @app.get("/healthz", response_model=Health, tags=["service"],
              responses={503: {"model": Health, "description": "not ready: the reason says why"}, **_documented(500)})
@@ -226,13 +294,7 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
     async def answer(user_id: UserId, body: AnswerRequest, request: Request) -> Answer:
         """Answer as the user's program (compiled, or the default one); queued behind other LM work.
         If the caller disconnects while it waits, the answer is dropped before it reaches the LM."""
-        future = service.submit_answer(user_id, body.text)
-        waiting = asyncio.wrap_future(future)
-        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
-            if await request.is_disconnected():
-                future.cancel()  # not started: it never runs; started: its result is not sent
-                raise Unavailable("the caller disconnected", 1)
-        return waiting.result()
+        return await _unless_disconnected(service.submit_answer(user_id, body.text), request)
 
     @api.post("/users/{user_id}/interactions", response_model=InteractionAdded, status_code=201, tags=["users"],
               responses={200: {"model": InteractionAdded, "description": "the same interaction was already recorded"}})
@@ -263,6 +325,39 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
     @api.get("/users/{user_id}/align/{job_id}", response_model=AlignJob, tags=["alignment"])
     def align_status(user_id: UserId, job_id: str) -> AlignJob:
         return service.job(user_id, job_id)
+
+    @api.post("/chat/completions", tags=["openai"], response_model=ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {}}, "description": "with `stream`: chunks as server-sent events"},
+                         **_documented(400, 401, 404, 413, 422, 500, 503, model=OpenAIErrorBody)})
+    async def chat(body: ChatRequest, request: Request,
+                   x_personaagent_user: str | None = Header(None, description="the user, when the body has no `user`")):
+        """OpenAI-compatible chat: the `user` field (or the X-PersonaAgent-User header) selects whose
+        persona answers; their memory is searched into the context and the turn is added to it."""
+        user_id = body.user or x_personaagent_user
+        if not user_id:
+            raise InvalidRequest("name the user: the `user` field or the X-PersonaAgent-User header")
+        future = service.submit_chat(user_id, [{"role": m.role, "content": m.text} for m in body.messages])
+        reply = await _unless_disconnected(future, request)
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not body.stream:
+            return ChatCompletion(id=completion_id, created=created, model=body.model,
+                                  choices=[{"index": 0, "message": {"role": "assistant", "content": reply.reply},
+                                            "finish_reason": "stop"}])
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        def events() -> Iterator[str]:
+            # The reply is generated whole (one LM call, like an answer), then sent word by word.
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in re.findall(r"\S+\s*|\s+", reply.reply):
+                yield chunk({"content": piece})
+            yield chunk({}, "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @api.delete("/users/{user_id}", response_model=Deleted, tags=["users"])
     def delete(user_id: UserId) -> Deleted:

@@ -1,0 +1,88 @@
+"""The OpenAI-compatible chat endpoint, through the real `openai` client against a real server; only
+the LM is fake (its reply shows what the prompt held, so isolation is visible)."""
+
+from __future__ import annotations
+
+import dspy
+import openai
+import pytest
+
+from personaagent.app.http import create_app, running
+from personaagent.app.service import PersonaService
+from personaagent.data.tasks import Interaction
+from personaagent.program.store import UserStore
+from personaagent.program.testing import FakeEngine
+
+from test_service import save_persona
+
+TOKEN = "chat-token"
+
+
+def _reply(prompt: str) -> str:
+    """Says which users' secrets and personas the prompt carried."""
+    seen = [word for word in ("ALICE-SECRET", "ALICE-PERSONA", "BOB-SECRET", "BOB-PERSONA") if word in prompt]
+    return "I saw: " + (", ".join(seen) or "nothing")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, embedder):
+    store = UserStore(tmp_path_factory.mktemp("chat") / "store", embedder)
+    store.memory("alice").add([Interaction("ALICE-SECRET: which strings suit a jazz guitar?", "flatwounds", 1.0)])
+    save_persona(store, "alice", "Alice plays ALICE-PERSONA jazz.")
+    store.memory("bob").add([Interaction("BOB-SECRET: a lipstick that lasts?", "matte", 1.0)])
+    save_persona(store, "bob", "Bob wants BOB-PERSONA makeup.")
+    engine = FakeEngine({"reply": _reply})
+    service = PersonaService(store, dspy.LM("local/fake", engine=engine, cache=False))
+    with running(create_app(service, TOKEN)) as url:
+        yield url, store, engine
+    service.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=TOKEN, max_retries=0)
+
+
+def test_each_user_gets_their_own_persona_and_memory_and_the_turn_is_remembered(client, server):
+    store = server[1]
+    before = len(store.memory("alice"))
+    alice = client.chat.completions.create(model="persona", user="alice",
+                                           messages=[{"role": "user", "content": "Which strings for jazz?"}])
+    assert alice.choices[0].message.content == "I saw: ALICE-SECRET, ALICE-PERSONA"
+    assert alice.choices[0].finish_reason == "stop" and alice.object == "chat.completion"
+    bob = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": "A lipstick that lasts?"}],
+                                         extra_headers={"X-PersonaAgent-User": "bob"})
+    assert bob.choices[0].message.content == "I saw: BOB-SECRET, BOB-PERSONA"
+    remembered = store.memory("alice").all()[-1]
+    assert len(store.memory("alice")) == before + 1 and remembered.input == "Which strings for jazz?"
+    assert remembered.metadata["reply"] == "I saw: ALICE-SECRET, ALICE-PERSONA"
+
+
+def test_streaming_sends_the_reply_in_chunks_then_stops(client):
+    stream = client.chat.completions.create(model="persona", user="bob", stream=True,
+                                            messages=[{"role": "system", "content": "Be brief."},
+                                                      {"role": "user", "content": "A lipstick?"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == "I saw: BOB-SECRET, BOB-PERSONA" and len(chunks) > 3
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_errors_keep_the_openai_shape(client, server):
+    with pytest.raises(openai.BadRequestError) as missing_user:
+        client.chat.completions.create(model="persona", messages=[{"role": "user", "content": "hi"}])
+    assert missing_user.value.body["type"] == "invalid_request_error" and "name the user" in missing_user.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="invalid user id"):
+        client.chat.completions.create(model="persona", user="../alice", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.AuthenticationError) as wrong_token:
+        openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="persona", user="alice", messages=[{"role": "user", "content": "hi"}])
+    assert wrong_token.value.body["type"] == "authentication_error"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="persona", user="alice", messages=[])
+
+
+def test_a_new_user_is_created_by_their_first_turn(client, server):
+    reply = client.chat.completions.create(model="persona", user="carol", messages=[{"role": "user", "content": "hello"}])
+    assert reply.choices[0].message.content == "I saw: nothing"  # nobody else's memory or persona
+    assert [r.input for r in server[1].memory("carol").all()] == ["hello"]
