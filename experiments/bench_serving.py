@@ -1,5 +1,5 @@
-"""Load benchmark of the HTTP service, on loopback: latency and throughput of answer and append,
-and the time to load a compiled persona.
+"""Load benchmark of the HTTP service, on loopback: latency and throughput of answer, OpenAI-style
+chat and append, and the time to load a compiled persona.
 
     python -m personaagent.experiments.bench_serving --lm fake
     python -m personaagent.experiments.bench_serving --lm local/qwen2.5-coder-1.5b --answers 20
@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             affordable = answers[:max(1, int(args.seconds * 1000 / phases["answer, sequential"]["p50_ms"]))]
             concurrency = min(args.concurrency, len(affordable))
             phases[f"answer, {concurrency} concurrent"] = run_phase(client, affordable, concurrency, args.seconds, timer)
+            # The OpenAI-compatible endpoint: persona as system prompt, a memory search, the turn remembered.
+            chats = [("/v1/chat/completions", {"model": "persona", "user": u, "messages": [{"role": "user", "content": q}]})
+                     for u, q in (questions * args.answers)[:args.answers]]
+            phases["chat, sequential"] = run_phase(client, chats, 1, args.seconds, timer)
             phases["append, sequential"] = run_phase(client, appends, 1, args.seconds, timer)
             phases[f"append, {args.concurrency} concurrent"] = run_phase(client, appends, args.concurrency, args.seconds, timer)
         service.close()
