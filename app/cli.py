@@ -161,6 +161,7 @@ def cmd_serve(args) -> int:
     print(f"serving {args.store} on http://{args.host}:{args.port} (OpenAPI description at /openapi.json)", flush=True)
     serve(args.store, token=token, host=args.host, port=args.port, lm=lm, reflection_lm=reflection_lm,
           default_task=default_task, max_loaded=args.max_loaded, max_versions=args.max_versions,
+          align_every=args.align_every,
           tracking_uri=tracking_uri_or_default(args.tracking_uri))
     return 0
 
@@ -303,6 +304,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="task of users with no compiled program: classification, rating, generation or a LaMP task name")
     p.add_argument("--max-loaded", type=int, default=256, help="programs kept loaded, least recently used dropped first")
     _add_max_versions(p)
+    p.add_argument("--align-every", type=int, default=None,
+                   help="online alignment: align a user in the background after every N new interactions with a known outcome")
     p.add_argument("--tracking-uri", default=None,
                    help=f"MLflow tracking URI the store's compiles used (default {DEFAULT_TRACKING_URI}): "
                         "deleting a user also deletes their runs there")

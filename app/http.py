@@ -167,6 +167,8 @@ class Health(BaseModel):
     lm: str
     loaded_programs: int
     queued_answers: int
+    alignments_queued: int
+    alignments_running: int
 
 
 CHAT_PATH = "/v1/chat/completions"
@@ -286,8 +288,10 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
              responses={503: {"model": Health, "description": "not ready: the reason says why"}, **_documented(500)})
     def healthz() -> JSONResponse:
         reason = service.not_ready()
+        alignments = service.alignments()
         health = Health(status="not ready" if reason else "ok", reason=reason, lm=service.lm.model,
-                        loaded_programs=service.loaded, queued_answers=service.queued)
+                        loaded_programs=service.loaded, queued_answers=service.queued,
+                        alignments_queued=alignments["queued"], alignments_running=alignments["running"])
         return JSONResponse(health.model_dump(), 503 if reason else 200)
 
     @api.post("/users/{user_id}/answer", response_model=Answer, tags=["users"])

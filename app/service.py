@@ -15,11 +15,13 @@
 - Closing cancels what is queued, lets running answers finish, and abandons a running alignment
   (nothing of it is saved: a version is written only at its end, atomically).
 - Test-time alignment runs in the background on the user's latest interactions with a known
-  answer and records every persona version in the user's program file.
+  answer, on request or online (`align_every`: after every N new outcomes of a user), and records
+  every persona version, with what triggered it, in the user's program file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -38,7 +40,7 @@ from dspy.utils.exceptions import AdapterParseError, LMError
 
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
 from ..optimizers.persona import PersonaAlignment
-from ..optimizers.tracking import forget_user
+from ..optimizers.tracking import Tracker, forget_user
 from ..program.agent import PersonaProgram
 from ..program.lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
 from ..program.memory import Cutoff
@@ -113,6 +115,7 @@ class AlignJob:
     user_id: str
     n_recent: int
     iterations: int
+    trigger: str = "align request"  # or "online: N new interactions with known outcomes"
     status: JobStatus = "queued"
     error: str = ""
     new_versions: list[int] = field(default_factory=list)
@@ -145,7 +148,7 @@ class PersonaService:
                  reflection_lm: dspy.LM | None = None, default_task: TaskSpec | None = None,
                  max_loaded: int = 256, lm_workers: int | None = None, max_queued: int = 64,
                  lm_retry_after: int = 5, tracking_uri: str | None = None, max_versions: int = MAX_VERSIONS,
-                 answer_deadline: float = 60.0):
+                 answer_deadline: float = 60.0, align_every: int | None = None):
         self.store = store if isinstance(store, UserStore) else UserStore(store, max_versions=max_versions)
         self.tracking_uri = tracking_uri  # where compiles of this store were tracked: deleting a user deletes their runs
         self.lm = make_lm(lm) if isinstance(lm, str) else lm
@@ -153,6 +156,8 @@ class PersonaService:
         self.default_task = default_task or generic_task("generation")
         self.max_loaded, self.max_queued, self.lm_retry_after = max_loaded, max_queued, lm_retry_after
         self.answer_deadline = answer_deadline  # seconds an answer may wait in the queue
+        self.align_every = align_every  # online alignment after this many new outcomes per user (None: off)
+        self._outcomes_since_alignment: dict[str, int] = {}
         self.lm_workers = lm_workers or (1 if self.lm.model.startswith(LOCAL_PREFIX) else 8)
         self.store.embedder  # loaded now (about a second, with torch), not by the first request
         import torch
@@ -335,6 +340,12 @@ class PersonaService:
     def loaded(self) -> int:
         return len(self._programs)
 
+    def alignments(self) -> dict[str, int]:
+        """Alignment jobs by status, for health checks."""
+        with self._lock:
+            statuses = [j.status for j in self._jobs.values()]
+        return {status: statuses.count(status) for status in ("queued", "running")}
+
     # ------------------------------------------------------------------ memory and persona
 
     def add_interaction(self, user_id: str, input: str, output: str | None = None,
@@ -346,9 +357,28 @@ class PersonaService:
             self._require_ready()
             item = Interaction(input, output, time.time() if timestamp is None else timestamp, metadata or {})
             with self._user_lock(user_id):  # not while the user is being deleted
-                return self.store.memory(user_id).add([item])
+                ids = self.store.memory(user_id).add([item])
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+        if ids and output is not None:
+            self._after_outcome(user_id)
+        return ids
+
+    def _after_outcome(self, user_id: str) -> None:
+        """Online alignment: after every `align_every` new interactions with a known outcome, the
+        user's persona is aligned in the background, one alignment per user at a time."""
+        if not self.align_every:
+            return
+        with self._lock:
+            outcomes = self._outcomes_since_alignment[user_id] = self._outcomes_since_alignment.get(user_id, 0) + 1
+        if outcomes < self.align_every:
+            return
+        try:
+            self.align(user_id, trigger=f"online: {outcomes} new interactions with known outcomes")
+        except AlignmentRunning:
+            return  # this user's alignment is still running: a later outcome starts the next one
+        with self._lock:
+            self._outcomes_since_alignment[user_id] = 0
 
     def persona(self, user_id: str) -> dict:
         """The persona in force, the instructions the program runs with, and the version history."""
@@ -389,6 +419,7 @@ class PersonaService:
             with self._lock:
                 self._deletions[user_id] = self._deletions.get(user_id, 0) + 1
                 self._programs.pop(user_id, None)
+                self._outcomes_since_alignment.pop(user_id, None)
                 # A running alignment sees the deletion count change and does not save.
                 self._jobs = {i: j for i, j in self._jobs.items() if j.user_id != user_id}
             self.store.delete_user(user_id)
@@ -396,9 +427,9 @@ class PersonaService:
     # ------------------------------------------------------------------ test-time alignment
 
     def align(self, user_id: str, n_recent: int = 3, iterations: int = 1,
-              acceptance: Literal["validated", "always"] = "validated") -> AlignJob:
+              acceptance: Literal["validated", "always"] = "validated", trigger: str = "align request") -> AlignJob:
         """Start aligning the persona on the latest `n_recent` interactions with a known answer;
-        returns at once with the job (see `job`)."""
+        returns at once with the job (see `job`). One alignment per user at a time."""
         user_id = self._existing(user_id)
         try:
             teleprompter = PersonaAlignment(n_recent, iterations, acceptance, self.reflection_lm)
@@ -411,7 +442,7 @@ class PersonaService:
                             if j.user_id == user_id and j.status in ("queued", "running")), None)
             if running is not None:
                 raise AlignmentRunning(running.id)
-            job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations)
+            job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations, trigger)
             self._jobs[job.id] = job
             deletions = self._deletions.get(user_id, 0)
         self._align_queue.put((job, teleprompter, deletions))
@@ -436,8 +467,15 @@ class PersonaService:
             # Each record is replayed as of its own time: memory then shows only what came before it.
             examples = [dspy.Example(question=r.input, answer=r.output, as_of=Cutoff.of(r)).with_inputs("question", "as_of")
                         for r in program.memory.all() if r.output is not None]
-            with use_lm(self.lm), dspy.context(disable_history=True):
+            # Tracked like a compile, in a run tagged with the user (so forgetting finds it).
+            tracker = Tracker(self.tracking_uri, "personaagent-align") if self.tracking_uri else None
+            with (tracker.run(f"align {job.user_id}", {"user_id": job.user_id, "trigger": job.trigger})
+                  if tracker else contextlib.nullcontext()), use_lm(self.lm), dspy.context(disable_history=True):
                 aligned = teleprompter.compile(program, trainset=examples)
+                if tracker:
+                    for step in aligned.alignment:
+                        if step.score is not None:
+                            tracker.call("log a validation score", "log_metric", "validation_score", step.score, step=step.iteration)
             # The store's lock first (a compile in another process may hold it for minutes), then
             # this process's: appends of the user wait only for the save itself.
             with self.store.lock(job.user_id, create=False), self._user_lock(job.user_id):
@@ -448,7 +486,7 @@ class PersonaService:
                     raise RuntimeError("the program was recompiled during alignment; start the alignment again")
                 state = ProgramState(
                     job.user_id, task_to_dict(program.task), previous.lm if previous else self.lm.model,
-                    alignment_versions(previous, program, aligned.alignment), previous.compile_key if previous else "",
+                    alignment_versions(previous, program, aligned.alignment, job.trigger), previous.compile_key if previous else "",
                     created_at=previous.created_at if previous else time.time())
                 self.store.save_state(state)
             last = previous.versions[-1].version if previous else 0

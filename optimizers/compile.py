@@ -74,6 +74,7 @@ class UserResult:
     persona_after: str = ""
     details: str = ""  # the traceback of a failure, for the MLflow run
     tracking_errors: list[str] = field(default_factory=list)  # MLflow calls that failed; the compile went on
+    score_after: float | None = None  # the validation score of the persona in force after the compile
 
 
 def compile_key(config: CompileConfig, task: TaskSpec, user: UserData) -> str:
@@ -129,7 +130,8 @@ def compile_user(store_root: str, task_dict: dict, user: UserData, config: Compi
             key = compile_key(config, task, user)
             previous = store.load_state(user.user_id)
             if previous is not None and previous.compile_key == key:
-                return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions])
+                return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions],
+                                  score_after=previous.current.score)
             tracker = Tracker(tracking_uri, "personaagent-compile", autolog=True) if tracking_uri else None
             run = tracker.run(f"user {user.user_id}", {"user_id": user.user_id}, parent_run_id) if tracker else contextlib.nullcontext()
             with run:  # the compile's traces land in the user's run, so forgetting the user finds them
@@ -162,14 +164,15 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
                 program.load_instructions(previous.current.instructions)
             before = program.instructions
             aligned, steps = _align(config, program, _examples(user), lm, task)
-        versions = alignment_versions(previous, program, steps)
+        versions = alignment_versions(previous, program, steps, trigger="compile")
         if config.optimizer == "gepa":
             versions.append(PersonaVersion(versions[-1].version + 1, aligned.persona.to_dict(),
-                                           aligned.instructions_by_predictor(), note="gepa"))
+                                           aligned.instructions_by_predictor(), note="gepa", trigger="compile"))
         state = ProgramState(user.user_id, task_to_dict(task), config.lm, versions, key,
                              created_at=previous.created_at if previous else time.time())
         store.save_state(state)
-        return UserResult(user.user_id, "compiled", scores=[v.score for v in versions], lm_calls=usage.calls,
+        return UserResult(user.user_id, "compiled", scores=[v.score for v in versions], score_after=state.current.score,
+                          lm_calls=usage.calls,
                           tokens=usage.tokens, seconds=time.perf_counter() - started,
                           timings=getattr(aligned, "timings", {}),
                           persona_before=before, persona_after=state.current.instructions.get("answer", ""))
@@ -195,7 +198,23 @@ def _log_user(tracker: Tracker, result: UserResult, state: ProgramState | None) 
             tracker.call("log a validation likelihood", "log_metric", "validation_likelihood", version.likelihood, step=step)
         tracker.call("log a persona version", "log_text", version.instructions.get("answer", ""), f"personas/v{version.version:03d}.md")
         tracker.call("log a persona version", "log_dict", asdict(version), f"personas/v{version.version:03d}.json")
+        if step:
+            tracker.call("log a persona diff", "log_text", version.diff(state.versions[step - 1]), f"personas/v{version.version:03d}.diff")
     tracker.call("log the persona", "log_text", state.current.instructions.get("answer", ""), "persona.md")
+    tracker.call("describe the run", "set_tag", "mlflow.note.content", _description(state))
+
+
+def _description(state: ProgramState) -> str:
+    """The run's description in the MLflow UI: every version with its validation score and what
+    became of it, then what the persona in force changed from the first one."""
+    score = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"**{state.user_id}**: v{state.current.version} in force", ""]
+    lines += [f"- v{v.version}: {'accepted' if v.accepted else 'rejected'}, validation score {score(v.score)}"
+              f"{f' ({v.note})' if v.note else ''}" for v in state.versions]
+    first = state.versions[0]
+    if state.current.version != first.version:
+        lines += ["", f"What v{state.current.version} changed from v{first.version}:", "```diff", state.current.diff(first), "```"]
+    return "\n".join(lines)
 
 
 @dataclass
@@ -243,6 +262,10 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
         bar.close()
         report = CompileReport(results, parent_id, tracker.errors)
         tracker.call("log the counts", "log_metrics", {f"users_{k}": v for k, v in report.counts.items()})
+        tracker.call("log the users' table", "log_table", {
+            "user": [r.user_id for r in results], "status": [r.status for r in results],
+            "validation_before": [r.scores[0] if r.scores else None for r in results],
+            "validation_after": [r.score_after for r in results]}, "users.json")
         done = [r for r in results if r.status == "compiled"]
         if done:
             tracker.call("log the means", "log_metrics", {"mean_lm_calls_per_user": sum(r.lm_calls for r in done) / len(done),

@@ -11,6 +11,7 @@ saving leaves the previous program loadable and an old file is never misread.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import json
 import shutil
@@ -43,6 +44,20 @@ class PersonaVersion:
     note: str = ""
     created_at: float = field(default_factory=time.time)
     likelihood: float | None = None  # mean log-likelihood of the user's real answers on that window
+    trigger: str = ""  # what made it: "compile", "align request", "online: ...", "rollback"
+
+    def diff(self, previous: "PersonaVersion") -> str:
+        """What changed since `previous`: the instruction as a unified diff, then the compiled
+        choices (tools shown, k, evidence weights, demonstrations) that differ."""
+        lines = list(difflib.unified_diff(previous.instructions.get("answer", "").splitlines(),
+                                          self.instructions.get("answer", "").splitlines(),
+                                          f"v{previous.version}", f"v{self.version}", lineterm=""))
+        for choice in ("sources", "k", "weights", "demos"):
+            before, after = previous.persona.get(choice), self.persona.get(choice)
+            if before != after:
+                shown = (lambda v: f"{len(v or [])} demonstrations") if choice == "demos" else repr
+                lines.append(f"{choice}: {shown(before)} -> {shown(after)}")
+        return "\n".join(lines) or "no change"
 
 
 @dataclass
@@ -91,7 +106,7 @@ class ProgramState:
             raise KeyError(f"version {version} of user {self.user_id!r} is not kept "
                            f"(kept: {', '.join(str(v.version) for v in self.versions)})")
         restored = replace(target, version=self.next_version, feedback="", accepted=True,
-                           note=f"rollback to v{version}", created_at=time.time())
+                           note=f"rollback to v{version}", created_at=time.time(), trigger="rollback")
         self.versions.append(restored)
         return restored
 
@@ -108,20 +123,23 @@ class ProgramState:
         return cls(**payload)
 
 
-def alignment_versions(previous: ProgramState | None, program: PersonaProgram, steps: list) -> list[PersonaVersion]:
+def alignment_versions(previous: ProgramState | None, program: PersonaProgram, steps: list,
+                       trigger: str = "") -> list[PersonaVersion]:
     """The version history after aligning `program`: the previous versions, the starting persona
-    if there were none, then one version per rewrite (`steps`: the teleprompter's AlignmentSteps)."""
+    if there were none, then one version per rewrite (`steps`: the teleprompter's AlignmentSteps),
+    each recording the `trigger` that made it."""
     versions = list(previous.versions) if previous else []
     if previous is None:
         first = steps[0] if steps else None
         versions.append(PersonaVersion(1, program.persona.to_dict(), program.instructions_by_predictor(),
                                        first.score if first else None, note="initial persona",
-                                       likelihood=first.likelihood if first else None))
+                                       likelihood=first.likelihood if first else None, trigger=trigger))
     for step in steps[1:]:
         trial = program.deepcopy()
         trial.set_persona(step.persona)
         versions.append(PersonaVersion(versions[-1].version + 1, step.persona.to_dict(), trial.instructions_by_predictor(),
-                                       step.score, step.feedback, step.accepted, step.note, likelihood=step.likelihood))
+                                       step.score, step.feedback, step.accepted, step.note, likelihood=step.likelihood,
+                                       trigger=trigger))
     return versions
 
 

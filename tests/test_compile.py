@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -60,6 +63,15 @@ def test_compile_saves_versions_logs_runs_and_skips_unchanged_users(tmp_path, da
     assert metrics["validation_score"] == rewrite.score and metrics["validation_likelihood"] == rewrite.likelihood
     assert {"seconds_validation", "seconds_replay", "seconds_reflection"} <= set(metrics)
     assert "seconds_reflection" not in children[STEADY].data.metrics
+    # The UI shows what changed: each version's diff, the run's description, the users' table.
+    client = mlflow.MlflowClient(uri)
+    diff = Path(client.download_artifacts(children[VARIED].info.run_id, "personas/v003.diff", str(tmp_path))).read_text()
+    assert f"+- {RULE}" in diff and "--- v2" in diff
+    description = children[VARIED].data.tags["mlflow.note.content"]
+    assert "v3 in force" in description and "- v3: accepted" in description and RULE in description
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "users.json", str(tmp_path))).read_text())
+    rows = dict(zip((c for c in table["columns"]), zip(*table["data"])))
+    assert dict(zip(rows["user"], rows["validation_after"]))[VARIED] == rewrite.score
 
     again = compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))
     assert again.counts["skipped"] == 2

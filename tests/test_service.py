@@ -331,3 +331,28 @@ def test_delete_forgets_everything_and_a_running_alignment_never_brings_the_user
     assert not info["compiled"] and info["interactions"] == 1
     with pytest.raises(NotFound):  # the old job was forgotten with the user
         service.job("alice", job.id)
+
+
+def test_online_alignment_starts_after_n_outcomes_and_never_twice_at_once(store, engine):
+    with PersonaService(store, local_lm(engine), reflection_lm=local_lm(engine), align_every=2) as service:
+        engine.gate.clear()
+        service.add_interaction("alice", "review 10: a tuner that drifts", "1", timestamp=10.0)
+        assert service.alignments() == {"queued": 0, "running": 0}
+        service.add_interaction("alice", "review 11: a capo that slips", "1", timestamp=11.0)  # the second outcome
+        assert engine.entered.wait(30)
+        assert service.alignments() == {"queued": 0, "running": 1}
+        for i in range(12, 16):  # more outcomes while it runs: no second alignment of alice
+            service.add_interaction("alice", f"review {i}: strings", "5", timestamp=float(i))
+            service.add_interaction("alice", f"a question without an outcome {i}")
+        jobs = [j for j in service._jobs.values() if j.user_id == "alice"]
+        assert len(jobs) == 1 and jobs[0].trigger == "online: 2 new interactions with known outcomes"
+        engine.gate.set()
+        job = wait_for(jobs[0])
+        assert job.status == "succeeded"
+        triggers = {v.trigger for v in service.persona("alice")["versions"] if v.version in job.new_versions}
+        assert triggers == {"online: 2 new interactions with known outcomes"}
+        service.add_interaction("alice", "review 20: strings", "5", timestamp=20.0)  # the count goes on
+        deadline = time.monotonic() + 30
+        while len([j for j in service._jobs.values() if j.user_id == "alice"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len([j for j in service._jobs.values() if j.user_id == "alice"]) == 2
