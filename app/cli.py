@@ -122,7 +122,15 @@ def cmd_compile(args) -> int:
                            gepa_budget=args.gepa_budget, max_versions=args.max_versions)
     # SIGTERM stops a compile as Ctrl-C does: MLflow runs end KILLED, every user keeps their last good persona.
     signal.signal(signal.SIGTERM, _interrupt)
-    report = compile_users(data, args.store, config, workers=args.workers, tracking_uri=args.tracking_uri)
+    if args.engine == "ray":
+        from ..optimizers.engines import RayEngine
+
+        engine = RayEngine(args.address, max(1, args.workers))
+    else:
+        from ..optimizers.engines import LocalEngine
+
+        engine = LocalEngine(args.workers)
+    report = compile_users(data, args.store, config, tracking_uri=args.tracking_uri, engine=engine)
     for r in report.results:
         scores = " -> ".join("-" if s is None else f"{s:.2f}" for s in r.scores)
         line = f"{r.status:<8} {r.user_id:<30} validation score {scores or '-'}"
@@ -275,7 +283,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--validation", type=int, default=3, help="earlier interactions every candidate is scored on")
     p.add_argument("--max-lm-calls", type=int, default=10, help="LM calls per user's alignment (a scoring pass is one)")
     p.add_argument("--gepa-budget", type=int, default=15, help="metric calls per user for --optimizer gepa")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (each loads its own model)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes or Ray actors (each loads its own model)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine's processes; ray: actors on a Ray cluster (pip install personaagent[ray])")
+    p.add_argument("--address", default=None, help="Ray cluster address for --engine ray (default: start a local one)")
     _add_max_versions(p)
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_compile)

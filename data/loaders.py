@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import dspy
 
@@ -188,15 +188,8 @@ def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
 
 # ---------------------------------------------------------------- generic JSONL
 
-def load_jsonl(path: str | Path, kind: Kind = "generation", labels: tuple[str, ...] | None = None,
-               holdout: int = 1) -> TaskData:
-    """Read interaction logs: one JSON object per line with user_id, timestamp, input, output, metadata.
-
-    Each user's latest `holdout` interactions with an output become held-out questions; the rest
-    is their history. For classification without `labels`, the label set is the outputs seen.
-    """
-    path = Path(path)
-    rows: dict[str, list[dict]] = {}
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each non-empty line of a JSONL file."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -206,20 +199,40 @@ def load_jsonl(path: str | Path, kind: Kind = "generation", labels: tuple[str, .
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield f"line {lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(path, f"line {lineno}", f"not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(path, f"line {lineno}", "expected a JSON object")
-            for name in ("user_id", "input"):
-                if row.get(name) in (None, ""):
-                    raise DataError(path, f"line {lineno}", f"missing field {name!r}")
-            if row.get("metadata") is not None and not isinstance(row["metadata"], dict):
-                raise DataError(path, f"line {lineno}", "field 'metadata' must be an object")
-            ts = row.get("timestamp")
-            if ts is not None and not isinstance(ts, (int, float)):
-                raise DataError(path, f"line {lineno}", "field 'timestamp' must be a number (seconds)")
-            rows.setdefault(str(row["user_id"]), []).append(row)
+
+
+def _table_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a Parquet file or of a dataset saved with `save_to_disk`."""
+    import datasets
+
+    table = datasets.Dataset.from_parquet(str(path)) if path.is_file() else datasets.load_from_disk(str(path))
+    for i, row in enumerate(table):
+        yield f"row {i}", row
+
+
+def interaction_log(path: Path, records: Iterable[tuple[str, Any]], kind: Kind = "generation",
+                    labels: tuple[str, ...] | None = None, holdout: int = 1) -> TaskData:
+    """Interaction logs, one record per interaction with user_id, timestamp, input, output, metadata.
+
+    Each user's latest `holdout` interactions with an output become held-out questions; the rest
+    is their history. For classification without `labels`, the label set is the outputs seen.
+    """
+    rows: dict[str, list[dict]] = {}
+    for where, row in records:
+        if not isinstance(row, dict):
+            raise DataError(path, where, "expected a JSON object")
+        for name in ("user_id", "input"):
+            if row.get(name) in (None, ""):
+                raise DataError(path, where, f"missing field {name!r}")
+        if row.get("metadata") is not None and not isinstance(row["metadata"], dict):
+            raise DataError(path, where, "field 'metadata' must be an object")
+        ts = row.get("timestamp")
+        if ts is not None and not isinstance(ts, (int, float)):
+            raise DataError(path, where, "field 'timestamp' must be a number (seconds)")
+        rows.setdefault(str(row["user_id"]), []).append(row)
     if kind != "generation" and not labels:
         labels = tuple(sorted({str(r["output"]) for rs in rows.values() for r in rs if r.get("output") is not None}))
     spec = generic_task(kind, labels, name=path.stem)
@@ -237,14 +250,26 @@ def load_jsonl(path: str | Path, kind: Kind = "generation", labels: tuple[str, .
     return TaskData(spec, users, str(path))
 
 
-def load(path: str | Path, task: str | None = None, **jsonl_options) -> TaskData:
-    """Load a LaMP file or folder, or a `.jsonl` interaction log (`task` is then its kind)."""
+def load_jsonl(path: str | Path, kind: Kind = "generation", labels: tuple[str, ...] | None = None,
+               holdout: int = 1) -> TaskData:
+    """Read a JSONL interaction log (see `interaction_log`)."""
+    return interaction_log(Path(path), _jsonl_records(Path(path)), kind, labels, holdout)
+
+
+def _is_table(path: Path) -> bool:
+    return path.suffix == ".parquet" or (path / "dataset_info.json").exists()
+
+
+def load(path: str | Path, task: str | None = None, **log_options) -> TaskData:
+    """Load a LaMP file or folder, or an interaction log (`task` is then its kind): a `.jsonl` file,
+    a Parquet file with the same columns, or a `datasets.Dataset` saved with `save_to_disk`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or _is_table(path):
         kinds = ("classification", "rating", "generation")
         if task is not None and task not in kinds:
             raise ValueError(f"{path}: for an interaction log the task is its kind, one of {', '.join(kinds)}; not {task!r}")
-        return load_jsonl(path, kind=task or "generation", **jsonl_options)
+        records = _jsonl_records(path) if path.suffix == ".jsonl" else _table_records(path)
+        return interaction_log(path, records, task or "generation", **log_options)
     return load_lamp(path, task)

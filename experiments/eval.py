@@ -258,7 +258,11 @@ def markdown_table(task: TaskSpec, summaries: list[dict]) -> str:
 
 
 def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional extra: the tables are written all the same
+        print("no plots: pip install 'personaagent[experiments]' for them", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

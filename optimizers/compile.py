@@ -14,9 +14,7 @@ import hashlib
 import json
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +29,7 @@ from ..program.memory import Cutoff, SemanticMemory
 from ..program.persona import Persona
 from ..program.storage import MAX_VERSIONS
 from ..program.store import PersonaVersion, ProgramState, UserStore, alignment_versions
+from .engines import Engine, LocalEngine
 from .persona import ACCEPTANCE, PersonaAlignment
 from .tracking import Tracker, tracking_uri_or_default
 
@@ -233,9 +232,12 @@ class CompileReport:
 
 
 def compile_users(data: TaskData, store: str | Path, config: CompileConfig, workers: int = 1,
-                  tracking_uri: str | None = None, progress: bool = True, lm: dspy.LM | None = None) -> CompileReport:
+                  tracking_uri: str | None = None, progress: bool = True, lm: dspy.LM | None = None,
+                  engine: Engine | None = None) -> CompileReport:
     """Compile every user in `data` into `store`; one parent MLflow run, one nested run per user.
-    Tracking only observes: when MLflow fails, users are compiled and saved all the same."""
+    `engine` says where users run (default: `LocalEngine(workers, lm)`, this machine). Tracking only
+    observes: when MLflow fails, users are compiled and saved all the same."""
+    engine = engine or LocalEngine(workers, lm)
     UserStore(store).close()  # a store that cannot be a directory fails here, before any user
     tracker = Tracker(tracking_uri, "personaagent-compile")
     uri = tracking_uri_or_default(tracking_uri)
@@ -243,22 +245,15 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
     results: list[UserResult] = []
     with tracker.run(f"compile {data.task.name} ({len(data.users)} users)") as parent:
         tracker.call("log the config", "log_params", {**asdict(config), "task": data.task.name, "data": data.source,
-                                                     "users": len(data.users), "workers": workers})
+                                                     "users": len(data.users), "engine": engine.name,
+                                                     "workers": getattr(engine, "workers", 1)})
         parent_id = parent.info.run_id if parent else None
         bar = tqdm(total=len(data.users), desc="compile", unit="user", disable=not progress)
         jobs = [(str(store), task_dict, user, config, parent_id, uri) for user in data.users.values()]
-        if workers <= 1 or lm is not None:
-            for job in jobs:
-                bar.set_postfix_str(job[2].user_id[:30])
-                results.append(compile_user(*job, lm=lm))
-                bar.update()
-        else:
-            # Processes, not threads: one llama.cpp context is not thread-safe.
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for future in as_completed([pool.submit(compile_user, *job) for job in jobs]):
-                    results.append(future.result())
-                    bar.set_postfix_str(results[-1].user_id[:30])
-                    bar.update()
+        for result in engine.run(compile_user, jobs):
+            results.append(result)
+            bar.set_postfix_str(result.user_id[:30])
+            bar.update()
         bar.close()
         report = CompileReport(results, parent_id, tracker.errors)
         tracker.call("log the counts", "log_metrics", {f"users_{k}": v for k, v in report.counts.items()})

@@ -24,6 +24,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from . import models
 
 LOCAL_PREFIX = "local/"
+FAKE_LM = "testing/fake"  # the fake LM by name, for processes that cannot be handed an LM object
 DEFAULT_LM = LOCAL_PREFIX + models.DEFAULT_MODEL
 
 
@@ -259,6 +260,10 @@ def make_lm(spec: str = DEFAULT_LM, *, cache: bool = False, **kwargs) -> dspy.LM
 
     Uncached by default: DSPy's cache would keep users' text on disk (and in memory) after they
     are forgotten. Benchmarks over fixed data may pass `cache=True`."""
+    if spec == FAKE_LM:
+        from .testing import fake_lm  # deterministic: every field its type's first value; no model
+
+        return fake_lm()
     if spec.startswith(LOCAL_PREFIX):
         name = spec[len(LOCAL_PREFIX):]
         if name not in models.MODELS:

@@ -112,6 +112,25 @@ def test_jsonl_interactions(tmp_path):
     assert [r.input for r in u1.recent(2)] == ["q2", "q3"]
 
 
+def test_a_parquet_file_or_a_saved_dataset_loads_like_the_jsonl_log(tmp_path):
+    import datasets
+
+    rows = [{"user_id": "u1", "timestamp": float(t), "input": f"q{t}", "output": "yes" if t % 2 else "no"} for t in range(5)]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "log.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    expected = load(tmp_path / "log.jsonl", "classification")
+    for path in (tmp_path / "log.parquet", tmp_path / "saved"):
+        data = load(path, "classification")
+        assert data.task.labels == expected.task.labels == ("no", "yes")
+        assert [m.input for m in data.users["u1"].memories] == [m.input for m in expected.users["u1"].memories]
+        assert [q.question for q in data.users["u1"].questions] == ["q4"]
+    datasets.Dataset.from_list([{"user_id": "u", "input": ""}]).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad\.parquet: record row 0: missing field 'input'"):
+        load(tmp_path / "bad.parquet")
+
+
 def test_jsonl_errors_name_the_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"user_id": "u", "input": "x"}) + "\n" + json.dumps({"user_id": "u"}) + "\n")
