@@ -1,9 +1,15 @@
-"""The same compile on a local Ray cluster as on this machine's processes: the same artifacts."""
+"""The same compile on a local Ray cluster as on this machine's processes: the same artifacts; a
+worker that dies is replaced and its user compiled on retry."""
+
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
 from personaagent.data import SAMPLE_DIR, load
-from personaagent.optimizers.compile import CompileConfig, compile_users
+from personaagent.data.tasks import task_to_dict
+from personaagent.optimizers.compile import CompileConfig, compile_user, compile_users
 from personaagent.optimizers.engines import LocalEngine, RayEngine
 from personaagent.program.lm import FAKE_LM
 from personaagent.program.store import UserStore
@@ -30,3 +36,26 @@ def test_ray_compiles_the_same_artifacts_as_local_processes(tmp_path):
         ray.shutdown()
     assert local.counts == on_ray.counts == {"compiled": len(data.users), "skipped": 0, "failed": 0}
     assert _artifacts(tmp_path / "ray") == _artifacts(tmp_path / "local") and len(_artifacts(tmp_path / "local")) == len(data.users)
+
+
+def _crash_once(*job, lm=None):
+    """compile_user, but the worker process dies the first time it meets the first user."""
+    marker = Path(job[0]) / f"crashed-{job[2].user_id}"
+    if job[2].user_id == "A15TYOEWBQYF0X" and not marker.exists():
+        marker.write_text("the worker died here")
+        os._exit(1)
+    return compile_user(*job, lm=lm)
+
+
+def test_a_killed_ray_worker_is_restarted_and_its_user_compiled_on_retry(tmp_path):
+    data = load(SAMPLE_DIR / "LaMP-3-amazon")
+    store = tmp_path / "store"
+    store.mkdir()
+    jobs = [(str(store), task_to_dict(data.task), user, CompileConfig(lm=FAKE_LM), None, None) for user in data.users.values()]
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
+    try:
+        results = list(RayEngine(workers=1).run(_crash_once, jobs))
+    finally:
+        ray.shutdown()
+    assert (store / "crashed-A15TYOEWBQYF0X").exists()
+    assert sorted(r.user_id for r in results if r.status == "compiled") == sorted(data.users)
