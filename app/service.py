@@ -324,8 +324,10 @@ class PersonaService:
         program, message = loaded.program, str(messages[-1]["content"])
         system = (f"{program.instructions}\n\nThis user's past interactions most like their message:\n"
                   f"{program.tools['search_memory'](query=message)}")
+        # OpenAI's "developer" messages are system instructions; tool messages have no place here.
+        roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
         turns = [{"role": "system", "content": system}] + [
-            {"role": m["role"], "content": str(m.get("content") or "")} for m in messages if m.get("role") in ("system", "user", "assistant")]
+            {"role": roles[m["role"]], "content": str(m.get("content") or "")} for m in messages if m.get("role") in roles]
         output = self.lm(messages=turns)[0]
         reply = output if isinstance(output, str) else str(output.get("text", ""))
         with self._user_lock(user_id):
