@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export DSPY_CACHEDIR=${DSPY_CACHEDIR:-$PWD/experiments/results/eval/dspy_cache}
 STAGES=${STAGES:-8 16 30 60}
 CORE=${CORE:-global_majority,user_majority,word_overlap,none,icl,rag,persona_noalign,persona,persona_nopersona,persona_nomemory,persona_noaction}
-MORE=${MORE:-membank,react}
+MORE=${MORE-membank,react}  # MORE="" runs the core methods only
 SETS=${SETS:-LaMP-1-acl LaMP-3-amazon LaMP-2N-huffpost}
 eval_set() {  # set, users, methods, extra arguments
   .venv/bin/personaagent eval --data ../shared/data/lamp/$1 --users "$2" --methods "$3" \
@@ -23,6 +23,6 @@ eval_set() {  # set, users, methods, extra arguments
 }
 for users in $STAGES; do
   for set in $SETS; do eval_set "$set" "$users" "$CORE"; done
-  for set in $SETS; do eval_set "$set" "$users" "$CORE,$MORE"; done
+  [ -z "$MORE" ] || for set in $SETS; do eval_set "$set" "$users" "$CORE,$MORE"; done
   [ -z "${GEPA:-}" ] || for set in $SETS; do eval_set "$set" "$users" "$CORE,$MORE,gepa"; done
 done

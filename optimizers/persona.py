@@ -34,7 +34,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, Protocol
+from typing import Callable, Protocol
 
 import dspy
 from dspy.teleprompt import Teleprompter

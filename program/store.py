@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..data.tasks import TaskSpec, task_from_dict, task_to_dict
+from ..data.tasks import TaskSpec, task_from_dict
 from .agent import PersonaProgram
 from .embedder import Embedder, default_embedder
 from .memory import EpisodicMemory, Profile, load_profile, save_profile
