@@ -51,8 +51,8 @@ MAX_HISTORY = 60  # past interactions the tools' relative weights are fitted on 
 MIN_GAIN = 0.01  # mean log-likelihood gain (nats) that counts as better when the answers are as good
 # A candidate must be better on at least this many more validation interactions than it is worse on
 # (on all of a smaller window): in a window of three, a rewrite that changes answers at random wins
-# one net item about a third of the time, and on held-out LaMP-2N users such one-item wins were the
-# changes that hurt.
+# one net item about a third of the time, and on held-out LaMP-2N users such a one-item win broke
+# the user's answer.
 MIN_NET_WINS = 2
 
 
