@@ -198,7 +198,9 @@ def _log_user(tracker: Tracker, result: UserResult, state: ProgramState | None) 
         tracker.call("log a persona version", "log_text", version.instructions.get("answer", ""), f"personas/v{version.version:03d}.md")
         tracker.call("log a persona version", "log_dict", asdict(version), f"personas/v{version.version:03d}.json")
         if step:
-            tracker.call("log a persona diff", "log_text", version.diff(state.versions[step - 1]), f"personas/v{version.version:03d}.diff")
+            # Markdown, so the UI's artifact view renders it (it does not preview a .diff file).
+            tracker.call("log a persona diff", "log_text", f"```diff\n{version.diff(state.versions[step - 1])}\n```\n",
+                         f"personas/v{version.version:03d}.diff.md")
     tracker.call("log the persona", "log_text", state.current.instructions.get("answer", ""), "persona.md")
     tracker.call("describe the run", "set_tag", "mlflow.note.content", _description(state))
 

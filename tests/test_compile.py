@@ -65,7 +65,7 @@ def test_compile_saves_versions_logs_runs_and_skips_unchanged_users(tmp_path, da
     assert "seconds_reflection" not in children[STEADY].data.metrics
     # The UI shows what changed: each version's diff, the run's description, the users' table.
     client = mlflow.MlflowClient(uri)
-    diff = Path(client.download_artifacts(children[VARIED].info.run_id, "personas/v003.diff", str(tmp_path))).read_text()
+    diff = Path(client.download_artifacts(children[VARIED].info.run_id, "personas/v003.diff.md", str(tmp_path))).read_text()
     assert f"+- {RULE}" in diff and "--- v2" in diff
     description = children[VARIED].data.tags["mlflow.note.content"]
     assert "v3 in force" in description and "- v3: accepted" in description and RULE in description
