@@ -24,6 +24,12 @@ def _add_max_versions(parser: argparse.ArgumentParser) -> None:
                         help="persona versions kept per user: the initial, the best, the current, then the latest")
 
 
+def _require_store(path: str) -> None:
+    """Commands that read a store must not create an empty one where a path is mistyped."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such store (compile users into it first)")
+
+
 def _lm_spec(args) -> str:
     from ..program.lm import DEFAULT_LM
 
@@ -57,8 +63,7 @@ def cmd_ask(args) -> int:
     from ..program.lm import make_lm, use_lm
     from ..program.store import UserStore
 
-    if not os.path.isdir(args.store):  # asking must not create an empty store
-        raise FileNotFoundError(f"{args.store}: no such store (compile users into it first)")
+    _require_store(args.store)
     store = UserStore(args.store)
     state = store.load_state(args.user)
     if state is None:
@@ -84,8 +89,7 @@ def cmd_forget(args) -> int:
     from ..optimizers.tracking import forget_user
     from ..program.store import UserStore
 
-    if not os.path.isdir(args.store):
-        raise FileNotFoundError(f"{args.store}: no such store")
+    _require_store(args.store)
     # MLflow first: if it fails, the user is still whole in the store and the command can be rerun.
     runs = forget_user(args.user, args.tracking_uri)
     found = UserStore(args.store, embedder=object()).delete_user(args.user)
@@ -99,8 +103,7 @@ def cmd_forget(args) -> int:
 def cmd_rollback(args) -> int:
     from ..program.store import UserStore
 
-    if not os.path.isdir(args.store):
-        raise FileNotFoundError(f"{args.store}: no such store")
+    _require_store(args.store)
     store = UserStore(args.store, embedder=object(), max_versions=args.max_versions)
     if not store.user_dir(args.user).exists():
         raise KeyError(f"unknown user {args.user!r} in {args.store}")

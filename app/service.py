@@ -198,12 +198,17 @@ class PersonaService:
         if reason:
             raise StoreUnavailable(reason, self.lm_retry_after)
 
-    def _existing(self, user_id: str) -> str:
+    def _valid(self, user_id: str) -> str:
+        """A user id the store can hold, while the store can be written."""
         try:
             validate_user_id(user_id)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         self._require_ready()
+        return user_id
+
+    def _existing(self, user_id: str) -> str:
+        self._valid(user_id)
         if not self.store.user_dir(user_id).exists():
             raise _unknown(user_id)
         return user_id
@@ -267,11 +272,7 @@ class PersonaService:
         """Queue one chat turn (OpenAI-style `messages`, the last from the user); the future gives a
         `ChatReply`. The user's persona is the system prompt, their past interactions most like the
         message are in it, and the turn is appended to their memory. A new user is created."""
-        try:
-            validate_user_id(user_id)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        self._require_ready()
+        self._valid(user_id)
         if not messages or messages[-1].get("role") != "user" or not str(messages[-1].get("content") or "").strip():
             raise InvalidRequest("the last message must be the user's, with content")
         with self._user_lock(user_id):
@@ -330,8 +331,7 @@ class PersonaService:
             {"role": roles[m["role"]], "content": str(m.get("content") or "")} for m in messages if m.get("role") in roles]
         output = self.lm(messages=turns)[0]
         reply = output if isinstance(output, str) else str(output.get("text", ""))
-        with self._user_lock(user_id):
-            self.store.memory(user_id).add([Interaction(message, None, time.time(), {"source": "chat", "reply": reply})])
+        self.add_interaction(user_id, message, metadata={"source": "chat", "reply": reply})
         return ChatReply(user_id, reply, loaded.state.current.version if loaded.state else None)
 
     @property
@@ -354,9 +354,8 @@ class PersonaService:
                         timestamp: float | None = None, metadata: dict | None = None) -> list[int]:
         """Append one interaction (its ground-truth `output` if known); creates the user if new.
         Returns the new record's id, or [] when the same interaction is already recorded."""
+        self._valid(user_id)
         try:
-            validate_user_id(user_id)
-            self._require_ready()
             item = Interaction(input, output, time.time() if timestamp is None else timestamp, metadata or {})
             with self._user_lock(user_id):  # not while the user is being deleted
                 ids = self.store.memory(user_id).add([item])

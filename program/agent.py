@@ -29,7 +29,6 @@ from .persona import BASE_INSTRUCTION, Persona, gist
 from .tools import build_evidence, build_tools
 
 METHODS = ("none", "icl", "rag", "membank", "react", "persona")
-GENERIC_INSTRUCTION = BASE_INSTRUCTION
 LM_WEIGHT = "lm"
 MAX_QUESTION_CHARS = 1200
 
@@ -90,8 +89,8 @@ class PersonaProgram(dspy.Module):
             persona = Persona.initial(default_sources(task))
         self.task, self.memory, self.profile, self.method = task, memory, profile, method
         self._use_k(k)
-        self.answer = answer_module(task, GENERIC_INSTRUCTION)
-        self.plan = dspy.Predict(plan_signature(list(self.tools), GENERIC_INSTRUCTION)) if method == "react" else None
+        self.answer = answer_module(task, BASE_INSTRUCTION)
+        self.plan = dspy.Predict(plan_signature(list(self.tools), BASE_INSTRUCTION)) if method == "react" else None
         self.persona = None
         if persona is not None:
             self.set_persona(persona)
@@ -193,7 +192,7 @@ def default_sources(task: TaskSpec) -> list[str]:
 # Ablations of the paper, applied to a loaded persona program (each returns it changed).
 def without_persona(program: PersonaProgram) -> PersonaProgram:
     """The compiled choices, under the generic instruction instead of the persona's text."""
-    program.answer.signature = program.answer.signature.with_instructions(GENERIC_INSTRUCTION)
+    program.answer.signature = program.answer.signature.with_instructions(BASE_INSTRUCTION)
     return program
 
 

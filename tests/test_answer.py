@@ -7,8 +7,9 @@ import dspy
 from dspy.lm15 import Message, Response, TextPart, TokenLogprob, TopLogprob, Usage
 
 from personaagent.data.tasks import LAMP_TASKS, median_rating, swap_candidates
-from personaagent.program.agent import GENERIC_INSTRUCTION, answer_module
+from personaagent.program.agent import answer_module
 from personaagent.program.lm import UsageMeter, use_lm
+from personaagent.program.persona import BASE_INSTRUCTION
 from personaagent.program.testing import FakeEngine, fake_lm
 
 
@@ -29,7 +30,7 @@ def _prefers(text: str):
 def test_label_scores_are_a_distribution_from_one_call_per_order():
     lm = fake_lm({"answer": _prefers("Neural parsing")})
     with use_lm(lm), UsageMeter(lm) as usage:
-        pred = answer_module(CITATION, GENERIC_INSTRUCTION)(question=QUESTION, context="(nothing)")
+        pred = answer_module(CITATION, BASE_INSTRUCTION)(question=QUESTION, context="(nothing)")
     assert pred.answer == "[2]" and pred.scoring == "likelihood"
     assert abs(sum(pred.label_scores.values()) - 1) < 1e-9 and pred.confidence == pred.label_scores["[2]"] > 0.9
     assert usage.calls == 2  # the question in both orders
@@ -42,7 +43,7 @@ def test_swapping_the_candidates_does_not_change_the_choice():
     # A position-biased LM: it always prefers whatever is listed first, a little more when it is "parsing".
     def biased(prompt: str) -> str:
         return "[1]"
-    module = answer_module(CITATION, GENERIC_INSTRUCTION)
+    module = answer_module(CITATION, BASE_INSTRUCTION)
     with use_lm(fake_lm({"answer": biased})):
         a, b = module(question=QUESTION, context=""), module(question=swapped, context="")
     # Pure position bias cancels out: no candidate is preferred, in either order.
@@ -86,7 +87,7 @@ class LogprobEngine(FakeEngine):
 def test_an_lm_with_top_logprobs_scores_the_labels_it_lists():
     lm = dspy.LM("fake/logprobs", engine=LogprobEngine(), cache=False)
     with use_lm(lm):
-        pred = answer_module(LAMP_TASKS["LaMP-3"], GENERIC_INSTRUCTION)(question="review: fine", context="")
+        pred = answer_module(LAMP_TASKS["LaMP-3"], BASE_INSTRUCTION)(question="review: fine", context="")
     assert pred.scoring == "logprobs" and lm.engine.requests == [20]
     assert pred.label_scores["4"] > pred.label_scores["5"] > pred.label_scores["3"] > pred.label_scores["1"]
 
@@ -98,7 +99,7 @@ class GeneratingEngine(FakeEngine):
 def test_an_lm_without_likelihoods_falls_back_to_generation_and_says_so():
     lm = dspy.LM("fake/plain", engine=GeneratingEngine({"answer": "3"}), cache=False)
     with use_lm(lm):
-        pred = answer_module(LAMP_TASKS["LaMP-3"], GENERIC_INSTRUCTION)(question="review: fine", context="")
+        pred = answer_module(LAMP_TASKS["LaMP-3"], BASE_INSTRUCTION)(question="review: fine", context="")
     assert pred.scoring == "generation" and pred.answer == "3" and pred.confidence > 0.99
 
 
@@ -118,5 +119,5 @@ def test_the_candidate_tool_says_the_same_whichever_order_the_question_lists_the
 def test_a_choice_asked_in_both_orders_falls_back_to_generation_for_both():
     lm = dspy.LM("fake/plain", engine=GeneratingEngine({"answer": _prefers("Neural parsing")}), cache=False)
     with use_lm(lm):
-        pred = answer_module(CITATION, GENERIC_INSTRUCTION)(question=QUESTION, context="")
+        pred = answer_module(CITATION, BASE_INSTRUCTION)(question=QUESTION, context="")
     assert pred.scoring == "generation" and pred.answer == "[2]"  # the same paper in both orders

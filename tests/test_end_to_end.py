@@ -13,10 +13,11 @@ import dspy
 import pytest
 
 from personaagent.data import SAMPLE_DIR
-from personaagent.program import models
 from personaagent.data.tasks import LAMP_TASKS
-from personaagent.program.agent import GENERIC_INSTRUCTION, answer_module
+from personaagent.program import models
+from personaagent.program.agent import answer_module
 from personaagent.program.lm import LlamaCppEngine, make_lm, use_lm
+from personaagent.program.persona import BASE_INSTRUCTION
 from personaagent.program.store import UserStore
 
 pytestmark = pytest.mark.model
@@ -116,7 +117,7 @@ PAIRS = [("Dependency parsing with neural networks", "Fast shift-reduce parsing"
 
 def test_label_scoring_on_the_real_engine_is_a_distribution_and_a_shared_prefix_changes_nothing(small_model):
     lm = make_lm(f"local/{SMALL}", cache=False)
-    module = answer_module(LAMP_TASKS["LaMP-3"], GENERIC_INSTRUCTION)
+    module = answer_module(LAMP_TASKS["LaMP-3"], BASE_INSTRUCTION)
     review = "What is the score of the following review on a scale of 1 to 5? review: Broke on day one, awful."
     with use_lm(lm):
         first = module(question=review, context="(nothing)")
@@ -130,7 +131,7 @@ def test_label_scoring_on_the_real_engine_is_a_distribution_and_a_shared_prefix_
 
 
 def test_a_choice_between_candidates_does_not_depend_on_their_order_on_the_real_model(small_model):
-    module = answer_module(LAMP_TASKS["LaMP-1"], GENERIC_INSTRUCTION)
+    module = answer_module(LAMP_TASKS["LaMP-1"], BASE_INSTRUCTION)
     with use_lm(make_lm(f"local/{SMALL}", cache=False)):
         for title, a, b in PAIRS:
             listed = module(question=CITATION.format(title=title, a=a, b=b), context="(nothing)")
