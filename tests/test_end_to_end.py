@@ -231,3 +231,18 @@ def test_eval_compares_methods_on_the_same_users_and_resumes(tmp_path, small_mod
     runs = mlflow.search_runs(experiment_names=["personaagent-eval"], output_format="list")
     assert sorted(r.data.tags["method"] for r in runs) == sorted(["global_majority", "user_majority", "none", "persona",
                                                                   "user_majority", "none"])
+
+
+def test_a_chat_turn_on_the_real_model_through_the_openai_client(tmp_path, small_model):
+    import openai
+
+    from personaagent.app.http import create_app, running
+    from personaagent.app.service import PersonaService
+
+    with PersonaService(tmp_path / "store", make_lm(f"local/{SMALL}", max_tokens=24)) as service, \
+            running(create_app(service, "t")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="t", max_retries=0)
+        reply = client.chat.completions.create(model="persona", user="ada", messages=[{"role": "user", "content": "Say hello."}])
+        assert reply.choices[0].message.content.strip()
+        remembered = service.store.memory("ada").all()
+        assert [r.input for r in remembered] == ["Say hello."] and remembered[0].metadata["reply"] == reply.choices[0].message.content
