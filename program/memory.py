@@ -116,6 +116,7 @@ class EpisodicMemory:
         self._index, self._index_version = self._load_or_rebuild_index()
         self._seen = self._version()  # the log version the index in memory reflects
         self._cutoff: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cutoff", default=None)
+        self._last_query: tuple[str, np.ndarray] | None = None
 
     def __deepcopy__(self, memo):
         # A handle on the user's stored memory: copies of a program (optimizers deepcopy the
@@ -279,7 +280,7 @@ class EpisodicMemory:
         LEXICAL_MAX_RECORDS records, embeddings alone keep search under a millisecond."""
         if k <= 0:
             return []
-        dense = self.search_vector(self.embedder.embed([query])[0], k)
+        dense = self.search_vector(self._query_vector(query), k)
         lexical = self.search_text(query, k) if self._index.ntotal <= LEXICAL_MAX_RECORDS else []
         found: dict[int, MemoryRecord] = {}
         for pair in itertools.zip_longest(dense, lexical):
@@ -287,6 +288,17 @@ class EpisodicMemory:
                 if record is not None and record.id not in found:
                     found[record.id] = record
         return list(found.values())[:k]
+
+    def _query_vector(self, query: str) -> np.ndarray:
+        """The query's embedding. The last one is kept: an answer searches its question twice (the
+        context it is shown, and its tools' evidence), and embedding is most of a search's cost."""
+        with self._lock:
+            if self._last_query is not None and self._last_query[0] == query:
+                return self._last_query[1]
+        vector = self.embedder.embed([query])[0]
+        with self._lock:
+            self._last_query = (query, vector)
+        return vector
 
     def search_text(self, query: str, k: int = 4) -> list[MemoryRecord]:
         """Full-text search (SQLite FTS5, BM25 ranking): records with any of the query's words."""

@@ -26,6 +26,25 @@ def test_add_search_delete(tmp_path, embedder):
     assert not memory.delete(found[0].id)
 
 
+def test_a_question_searched_twice_is_embedded_once(tmp_path, embedder):
+    calls = []
+
+    class Counting:
+        name, dim = embedder.name, embedder.dim
+
+        def embed(self, texts):
+            calls.append(list(texts))
+            return embedder.embed(texts)
+
+    memory = EpisodicMemory(tmp_path, Counting())
+    memory.add(interactions(5))
+    calls.clear()
+    first = memory.search("guitar strings number 3", 2)
+    assert memory.search("guitar strings number 3", 2) == first and len(calls) == 1
+    memory.search("guitar strings number 4", 2)
+    assert len(calls) == 2
+
+
 def test_adding_the_same_interactions_again_adds_nothing(tmp_path, embedder):
     memory = EpisodicMemory(tmp_path, embedder)
     assert len(memory.add(interactions(5))) == 5
