@@ -233,13 +233,20 @@ def _stable_choice(key: str, options: list[str]) -> str:
 
 def _citation_interaction(item: dict, profile: list[dict]) -> Interaction | None:
     """A past paper becomes a two-choice citation question: one of its own references against a
-    title this author cited elsewhere but not here. Both come from the same user's history, so no
-    other user's data enters the question."""
+    title the author had not cited by then (they cite it only in this paper's time or later).
+
+    Replayed as of the paper's time, the question then looks like the real task's, whose other
+    candidate is a paper the author has not cited: a title already cited in earlier work would be
+    the one the author's history points to, and would teach the user's program to distrust it. Both
+    titles come from the same user's history, so no other user's data enters the question."""
     cited = _reference_titles(item)
     if not cited:
         return None
-    own = set(cited)
-    elsewhere = sorted({t for p in profile for t in _reference_titles(p) if t not in own})
+    own, when = set(cited), _time(item)
+    # A paper without a time is not known to be earlier.
+    earlier = {t for p in profile if when is not None and (_time(p) if _time(p) is not None else when) < when
+               for t in _reference_titles(p)}
+    elsewhere = sorted({t for p in profile for t in _reference_titles(p)} - own - earlier)
     if not elsewhere:
         return None
     key = str(item.get("id", item.get("title")))

@@ -18,9 +18,9 @@ For one user, whose past interactions come oldest first:
    There is no reflection when every replay was answered right (no loss), or when there is no
    validation window to score a candidate on (it could not be accepted);
 5. update: a candidate replaces the current state only if the acceptance strategy says so:
-   `validated` (default) when it scores better on the validation window (the task's score, then the
-   likelihood of the user's real answers; on a tie the simpler state stays); `always`, the paper's
-   setting, for comparison.
+   `validated` (default) when it scores better on the validation window (the task's score; for new
+   evidence weights, then the likelihood of the user's real answers; on a tie the simpler state
+   stays); `always`, the paper's setting, for comparison.
 
 Every candidate is an `AlignmentStep` with its validation score. With n=3 and a window of 3, one
 iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the rewrite: 10 LM calls,
@@ -76,11 +76,11 @@ class Score:
     likelihood: float | None = None
     items: tuple[float, ...] = ()
 
-    def beats(self, other: "Score") -> bool:
+    def beats(self, other: "Score", likelihood_breaks_ties: bool = True) -> bool:
         """Better on `MIN_NET_WINS` more interactions than worse (on all of a smaller window); or,
-        answering each as well, more likely to give the user's real answers."""
+        answering each as well, more likely to give the user's real answers (if asked)."""
         net_wins = sum(a > b for a, b in zip(self.items, other.items)) - sum(a < b for a, b in zip(self.items, other.items))
-        if net_wins:
+        if net_wins or not likelihood_breaks_ties:
             return net_wins >= min(MIN_NET_WINS, len(self.items))
         return self.likelihood is not None and other.likelihood is not None and self.likelihood > other.likelihood + MIN_GAIN
 
@@ -105,16 +105,20 @@ def fit_weights(task, answered: list[Answered], history: list[Answered] = ()) ->
     """The evidence weights that best explain the user's real answers (likelihood, then task score),
     the simplest (least total weight) on a tie. Tools without evidence on these questions keep 0.
 
-    With `history` (past interactions whose evidence was computed without an LM), two stages, so
-    the few LM-answered interactions fit two numbers instead of one per tool: the tools' weights
-    relative to each other come from the whole history, then the LM's weight and the tools' overall
-    scale from `answered`."""
-    tools = sorted({name for a in [*answered, *history] for name, d in a.evidence.items() if d})
-    if history:
-        _, relative = _best(task, history, [(1.0, dict(zip(tools, w))) for w in itertools.product(TOOL_WEIGHTS, repeat=len(tools))])
-        grid = [(lm, {t: scale * w for t, w in relative.items()}) for lm in LM_WEIGHTS for scale in TOOL_WEIGHTS]
-    else:
-        grid = [(lm, dict(zip(tools, w))) for lm in LM_WEIGHTS for w in itertools.product(TOOL_WEIGHTS, repeat=len(tools))]
+    In two stages, so the few LM-answered interactions fit few numbers: the weights relative to
+    each other of the tools with evidence in `history` (past interactions whose evidence was
+    computed without an LM) come from the whole history; then the LM's weight, those tools'
+    overall scale, and the weight of any tool the history has no evidence for, from `answered`."""
+    def with_evidence(items):
+        return sorted({name for a in items for name, d in a.evidence.items() if d})
+
+    in_history = with_evidence(history)
+    rest = [name for name in with_evidence(answered) if name not in in_history]
+    _, relative = _best(task, history, [(1.0, dict(zip(in_history, w)))
+                                        for w in itertools.product(TOOL_WEIGHTS, repeat=len(in_history))])
+    grid = [(lm, {**{t: scale * w for t, w in relative.items()}, **dict(zip(rest, w))})
+            for lm in LM_WEIGHTS for scale in (TOOL_WEIGHTS if relative else (1.0,))
+            for w in itertools.product(TOOL_WEIGHTS, repeat=len(rest))]
     lm_weight, weights = _best(task, answered, grid)
     return {LM_WEIGHT: lm_weight, **{name: w for name, w in weights.items() if w}}
 
@@ -122,7 +126,7 @@ def fit_weights(task, answered: list[Answered], history: list[Answered] = ()) ->
 def _best(task, answered: list[Answered], grid: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
     """The (LM weight, tool weights) of `grid` under which `answered` scores best; the simplest on a tie."""
     best, best_key = grid[0], None
-    for lm_weight, tool_weights in grid:
+    for lm_weight, tool_weights in grid if answered else ():
         score = score_answers(task, answered, {LM_WEIGHT: lm_weight, **tool_weights})
         key = (round(score.likelihood or 0.0, 6), score.task, -sum(tool_weights.values()), lm_weight)
         if best_key is None or key > best_key:
@@ -136,14 +140,19 @@ class Acceptance(Protocol):
     name: str
     validates: bool  # whether candidates are scored on the validation window first
 
-    def accept(self, candidate: Score | None, current: Score | None) -> bool: ...
+    def accept(self, candidate: Score | None, current: Score | None, changes_prompt: bool) -> bool: ...
 
 
 class Validated:
+    """Accepts what scores better on the validation window; on a tie the simpler state stays. A
+    change of evidence weights, fitted outside the window, also wins a tie by making the user's real
+    answers more likely there. A change of what the LM reads (text, tools shown, demos) must answer
+    better: on held-out LaMP-2N users, a rewrite that won on likelihood alone broke the answer."""
+
     name, validates = "validated", True
 
-    def accept(self, candidate, current):
-        return candidate is not None and (current is None or candidate.beats(current))
+    def accept(self, candidate, current, changes_prompt):
+        return candidate is not None and (current is None or candidate.beats(current, likelihood_breaks_ties=not changes_prompt))
 
 
 class Always:
@@ -151,7 +160,7 @@ class Always:
 
     name, validates = "always", False
 
-    def accept(self, candidate, current):
+    def accept(self, candidate, current, changes_prompt):
         return True
 
 
@@ -263,7 +272,7 @@ class PersonaAlignment(Teleprompter):
                 weights = fit_weights(task, replayed, self._tools_on(program, [*older, *replays][-MAX_HISTORY:]))
             candidate = replace(program.persona, weights=weights)
             score = score_answers(task, validated, weights)
-            accepted = weights != program.persona.weights and self.acceptance.accept(score, current)
+            accepted = weights != program.persona.weights and self.acceptance.accept(score, current, changes_prompt=False)
             steps.append(self._record(self._step(len(steps), candidate, score, accepted=accepted,
                                                  note="evidence weights fitted on the replays")))
             if accepted:
@@ -293,7 +302,7 @@ class PersonaAlignment(Teleprompter):
                 with timings.phase("validation"):
                     trial_validated = self._answer(trial, window)
                 score = score_answers(task, trial_validated, candidate.weights)
-            accepted = self.acceptance.accept(score, current)
+            accepted = self.acceptance.accept(score, current, changes_prompt=True)
             steps.append(self._record(AlignmentStep(
                 iteration, candidate, score.task if score else None, feedback, accepted,
                 "" if accepted else "did not score better on the validation window",

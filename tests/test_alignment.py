@@ -108,6 +108,9 @@ def test_one_net_win_in_a_window_of_three_is_not_enough_to_replace_the_persona()
     assert Score(1.0, -0.5, (1.0, 1.0, 1.0)).beats(current)
     assert Score(1 / 3, -1.0, (0.0, 1.0, 0.0)).beats(current)  # a win and a loss cancel: the likelihood decides
     assert not Score(1 / 3, -1.2, (0.0, 1.0, 0.0)).beats(current)
+    # A rewrite of the prompt must answer better: a likelihood gain alone does not replace the persona.
+    assert not Score(1 / 3, -1.0, (0.0, 1.0, 0.0)).beats(current, likelihood_breaks_ties=False)
+    assert Score(1.0, -0.5, (1.0, 1.0, 1.0)).beats(current, likelihood_breaks_ties=False)
     assert Score(1.0, -0.1, (1.0,)).beats(Score(0.0, -2.0, (0.0,)))  # a window of one: all of it
 
 
@@ -134,6 +137,17 @@ def test_the_tools_relative_weights_come_from_the_users_history_and_the_lms_from
     assert from_replays_alone.get("answer_habits", 0) > 0
     weights = fit_weights(TASK, replays, history)
     assert weights.get("search_memory", 0) > 0 and "answer_habits" not in weights
+
+
+def test_a_tool_without_evidence_in_the_history_is_fitted_on_the_replays():
+    """LaMP-1's candidate comparison may have no evidence on older interactions; the replays can
+    still give it weight (it is not dropped with the tools the history fitted)."""
+    uniform = {label: 0.2 for label in TASK.labels}
+    history = [Answered("q", gold, "", uniform, {"answer_habits": _pointing_at("5", 0.6)}) for gold in "1234" * 3]
+    replays = [Answered("q", gold, "3", _pointing_at("3", 0.4), {"compare_candidates": _pointing_at(gold, 0.9)})
+               for gold in "125"]
+    weights = fit_weights(TASK, replays, history)
+    assert weights.get("compare_candidates", 0) > 0 and "answer_habits" not in weights
 
 
 @pytest.mark.parametrize("reflection, note", [

@@ -5,7 +5,7 @@ import pytest
 
 from personaagent.data import SAMPLE_DIR
 from personaagent.data.loaders import DataError, load, load_jsonl, load_lamp
-from personaagent.data.tasks import LAMP_TASKS, resolve_task, rouge_1, rouge_l, task_from_dict, task_to_dict
+from personaagent.data.tasks import CANDIDATES, LAMP_TASKS, resolve_task, rouge_1, rouge_l, task_from_dict, task_to_dict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamp"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside this checkout")
@@ -73,6 +73,20 @@ def test_replays_carry_their_memory_records_key_and_time():
         records = {m.key: m for m in user.memories}
         assert user.replays and all(r.timestamp is not None and records[r.metadata["memory_key"]].timestamp == r.timestamp
                                     for r in user.replays)
+
+
+def test_a_citation_replays_other_candidate_was_not_yet_cited_by_the_author():
+    # Its real question's other candidate is a paper the author has not cited; a replay's must look
+    # the same as of its time, or the author's history would point to the wrong candidate.
+    papers = [{"id": "p1", "title": "Parsing German", "year": 2001, "references": ["Old parser", "Tree banks"]},
+              {"id": "p2", "title": "Parsing Czech", "year": 2003, "references": ["Old parser", "Czech morphology"]},
+              {"id": "p3", "title": "Parsing with neural nets", "year": 2005, "references": ["Neural nets", "Old parser"]}]
+    task = resolve_task("LaMP-1")
+    replay = task.to_interaction(papers[1], [papers[0], papers[2]])
+    candidates = {f"[{number}]": title for number, title in CANDIDATES.findall(replay.input)}
+    other = candidates["[2]" if replay.output == "[1]" else "[1]"]
+    assert other == "Neural nets"  # cited later, never before 2003
+    assert task.to_interaction(papers[2], papers[:2]) is None  # everything else it could offer was cited before
 
 
 def test_malformed_lamp_names_file_record_and_field(tmp_path):
