@@ -138,7 +138,7 @@ def cmd_compile(args) -> int:
         scores = " -> ".join("-" if s is None else f"{s:.2f}" for s in r.scores)
         line = f"{r.status:<8} {r.user_id:<30} validation score {scores or '-'}"
         if r.status == "compiled":
-            line += f"  ({r.lm_calls} LM calls, {r.tokens} tokens, {r.seconds:.1f} s)"
+            line += f"  ({r.lm_calls} LM calls, {r.tokens} tokens, {r.seconds:.1f} s; ran {', '.join(r.stages_run)})"
         print(line + (f"  {r.error}" if r.error else ""))
         if r.tracking_errors:
             print(f"         tracking failed, the persona was saved: {r.tracking_errors[0]}")

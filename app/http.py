@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from ..program.store import PersonaVersion
+from ..program.persona import PersonaVersion
 from .service import (AlignJob, AlignmentRunning, Answer, InvalidRequest, NotFound, PersonaService, ServiceError,
                       Unavailable)
 

@@ -40,12 +40,12 @@ from dspy.utils.exceptions import AdapterParseError, LMError
 
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
 from ..optimizers.persona import PersonaAlignment
-from ..optimizers.tracking import Tracker, forget_user
+from ..optimizers.tracking import MlflowObserver, Observer, Tracker, forget_user
 from ..program.agent import PersonaProgram
 from ..program.lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
 from ..program.memory import Cutoff
 from ..program.storage import MAX_VERSIONS, validate_user_id
-from ..program.store import ProgramState, UserStore, alignment_versions
+from ..program.store import ProgramState, UserStore
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -470,28 +470,27 @@ class PersonaService:
                         for r in program.memory.all() if r.output is not None]
             # Tracked like a compile, in a run tagged with the user (so forgetting finds it).
             tracker = Tracker(self.tracking_uri, "personaagent-align") if self.tracking_uri else None
+            observer = MlflowObserver(tracker) if tracker else Observer()
+            teleprompter.on_version = observer.version
             with (tracker.run(f"align {job.user_id}", {"user_id": job.user_id, "trigger": job.trigger})
                   if tracker else contextlib.nullcontext()), use_lm(self.lm), dspy.context(disable_history=True):
                 aligned = teleprompter.compile(program, trainset=examples)
-                if tracker:
-                    for step in aligned.alignment:
-                        if step.score is not None:
-                            tracker.call("log a validation score", "log_metric", "validation_score", step.score, step=step.iteration)
-            # The store's lock first (a compile in another process may hold it for minutes), then
-            # this process's: appends of the user wait only for the save itself.
-            with self.store.lock(job.user_id, create=False), self._user_lock(job.user_id):
-                if self._deletions.get(job.user_id, 0) != deletions:
-                    raise NotFound("the user was deleted during alignment")
-                on_disk = self.store.load_state(job.user_id)
-                if (on_disk and on_disk.updated_at) != (previous and previous.updated_at):
-                    raise RuntimeError("the program was recompiled during alignment; start the alignment again")
-                state = ProgramState(
-                    job.user_id, task_to_dict(program.task), previous.lm if previous else self.lm.model,
-                    alignment_versions(previous, program, aligned.alignment, job.trigger), previous.compile_key if previous else "",
-                    created_at=previous.created_at if previous else time.time())
-                self.store.save_state(state)
-            last = previous.versions[-1].version if previous else 0
-            job.new_versions = [v.version for v in state.versions if v.version > last]
+                # The store's lock first (a compile in another process may hold it for minutes), then
+                # this process's: appends of the user wait only for the save itself.
+                with self.store.lock(job.user_id, create=False), self._user_lock(job.user_id):
+                    if self._deletions.get(job.user_id, 0) != deletions:
+                        raise NotFound("the user was deleted during alignment")
+                    on_disk = self.store.load_state(job.user_id)
+                    if (on_disk and on_disk.updated_at) != (previous and previous.updated_at):
+                        raise RuntimeError("the program was recompiled during alignment; start the alignment again")
+                    state = ProgramState.continuing(previous, job.user_id, task_to_dict(program.task),
+                                                    previous.lm if previous else self.lm.model,
+                                                    previous.compile_key if previous else "")
+                    added = state.record(aligned.alignment, job.trigger)
+                    self.store.save_state(state)
+                observer.saved(state, added)
+                observer.finished("succeeded", aligned.timings)
+            job.new_versions = [v.version for v in added]
             job.current_version = state.current.version
             job.status = "succeeded"
         except Exception as exc:  # the job reports it; the service goes on

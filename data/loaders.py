@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -36,6 +37,18 @@ class UserData:
         """The user's latest n replayable interactions (the paper's test-time alignment window)."""
         return self.replays[-n:] if n > 0 else []
 
+    def to_row(self) -> dict:
+        """The user as one row of `TaskData.dataset`."""
+        return {"user_id": self.user_id, "memories": [_interaction_row(m) for m in self.memories],
+                "replays": [_interaction_row(r) for r in self.replays],
+                "questions": [{"id": str(q.get("id", "")), "question": q.question, "answer": q.get("answer")}
+                              for q in self.questions]}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "UserData":
+        return cls(row["user_id"], [_interaction(m) for m in row["memories"]], [_interaction(r) for r in row["replays"]],
+                   [_example(q["id"], q["question"], q["answer"]) for q in row["questions"]])
+
 
 @dataclass
 class TaskData:
@@ -54,19 +67,23 @@ class TaskData:
             chosen = list(self.users)[: n_users or None]
         return TaskData(self.task, {u: self.users[u] for u in chosen}, self.source)
 
-    def questions_dataset(self):
+    @cached_property
+    def dataset(self):
+        """The users as a `datasets.Dataset`, one row per user (`UserData.to_row`): what the compile,
+        its engines and `eval` consume, and what a cluster ships to its workers."""
         import datasets
 
-        rows = [{"user_id": u, "id": ex.id, "question": ex.question, "answer": ex.get("answer")}
-                for u, data in self.users.items() for ex in data.questions]
-        return datasets.Dataset.from_list(rows)
+        return datasets.Dataset.from_list([user.to_row() for user in self.users.values()])
 
-    def memories_dataset(self):
-        import datasets
 
-        rows = [{"user_id": u, "input": m.input, "output": m.output, "timestamp": m.timestamp}
-                for u, data in self.users.items() for m in data.memories]
-        return datasets.Dataset.from_list(rows)
+def _interaction_row(item: Interaction) -> dict:
+    # Metadata differ between records (a LaMP item's id, a replay's memory key): JSON, not a struct column.
+    return {"input": item.input, "output": item.output, "timestamp": item.timestamp,
+            "metadata": json.dumps(item.metadata, ensure_ascii=False)}
+
+
+def _interaction(row: dict) -> Interaction:
+    return Interaction(row["input"], row["output"], row["timestamp"], json.loads(row["metadata"]))
 
 
 def _replays(spec: TaskSpec, items: list[dict]) -> list[Interaction]:

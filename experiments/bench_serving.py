@@ -35,7 +35,8 @@ from ..data.tasks import task_to_dict
 from ..app.http import create_app, running
 from ..program.lm import make_lm
 from ..app.service import PersonaService
-from ..program.store import PersonaVersion, ProgramState, UserStore
+from ..program.persona import PersonaVersion
+from ..program.store import ProgramState, UserStore
 from ..program.testing import FakeEngine
 
 RESULTS = Path(__file__).parent / "results" / "serving"

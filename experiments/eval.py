@@ -99,7 +99,7 @@ class Evaluation:
         if method == "word_overlap" and not self.data.task.has_candidates:
             return []  # the task has no candidates to compare
         rows = []
-        for user in tqdm(list(self.data.users.values()), desc=method, unit="user"):
+        for user in tqdm(list(map(UserData.from_row, self.data.dataset)), desc=method, unit="user"):
             path = self.raw_path(method, user.user_id)
             # The global majority depends on which users are chosen: the free baselines are always
             # recomputed, never resumed.

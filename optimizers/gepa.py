@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import dspy
 
 from ..data.tasks import TaskSpec
+from ..program.persona import PersonaVersion
+from .persona import VersionedTeleprompter
 
 
 def feedback_metric(task: TaskSpec):
@@ -19,12 +23,22 @@ def feedback_metric(task: TaskSpec):
     return metric
 
 
-def gepa_optimizer(task: TaskSpec, reflection_lm: dspy.LM, max_metric_calls: int = 15, seed: int = 0) -> dspy.GEPA:
-    return dspy.GEPA(
-        metric=feedback_metric(task),
-        reflection_lm=reflection_lm,
-        max_metric_calls=max_metric_calls,
-        reflection_minibatch_size=3,
-        track_stats=False,
-        seed=seed,
-    )
+class GepaAlignment(VersionedTeleprompter):
+    """`dspy.GEPA` on the user's latest `n_recent` interactions, emitting the versions it ran like
+    `PersonaAlignment`: the starting state, then GEPA's program (its instructions, unscored here)."""
+
+    def __init__(self, reflection_lm: dspy.LM, max_metric_calls: int = 15, n_recent: int = 3, seed: int = 0,
+                 on_version: Callable[[PersonaVersion], None] | None = None):
+        self.reflection_lm, self.max_metric_calls, self.n_recent, self.seed = reflection_lm, max_metric_calls, n_recent, seed
+        self.on_version = on_version
+
+    def compile(self, student, *, trainset: list[dspy.Example], **_):
+        versions = [self._emit(student.snapshot(note="initial persona"))]
+        recent = trainset[-self.n_recent:]
+        gepa = dspy.GEPA(metric=feedback_metric(student.task), reflection_lm=self.reflection_lm,
+                         max_metric_calls=self.max_metric_calls, reflection_minibatch_size=3, track_stats=False,
+                         seed=self.seed)
+        aligned = gepa.compile(student, trainset=recent, valset=recent)
+        versions.append(self._emit(aligned.snapshot(note="gepa")))
+        aligned.alignment = versions
+        return aligned

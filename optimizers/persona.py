@@ -22,7 +22,7 @@ For one user, whose past interactions come oldest first:
    evidence weights, then the likelihood of the user's real answers; on a tie the simpler state
    stays); `always`, the paper's setting, for comparison.
 
-Every candidate is an `AlignmentStep` with its validation score. With n=3 and a window of 3, one
+Every state tried is a `PersonaVersion` with its validation score, emitted as it is made. With n=3 and a window of 3, one
 iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the rewrite: 10 LM calls,
 where one label-scoring pass counts as one call. `max_lm_calls` bounds it: the window shrinks first.
 """
@@ -42,7 +42,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from ..program.agent import LM_WEIGHT, PersonaProgram, combine
 from ..program.lm import use_lm
-from ..program.persona import Persona, gist
+from ..program.persona import Persona, PersonaVersion, gist
 
 # Candidate weights of each tool's evidence, and of the LM (lower: trust the LM less).
 TOOL_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
@@ -99,6 +99,11 @@ def score_answers(task, answered: list[Answered], weights: dict[str, float]) -> 
         scores.append(task.score(task.decide(distribution), a.gold))
         likelihoods.append(math.log(max(distribution.get(task.normalize(a.gold), 0.0), 1e-12)))
     return Score(sum(scores) / len(scores), sum(likelihoods) / len(likelihoods) if likelihoods else None, tuple(scores))
+
+
+def _scored(score: Score | None) -> dict:
+    """A version's validation fields from its score (none when it was not scored)."""
+    return {"score": score.task, "likelihood": score.likelihood} if score else {}
 
 
 def fit_weights(task, answered: list[Answered], history: list[Answered] = ()) -> dict[str, float]:
@@ -190,19 +195,6 @@ class ReflectOnAnswers(dspy.Signature):
 
 
 @dataclass
-class AlignmentStep:
-    """One candidate state of the user's program, with the evidence that produced it."""
-
-    iteration: int
-    persona: Persona
-    score: float | None  # the task's mean score on the validation window (None: not scored)
-    feedback: str = ""
-    accepted: bool = True
-    note: str = ""
-    likelihood: float | None = None  # mean log-likelihood of the user's real answers on that window
-
-
-@dataclass
 class Timings:
     """Where an alignment's time went, in seconds, for the tracker."""
 
@@ -217,18 +209,44 @@ class Timings:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-class PersonaAlignment(Teleprompter):
+class VersionedTeleprompter(Teleprompter):
+    """A teleprompter whose compiled program lists the states it ran (`alignment`, unnumbered
+    `PersonaVersion`s, the starting state first), each told to `on_version` (an observer, such as
+    a tracker) as it is made."""
+
+    on_version: Callable[[PersonaVersion], None] | None = None
+
+    def _emit(self, version: PersonaVersion) -> PersonaVersion:
+        if self.on_version:
+            self.on_version(version)
+        return version
+
+
+class Unaligned(VersionedTeleprompter):
+    """No alignment (the paper's ablation): the starting state is the only version."""
+
+    def __init__(self, on_version: Callable[[PersonaVersion], None] | None = None):
+        self.on_version = on_version
+
+    def compile(self, student: PersonaProgram, **_) -> PersonaProgram:
+        program = student.deepcopy()
+        program.alignment, program.timings = [self._emit(program.snapshot(note="initial persona"))], {}
+        return program
+
+
+class PersonaAlignment(VersionedTeleprompter):
     """Aligns a `PersonaProgram`'s persona with its user from their past interactions.
 
     `compile(student, trainset=...)` takes the user's interactions, oldest first, as
     `dspy.Example(question, answer[, as_of])` (`as_of`: a `Cutoff`, so memory shows only what came
-    before), and returns an aligned copy whose `alignment` lists every state tried, with its score
-    and feedback, and whose `timings` say where the time went.
+    before), and returns an aligned copy whose `alignment` lists every state tried (the one it started
+    from first) as unnumbered `PersonaVersion`s with their scores and feedback, and whose `timings`
+    say where the time went. `on_version` observes each version as it is made.
     """
 
     def __init__(self, n_recent: int = 3, iterations: int = 1, acceptance: str = "validated",
                  reflection_lm: dspy.LM | None = None, validation: int = 3, max_lm_calls: int = 10,
-                 calibrate: bool = True, on_step: Callable[[AlignmentStep], None] | None = None):
+                 calibrate: bool = True, on_version: Callable[[PersonaVersion], None] | None = None):
         if n_recent < 1 or iterations < 1 or validation < 0 or max_lm_calls < 1:
             raise ValueError("n_recent, iterations and max_lm_calls must be at least 1, validation at least 0")
         if acceptance not in ACCEPTANCE:
@@ -237,7 +255,7 @@ class PersonaAlignment(Teleprompter):
         self.acceptance = ACCEPTANCE[acceptance]
         self.max_lm_calls, self.calibrate = max_lm_calls, calibrate
         self.reflection_lm = reflection_lm
-        self.on_step = on_step
+        self.on_version = on_version  # an observer (a tracker): told of each version as it is made
         self.reflect = dspy.Predict(ReflectOnAnswers)
 
     def windows(self, trainset: list) -> tuple[list, list, list]:
@@ -265,22 +283,20 @@ class PersonaAlignment(Teleprompter):
         with timings.phase("replay"):
             replayed = self._answer(program, replays)
         current = score_answers(task, validated, program.persona.weights)
-        steps = [self._record(self._step(0, program.persona, current, note="initial persona"))]
+        versions = [self._emit(program.snapshot(note="initial persona", **_scored(current)))]
 
         if task.labels and self.calibrate:  # 3. calibration, from history and replays; scored on the window
             with timings.phase("calibration"):
                 weights = fit_weights(task, replayed, self._tools_on(program, [*older, *replays][-MAX_HISTORY:]))
-            candidate = replace(program.persona, weights=weights)
+            trial = program.with_persona(replace(program.persona, weights=weights))
             score = score_answers(task, validated, weights)
             accepted = weights != program.persona.weights and self.acceptance.accept(score, current, changes_prompt=False)
-            steps.append(self._record(self._step(len(steps), candidate, score, accepted=accepted,
-                                                 note="evidence weights fitted on the replays")))
+            versions.append(self._emit(trial.snapshot(accepted=accepted, note="evidence weights fitted on the replays",
+                                                      **_scored(score))))
             if accepted:
-                program.set_persona(candidate)
-                current = score
+                program, current = trial, score
 
         for _ in range(self.iterations):  # 4-5. textual loss and gradient, rewrite, validate
-            iteration = len(steps)
             # No loss, no gradient; and a candidate that cannot be validated cannot be accepted.
             if score_answers(task, replayed, program.persona.weights).task == 1.0 or (self.acceptance.validates and not window):
                 break
@@ -289,44 +305,31 @@ class PersonaAlignment(Teleprompter):
                     candidate, feedback = self._rewrite(program, facts, replayed, older)
                 except AdapterParseError as exc:
                     note = f"the reflection LM's output did not parse ({gist(str(exc).splitlines()[0], 200)})"
-                    steps.append(self._record(AlignmentStep(iteration, program.persona, None, "", False, note)))
+                    versions.append(self._emit(program.snapshot(accepted=False, note=note)))
                     continue
+            trial = program.with_persona(candidate)
             problems = candidate.problems([ex.question for ex in replays])
             if problems:
-                steps.append(self._record(AlignmentStep(iteration, candidate, None, feedback, False, "; ".join(problems))))
+                versions.append(self._emit(trial.snapshot(feedback=feedback, accepted=False, note="; ".join(problems))))
                 continue
-            trial = program.deepcopy()
-            trial.set_persona(candidate)
-            score, trial_validated = None, None
+            score = None
             if self.acceptance.validates and window:
                 with timings.phase("validation"):
-                    trial_validated = self._answer(trial, window)
-                score = score_answers(task, trial_validated, candidate.weights)
+                    score = score_answers(task, self._answer(trial, window), candidate.weights)
             accepted = self.acceptance.accept(score, current, changes_prompt=True)
-            steps.append(self._record(AlignmentStep(
-                iteration, candidate, score.task if score else None, feedback, accepted,
-                "" if accepted else "did not score better on the validation window",
-                score.likelihood if score else None)))
+            versions.append(self._emit(trial.snapshot(
+                feedback=feedback, accepted=accepted,
+                note="" if accepted else "did not score better on the validation window", **_scored(score))))
             if accepted:
                 program, current = trial, score or current
                 if self.iterations > 1:
                     with timings.phase("replay"):
                         replayed = self._answer(program, replays)
-        program.alignment = steps
+        program.alignment = versions
         program.timings = timings.seconds
         return program
 
     # ------------------------------------------------------------------ steps
-
-    def _record(self, step: AlignmentStep) -> AlignmentStep:
-        if self.on_step:
-            self.on_step(step)
-        return step
-
-    @staticmethod
-    def _step(iteration, persona, score: Score | None, accepted=True, note="") -> AlignmentStep:
-        return AlignmentStep(iteration, persona, score.task if score else None, "", accepted, note,
-                             score.likelihood if score else None)
 
     @staticmethod
     def _tools_on(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:

@@ -1,6 +1,9 @@
 """MLflow tracking that observes the work and never stops it, and forgetting a user in MLflow.
 
-`Tracker` follows GEPA's callbacks: it only observes, and contains its own errors. Each MLflow call
+The compile and the service's alignment tell an `Observer` of their events (a stage done, a
+persona version made, versions saved, a user or a compile finished); `MlflowObserver` logs each
+as it happens, and is the only place the work meets MLflow. Like GEPA's callbacks, it only
+observes and contains its own errors, through `Tracker`. Each MLflow call
 is retried briefly (a locked SQLite file, two processes creating a new database at once); if it
 still fails, the error is kept in `errors`, for the caller to report per user, and the work goes on.
 Runs record their process, so runs left RUNNING by a killed compile are ended as KILLED by the next
@@ -13,7 +16,12 @@ import contextlib
 import os
 import socket
 import time
-from typing import Any, Callable, Iterator
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:
+    from ..program.persona import PersonaVersion
+    from ..program.store import ProgramState
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 HOST_TAG, PID_TAG = "personaagent.host", "personaagent.pid"
@@ -108,6 +116,100 @@ class Tracker:
             pid = run.data.tags.get(PID_TAG)
             if run.data.tags.get(HOST_TAG) == host and pid and pid.isdigit() and not _alive(int(pid)):
                 client.set_terminated(run.info.run_id, "KILLED")
+
+
+class Observer:
+    """Events of a compile or an alignment; this one ignores them all."""
+
+    def stage(self, name: str, seconds: float, ran: bool, metrics: dict[str, float] | None = None) -> None:
+        """A stage of a user's compile finished (`ran`) or was resumed from its saved output."""
+
+    def version(self, version: "PersonaVersion") -> None:
+        """The optimizer made a version (not yet numbered)."""
+
+    def saved(self, state: "ProgramState", added: list["PersonaVersion"]) -> None:
+        """`added` entered the user's history, numbered, in the saved `state`."""
+
+    def finished(self, status: str, metrics: dict[str, float], error: str = "") -> None:
+        """The user's compile or alignment ended."""
+
+    def started(self, params: dict) -> None:
+        """A compile of many users started with these settings."""
+
+    def reported(self, report) -> None:
+        """A compile of many users ended (a `CompileReport`)."""
+
+
+class MlflowObserver(Observer):
+    """Logs each event to the active MLflow run as it happens: a stage's time, a version's
+    validation score (the run's chart fills in during the alignment), then the saved versions'
+    texts, diffs and the run's description. Every call is contained by the `Tracker`."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker, self.step = tracker, 0
+
+    def stage(self, name, seconds, ran, metrics=None):
+        self.tracker.call("tag a stage", "set_tag", f"stage.{name}", "ran" if ran else "resumed")
+        if ran:
+            self.tracker.call("log a stage's time", "log_metrics", {f"seconds_{name}": seconds, **(metrics or {})})
+
+    def version(self, version):
+        if version.score is not None:
+            self.tracker.call("log a validation score", "log_metric", "validation_score", version.score, step=self.step)
+        if version.likelihood is not None:
+            self.tracker.call("log a validation likelihood", "log_metric", "validation_likelihood", version.likelihood, step=self.step)
+        self.step += 1
+
+    def saved(self, state, added):
+        for version in added:
+            name = f"personas/v{version.version:03d}"
+            self.tracker.call("log a persona version", "log_text", version.instructions.get("answer", ""), f"{name}.md")
+            self.tracker.call("log a persona version", "log_dict", asdict(version), f"{name}.json")
+            position = state.versions.index(version)
+            if position:
+                before = state.versions[position - 1]
+                # Markdown, so the UI's artifact view renders it (it does not preview a .diff file).
+                self.tracker.call("log a persona diff", "log_text", f"```diff\n{version.diff(before)}\n```\n", f"{name}.diff.md")
+        self.tracker.call("log the persona", "log_text", state.current.instructions.get("answer", ""), "persona.md")
+        self.tracker.call("describe the run", "set_tag", "mlflow.note.content", describe(state))
+
+    def finished(self, status, metrics, error=""):
+        # Traces are exported in the background: stored before the user counts as done.
+        self.tracker.call("store the traces", "flush_trace_async_logging")
+        self.tracker.call("tag the status", "set_tag", "status", status)
+        self.tracker.call("log costs", "log_metrics", metrics)
+        if error:
+            self.tracker.call("log the error", "log_text", error, "error.txt")
+
+
+    def started(self, params):
+        self.tracker.call("log the config", "log_params", params)
+
+    def reported(self, report):
+        results = report.results
+        self.tracker.call("log the counts", "log_metrics", {f"users_{k}": v for k, v in report.counts.items()})
+        self.tracker.call("log the users' table", "log_table", {
+            "user": [r.user_id for r in results], "status": [r.status for r in results],
+            "validation_before": [r.scores[0] if r.scores else None for r in results],
+            "validation_after": [r.score_after for r in results]}, "users.json")
+        done = [r for r in results if r.status == "compiled"]
+        if done:
+            self.tracker.call("log the means", "log_metrics", {
+                "mean_lm_calls_per_user": sum(r.lm_calls for r in done) / len(done),
+                "mean_seconds_per_user": sum(r.seconds for r in done) / len(done)})
+
+
+def describe(state: "ProgramState") -> str:
+    """The run's description in the MLflow UI: every version with its validation score and what
+    became of it, then what the persona in force changed from the first one."""
+    score = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"**{state.user_id}**: v{state.current.version} in force", ""]
+    lines += [f"- v{v.version}: {'accepted' if v.accepted else 'rejected'}, validation score {score(v.score)}"
+              f"{f' ({v.note})' if v.note else ''}" for v in state.versions]
+    first = state.versions[0]
+    if state.current.version != first.version:
+        lines += ["", f"What v{state.current.version} changed from v{first.version}:", "```diff", state.current.diff(first), "```"]
+    return "\n".join(lines)
 
 
 def _alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ import dspy
 from ..data.tasks import TaskSpec
 from .answer import LabelPredict, normalized
 from .memory import Cutoff, EpisodicMemory, Profile
-from .persona import BASE_INSTRUCTION, Persona, gist
+from .persona import BASE_INSTRUCTION, Persona, PersonaVersion, gist
 from .tools import build_evidence, build_tools
 
 METHODS = ("none", "icl", "rag", "membank", "react", "persona")
@@ -101,6 +101,16 @@ class PersonaProgram(dspy.Module):
         self.answer.signature = self.answer.signature.with_instructions(persona.render())
         self.answer.demos = [dspy.Example(**demo) for demo in persona.demos]
         self._use_k(persona.k)
+
+    def with_persona(self, persona: Persona) -> "PersonaProgram":
+        """A copy of this program that follows `persona` (a candidate to try)."""
+        trial = self.deepcopy()
+        trial.set_persona(persona)
+        return trial
+
+    def snapshot(self, **fields) -> PersonaVersion:
+        """This program's state as a version, not yet numbered (`fields`: its score, note...)."""
+        return PersonaVersion(0, self.persona.to_dict(), self.instructions_by_predictor(), **fields)
 
     def _use_k(self, k: int) -> None:
         """The tools (bound to this user's memory) return k past interactions."""

@@ -1,4 +1,4 @@
-"""The persona: the state of one user's compiled program.
+"""The persona: the state of one user's compiled program, and its versions.
 
 Its text is kept as fields an LM fills (summary, preferences, rules) and rendered into the
 instruction of the user's program; keeping fields rather than free prose lets a small reflection
@@ -11,7 +11,9 @@ LM's label distribution (`weights`, by tool name; "lm" weighs the LM itself).
 
 from __future__ import annotations
 
+import difflib
 import re
+import time
 from dataclasses import asdict, dataclass, field
 
 
@@ -139,3 +141,33 @@ class Persona:
                 found.append("persona copies example text verbatim")
                 break
         return found
+
+
+@dataclass
+class PersonaVersion:
+    """One state of a user's program, as an optimizer ran it and the history keeps it. Optimizers
+    emit it unnumbered (0); `ProgramState.record` numbers it."""
+
+    version: int
+    persona: dict
+    instructions: dict[str, str]  # per predictor: what the program actually runs with
+    score: float | None = None  # the task's mean score on the user's validation window
+    feedback: str = ""
+    accepted: bool = True
+    note: str = ""
+    created_at: float = field(default_factory=time.time)
+    likelihood: float | None = None  # mean log-likelihood of the user's real answers on that window
+    trigger: str = ""  # what made it: "compile", "align request", "online: ...", "rollback"
+
+    def diff(self, previous: "PersonaVersion") -> str:
+        """What changed since `previous`: the instruction as a unified diff, then the compiled
+        choices (tools shown, k, evidence weights, demonstrations) that differ."""
+        lines = list(difflib.unified_diff(previous.instructions.get("answer", "").splitlines(),
+                                          self.instructions.get("answer", "").splitlines(),
+                                          f"v{previous.version}", f"v{self.version}", lineterm=""))
+        for choice in ("sources", "k", "weights", "demos"):
+            before, after = previous.persona.get(choice), self.persona.get(choice)
+            if before != after:
+                shown = (lambda v: f"{len(v or [])} demonstrations") if choice == "demos" else repr
+                lines.append(f"{choice}: {shown(before)} -> {shown(after)}")
+        return "\n".join(lines) or "no change"

@@ -3,6 +3,7 @@
     <root>/users/<user_id>/episodic.sqlite, episodic.faiss   episodic memory
     <root>/users/<user_id>/profile.json                      semantic memory
     <root>/users/<user_id>/program.json                      persona, its versions, task, LM
+    <root>/users/<user_id>/stages.json                       the last compile's stages: inputs' keys, outputs
 
 Every file is written atomically, and `program.json` carries a format version, so a crash while
 saving leaves the previous program loadable and an old file is never misread.
@@ -11,7 +12,6 @@ saving leaves the previous program loadable and an old file is never misread.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import json
 import shutil
@@ -27,37 +27,10 @@ from ..data.tasks import TaskSpec, task_from_dict
 from .agent import PersonaProgram
 from .embedder import Embedder, default_embedder
 from .memory import EpisodicMemory, Profile, load_profile, save_profile
-from .persona import Persona
+from .persona import Persona, PersonaVersion
 from .storage import MAX_VERSIONS, validate_user_id, write_json_atomic
 
 FORMAT_VERSION = 1
-
-
-@dataclass
-class PersonaVersion:
-    version: int
-    persona: dict
-    instructions: dict[str, str]  # per predictor: what the program actually runs with
-    score: float | None = None  # the task's mean score on the user's validation window
-    feedback: str = ""
-    accepted: bool = True
-    note: str = ""
-    created_at: float = field(default_factory=time.time)
-    likelihood: float | None = None  # mean log-likelihood of the user's real answers on that window
-    trigger: str = ""  # what made it: "compile", "align request", "online: ...", "rollback"
-
-    def diff(self, previous: "PersonaVersion") -> str:
-        """What changed since `previous`: the instruction as a unified diff, then the compiled
-        choices (tools shown, k, evidence weights, demonstrations) that differ."""
-        lines = list(difflib.unified_diff(previous.instructions.get("answer", "").splitlines(),
-                                          self.instructions.get("answer", "").splitlines(),
-                                          f"v{previous.version}", f"v{self.version}", lineterm=""))
-        for choice in ("sources", "k", "weights", "demos"):
-            before, after = previous.persona.get(choice), self.persona.get(choice)
-            if before != after:
-                shown = (lambda v: f"{len(v or [])} demonstrations") if choice == "demos" else repr
-                lines.append(f"{choice}: {shown(before)} -> {shown(after)}")
-        return "\n".join(lines) or "no change"
 
 
 @dataclass
@@ -84,6 +57,22 @@ class ProgramState:
     @property
     def next_version(self) -> int:
         return self.versions[-1].version + 1 if self.versions else 1
+
+    @classmethod
+    def continuing(cls, previous: "ProgramState | None", user_id: str, task: dict, lm: str,
+                   compile_key: str = "") -> "ProgramState":
+        """A state to record new versions into: `previous`'s history, copied (or none)."""
+        return cls(user_id, task, lm, list(previous.versions) if previous else [], compile_key,
+                   created_at=previous.created_at if previous else time.time())
+
+    def record(self, ran: list[PersonaVersion], trigger: str) -> list[PersonaVersion]:
+        """The one path by which versions enter the history: the states an optimizer ran (the one
+        it started from first), numbered after the last kept version, with what triggered them.
+        The starting state is new only to a program without versions. Returns those added."""
+        added = [replace(v, version=self.next_version + i, trigger=trigger)
+                 for i, v in enumerate(ran if not self.versions else ran[1:])]
+        self.versions.extend(added)
+        return added
 
     def kept(self, max_versions: int) -> list[PersonaVersion]:
         """At most `max_versions` of the versions: always the initial one, the best validated one
@@ -121,26 +110,6 @@ class ProgramState:
         payload = dict(payload)
         payload["versions"] = [PersonaVersion(**v) for v in payload["versions"]]
         return cls(**payload)
-
-
-def alignment_versions(previous: ProgramState | None, program: PersonaProgram, steps: list,
-                       trigger: str = "") -> list[PersonaVersion]:
-    """The version history after aligning `program`: the previous versions, the starting persona
-    if there were none, then one version per rewrite (`steps`: the teleprompter's AlignmentSteps),
-    each recording the `trigger` that made it."""
-    versions = list(previous.versions) if previous else []
-    if previous is None:
-        first = steps[0] if steps else None
-        versions.append(PersonaVersion(1, program.persona.to_dict(), program.instructions_by_predictor(),
-                                       first.score if first else None, note="initial persona",
-                                       likelihood=first.likelihood if first else None, trigger=trigger))
-    for step in steps[1:]:
-        trial = program.deepcopy()
-        trial.set_persona(step.persona)
-        versions.append(PersonaVersion(versions[-1].version + 1, step.persona.to_dict(), trial.instructions_by_predictor(),
-                                       step.score, step.feedback, step.accepted, step.note, likelihood=step.likelihood,
-                                       trigger=trigger))
-    return versions
 
 
 class UserStore:
@@ -219,6 +188,14 @@ class UserStore:
 
     def save_profile(self, user_id: str, profile: Profile) -> None:
         save_profile(self.user_dir(user_id) / "profile.json", profile)
+
+    def stage_log(self, user_id: str) -> dict:
+        """What each stage of the user's last compile ran on and gave (see `optimizers.compile`)."""
+        path = self.user_dir(user_id) / "stages.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    def save_stage_log(self, user_id: str, log: dict) -> None:
+        write_json_atomic(self.user_dir(user_id) / "stages.json", log)
 
     def program_path(self, user_id: str) -> Path:
         return self.user_dir(user_id) / "program.json"

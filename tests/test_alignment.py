@@ -95,7 +95,7 @@ def test_calibration_learns_the_users_habit_without_an_lm_call(program):
     on the replays, validated on the earlier window, and then decides the answer."""
     aligned, _, lm = _align(program, "5", calibrate=True)
     calibration = aligned.alignment[1]
-    assert calibration.accepted and calibration.persona.weights.get("answer_habits", 0) > 0
+    assert calibration.accepted and calibration.persona["weights"].get("answer_habits", 0) > 0
     assert calibration.score > aligned.alignment[0].score
     with use_lm(lm):
         pred = aligned(question="What is the score of the following review? review: it arrived late again")

@@ -82,6 +82,39 @@ def test_compile_saves_versions_logs_runs_and_skips_unchanged_users(tmp_path, da
     assert recompiled[:3] == varied.versions and len(recompiled) > 3  # earlier versions are kept
 
 
+def test_a_rerun_resumes_at_the_first_stage_whose_inputs_changed(tmp_path, data, monkeypatch):
+    uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "store"
+
+    def compile_with(config, lm):
+        return compile_users(data, store, config, tracking_uri=uri, progress=False, lm=lm)
+
+    first = compile_with(CompileConfig(), fake_lm(answers(data)))
+    assert all(r.stages_run == ["ingest", "profile", "align", "save"] for r in first.results)
+    # A new alignment setting: the memory and the profile are reused, so no profile call.
+    changed = compile_with(CompileConfig(validation=2), fake_lm(answers(data)))
+    assert all(r.stages_run == ["align", "save"] for r in changed.results)
+    assert {r.user_id: r.lm_calls for r in changed.results} == {STEADY: 2 + 3, VARIED: 2 + 3 + 1 + 2}
+    kept = {user: len(UserStore(store).load_state(user).versions) for user in data.users}
+
+    # Killed while saving: the aligned versions were saved by their own stage, so the rerun only
+    # saves them, with an LM that could not have aligned anything; and records them once.
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    varied = data.select(user_ids=[VARIED])
+    monkeypatch.setattr(UserStore, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compile_users(varied, store, CompileConfig(validation=1), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))
+    monkeypatch.undo()
+    assert len(UserStore(store).load_state(VARIED).versions) == kept[VARIED]
+    resumed = compile_users(varied, store, CompileConfig(validation=1), tracking_uri=uri, progress=False, lm=fake_lm(fail=True))
+    assert resumed.counts["compiled"] == 1 and resumed.results[0].stages_run == ["save"]
+    after = UserStore(store).load_state(VARIED).versions
+    assert len(after) > kept[VARIED]
+    again = compile_users(varied, store, CompileConfig(validation=1), tracking_uri=uri, progress=False, lm=fake_lm(fail=True))
+    assert again.counts["skipped"] == 1 and UserStore(store).load_state(VARIED).versions == after
+
+
 def test_a_failing_lm_fails_users_without_stopping_the_run_or_losing_the_last_persona(tmp_path, data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))

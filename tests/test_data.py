@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from personaagent.data import SAMPLE_DIR
-from personaagent.data.loaders import DataError, load, load_jsonl, load_lamp
+from personaagent.data.loaders import DataError, UserData, load, load_jsonl, load_lamp
 from personaagent.data.tasks import CANDIDATES, LAMP_TASKS, resolve_task, rouge_1, rouge_l, task_from_dict, task_to_dict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamp"
@@ -34,7 +34,7 @@ def test_lamp_format_sets_load_per_user(folder, task, kind):
         assert times == sorted(times) and all(r.output and r.metadata["memory_key"] in keys for r in user.replays)
         if data.task.labels:
             assert all(r.output in data.task.labels for r in user.replays)
-    assert len(data.questions_dataset()) == len(questions)
+    assert data.dataset.num_rows == len(data.users)
 
 
 @needs_shared
@@ -66,6 +66,15 @@ def test_official_lamp_files_read_unchanged(tmp_path):
     # Each replay names its own record in memory: replayed as of it, memory hides that record.
     user = data.users["100"]
     assert [r.metadata["memory_key"] for r in user.replays] == [m.key for m in user.memories]
+
+
+@pytest.mark.parametrize("folder", ["LaMP-2N-huffpost", "LaMP-3-amazon"])
+def test_the_users_dataset_gives_each_user_back_unchanged(folder):
+    # What compile, its engines and eval consume: one row per user.
+    data = load(SAMPLE_DIR / folder)
+    rows = list(data.dataset)
+    assert data.dataset.column_names == ["user_id", "memories", "replays", "questions"]
+    assert [UserData.from_row(row) for row in rows] == list(data.users.values())
 
 
 def test_replays_carry_their_memory_records_key_and_time():

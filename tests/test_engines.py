@@ -40,8 +40,9 @@ def test_ray_compiles_the_same_artifacts_as_local_processes(tmp_path):
 
 def _crash_once(*job, lm=None):
     """compile_user, but the worker process dies the first time it meets the first user."""
-    marker = Path(job[0]) / f"crashed-{job[2].user_id}"
-    if job[2].user_id == "A15TYOEWBQYF0X" and not marker.exists():
+    user_id = job[2]["user_id"]  # a row of the users' dataset
+    marker = Path(job[0]) / f"crashed-{user_id}"
+    if user_id == "A15TYOEWBQYF0X" and not marker.exists():
         marker.write_text("the worker died here")
         os._exit(1)
     return compile_user(*job, lm=lm)
@@ -51,7 +52,7 @@ def test_a_killed_ray_worker_is_restarted_and_its_user_compiled_on_retry(tmp_pat
     data = load(SAMPLE_DIR / "LaMP-3-amazon")
     store = tmp_path / "store"
     store.mkdir()
-    jobs = [(str(store), task_to_dict(data.task), user, CompileConfig(lm=FAKE_LM), None, None) for user in data.users.values()]
+    jobs = [(str(store), task_to_dict(data.task), row, CompileConfig(lm=FAKE_LM), None, None) for row in data.dataset]
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
     try:
         results = list(RayEngine(workers=1).run(_crash_once, jobs))

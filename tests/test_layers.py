@@ -41,3 +41,12 @@ def test_help_and_the_data_package_load_no_model_index_or_tensor_library(code):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
+def test_mlflow_is_reached_only_through_the_tracking_observer():
+    # The compile and the service tell an observer what happened; only `optimizers/tracking.py` calls MLflow.
+    reaching = sorted(str(path.relative_to(ROOT)) for package in ("data", "program", "optimizers", "app")
+                      for path in (ROOT / package).glob("*.py")
+                      if path.name != "tracking.py" and ("import mlflow" in path.read_text() or "from mlflow" in path.read_text()
+                                                         or "tracker.call(" in path.read_text()))
+    assert reaching == []

@@ -12,10 +12,10 @@ import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction, task_to_dict
 from personaagent.program.memory import Profile
-from personaagent.program.persona import Persona
 from personaagent.app.service import (AlignmentRunning, InvalidRequest, LMUnavailable, NotFound, PersonaService,
                                           ServiceBusy)
-from personaagent.program.store import PersonaVersion, ProgramState, UserStore
+from personaagent.program.persona import Persona, PersonaVersion
+from personaagent.program.store import ProgramState, UserStore
 from personaagent.program.testing import FakeEngine
 
 from conftest import interactions

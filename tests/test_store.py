@@ -9,9 +9,9 @@ import time
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction, task_to_dict
-from personaagent.program.persona import Persona
 from personaagent.program.storage import validate_user_id
-from personaagent.program.store import PersonaVersion, ProgramState, UserStore
+from personaagent.program.persona import Persona, PersonaVersion
+from personaagent.program.store import ProgramState, UserStore
 
 TASK = LAMP_TASKS["LaMP-3"]
 
