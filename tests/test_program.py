@@ -55,6 +55,17 @@ def test_evidence_weights_shift_the_lms_distribution(store):
     assert pred.label_scores["5"] > pred.lm_scores["5"] and set(pred.evidence) == {"answer_habits", "search_memory"}
 
 
+def test_a_new_users_rating_habits_are_evidence_never_prompt_text(store):
+    """A small model copies a mean rating shown to it, whatever the review: a new user's prompt
+    holds the review alone, while their habits still weigh in once alignment fits them a weight."""
+    program = store.build("alice", TASK)
+    lm = fake_lm({"answer": "4"})
+    with use_lm(lm):
+        pred = program(question="review: lovely new strings")
+    assert pred.trajectory == [] and "mean" not in lm.engine.requests[-1] and "bright" not in lm.engine.requests[-1]
+    assert pred.evidence["answer_habits"]["5"] > pred.evidence["answer_habits"]["4"]
+
+
 def test_react_plans_then_uses_the_tools_it_chooses_in_two_calls(store):
     lm = fake_lm({"tools": ["search_memory", "answer_habits"], "memory_query": "guitar strings", "answer": "4"})
     program = store.build("alice", TASK, method="react")
