@@ -40,7 +40,7 @@ from dspy.utils.exceptions import AdapterParseError, LMError
 
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
 from ..optimizers.persona import PersonaAlignment
-from ..optimizers.tracking import MlflowObserver, Observer, Tracker, forget_user
+from ..optimizers.tracking import MlflowObserver, Observer, Tracker, forget_user, seconds_metrics
 from ..program.agent import PersonaProgram
 from ..program.lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
 from ..program.memory import Cutoff
@@ -489,7 +489,7 @@ class PersonaService:
                     added = state.record(aligned.alignment, job.trigger)
                     self.store.save_state(state)
                 observer.saved(state, added)
-                observer.finished("succeeded", aligned.timings)
+                observer.finished("succeeded", seconds_metrics(aligned.timings))
             job.new_versions = [v.version for v in added]
             job.current_version = state.current.version
             job.status = "succeeded"

@@ -42,7 +42,7 @@ from ..program.store import ProgramState, UserStore
 from .engines import Engine, LocalEngine
 from .gepa import GepaAlignment
 from .persona import ACCEPTANCE, PersonaAlignment, Unaligned, VersionedTeleprompter
-from .tracking import MlflowObserver, Observer, Tracker, tracking_uri_or_default
+from .tracking import MlflowObserver, Observer, Tracker, seconds_metrics, tracking_uri_or_default
 
 Optimizer = Literal["persona", "gepa", "none"]
 
@@ -213,9 +213,8 @@ def run_stages(store: UserStore, user_id: str, stages: list[Stage], keys: dict[s
         ran.append(stage.name)
         log[stage.name] = {"key": keys[stage.name], "output": stage.to_log(output)}
         store.save_stage_log(user_id, log)
-        timings = getattr(output, "timings", None) or {}
         observer.stage(stage.name, time.perf_counter() - started, ran=True,
-                       metrics={f"seconds_{phase}": s for phase, s in timings.items()})
+                       metrics=seconds_metrics(getattr(output, "timings", None) or {}))
     return outputs, ran
 
 

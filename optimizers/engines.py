@@ -20,7 +20,7 @@ import dspy
 
 from ..program.lm import make_lm
 
-CompileOne = Callable[..., Any]  # compile_user(store, task, user, config, parent_run_id, tracking_uri, lm=None)
+CompileOne = Callable[..., Any]  # compile_user(store, task, user row, config, parent_run_id, tracking_uri, lm=None)
 
 
 class Engine(Protocol):

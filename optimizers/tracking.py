@@ -199,6 +199,11 @@ class MlflowObserver(Observer):
                 "mean_seconds_per_user": sum(r.seconds for r in done) / len(done)})
 
 
+def seconds_metrics(timings: dict[str, float]) -> dict[str, float]:
+    """Where the time went, as metrics: `seconds_<phase>`."""
+    return {f"seconds_{phase}": s for phase, s in timings.items()}
+
+
 def describe(state: "ProgramState") -> str:
     """The run's description in the MLflow UI: every version with its validation score and what
     became of it, then what the persona in force changed from the first one."""
@@ -249,6 +254,11 @@ def forget_user(user_id: str, tracking_uri: str | None = None) -> int:
         for run in runs:
             run_id = run.info.run_id
             while traces := client.search_traces(locations=[experiment.experiment_id], run_id=run_id, max_results=100):
+                for trace in traces:  # a trace MLflow wrote as an artifact outlives its database row
+                    location = trace.info.tags.get("mlflow.artifactLocation")
+                    if location:
+                        with contextlib.suppress(Exception):
+                            get_artifact_repository(location).delete_artifacts()
                 client.delete_traces(experiment.experiment_id, trace_ids=[t.info.trace_id for t in traces])
             with contextlib.suppress(Exception):  # a run without artifacts has no folder to delete
                 get_artifact_repository(run.info.artifact_uri).delete_artifacts()

@@ -2,6 +2,7 @@
 line's help and the data package load no model, index or tensor library."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,11 @@ def test_mlflow_is_reached_only_through_the_tracking_observer():
                       if path.name != "tracking.py" and ("import mlflow" in path.read_text() or "from mlflow" in path.read_text()
                                                          or "tracker.call(" in path.read_text()))
     assert reaching == []
+
+
+def test_no_module_below_the_compile_imports_it():
+    # The compile sits on top of the optimizers, engines and tracking: they never reach back to it.
+    below = [path for package in ("data", "program", "optimizers") for path in (ROOT / package).glob("*.py")
+             if path.name != "compile.py"]
+    assert [str(p.relative_to(ROOT)) for p in below if re.search(r"from \.+(optimizers\.)?compile import|\.compile import",
+                                                                 p.read_text())] == []
