@@ -162,7 +162,7 @@ class PersonaProgram(dspy.Module):
         if self.method == "icl":
             return "\n".join(f"- {r.render()}" for r in self.memory.recent(self.k))
         if self.method in ("rag", "membank"):
-            found = "\n".join(f"- {r.render()}" for r in self.memory.search(question, self.k))
+            found = "\n".join(f"- {r.render()}" for r in self.memory.search(self.task.subject(question), self.k))
             return f"Profile: {self.profile.render()}\nSimilar past interactions:\n{found}" if self.method == "membank" else found
         if self.method == "persona":
             return self._call_tools(self.persona.sources, question, trajectory)

@@ -309,9 +309,11 @@ class EpisodicMemory:
             return []
         condition, params = self._visible()
         with self._lock:
+            # `+rowid`: a bare `rowid IN (...)` is handed to FTS5, which then runs the whole match
+            # once per visible record (about a second for 650 records, against 3 ms).
             ids = [r[0] for r in self._db.execute(
                 "SELECT rowid FROM records_text WHERE records_text MATCH :match"
-                f" AND rowid IN (SELECT id FROM records WHERE {condition}) ORDER BY rank LIMIT :k",
+                f" AND +rowid IN (SELECT id FROM records WHERE {condition}) ORDER BY rank LIMIT :k",
                 {**params, "match": " OR ".join(f'"{w}"' for w in words), "k": k})]
             rows = self._fetch(ids)
         return [rows[i] for i in ids if i in rows]

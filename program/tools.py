@@ -28,7 +28,7 @@ def build_tools(task: TaskSpec, memory: EpisodicMemory, profile: Profile, k: int
 
     def search_memory(query: str) -> str:
         """Find the user's past interactions most similar to the query, with the user's own answers."""
-        records = memory.search(query, k)
+        records = memory.search(task.subject(query), k)
         return "\n".join(f"- {r.render()}" for r in records) or "No past interactions."
 
     def read_profile() -> str:
@@ -112,7 +112,7 @@ def build_evidence(task: TaskSpec, memory: EpisodicMemory, k: int = 4) -> dict[s
         return smoothed(Counter(task.normalize(r.output) for r in memory.all() if r.output))
 
     def search_memory(question: str) -> dict[str, float] | None:
-        return smoothed(Counter(task.normalize(r.output) for r in memory.search(question, k) if r.output))
+        return smoothed(Counter(task.normalize(r.output) for r in memory.search(task.subject(question), k) if r.output))
 
     evidence: dict[str, Evidence] = {"answer_habits": answer_habits, "search_memory": search_memory}
     if task.has_candidates:

@@ -136,6 +136,29 @@ def test_full_text_search_sees_only_visible_and_undeleted_records(tmp_path, embe
     assert memory.search_text("?!", 3) == []  # no words, no query
 
 
+def _full_text_work(memory: EpisodicMemory, query: str) -> int:
+    """SQLite virtual-machine steps (in thousands) one full-text search takes: a cost measure that,
+    unlike a timing, does not depend on the machine."""
+    steps = []
+    memory._db.set_progress_handler(lambda: steps.append(1) and 0, 1000)
+    try:
+        memory.search_text(query, 4)
+    finally:
+        memory._db.set_progress_handler(None, 0)
+    return len(steps)
+
+
+def test_a_full_text_search_as_of_a_time_runs_the_match_once(tmp_path, embedder):
+    """Filtering by what is visible must not make FTS5 re-run the match once per visible record."""
+    memory = EpisodicMemory(tmp_path, embedder)
+    memory.add(interactions(400))
+    with memory.as_of(_cutoff(memory, 399)):
+        steps = _full_text_work(memory, "a review of guitar strings number 7")
+    # Every record matches here, and ranking visits each a few times (about 30 steps a record);
+    # re-running the match per visible record took over 1,200 a record.
+    assert steps * 1000 < 100 * 400
+
+
 def test_a_log_from_before_full_text_search_is_indexed_when_opened(tmp_path, embedder):
     memory = EpisodicMemory(tmp_path, embedder)
     memory.add(interactions(4))

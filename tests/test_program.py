@@ -130,3 +130,25 @@ def test_one_users_data_never_reaches_another_users_prompt(store):
 def test_unknown_method_is_refused(store):
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         store.build("alice", TASK, method="magic")
+
+
+def test_memory_is_searched_by_what_the_question_is_about_not_by_the_tasks_wording(tmp_path, embedder):
+    """A LaMP-2N question lists every category: searched whole, it finds the past article that
+    uses those words, not the one about the same thing."""
+    task = LAMP_TASKS["LaMP-2N"]
+    store = UserStore(tmp_path, embedder)
+    store.memory("carol").add([
+        Interaction("title: Passenger Punches Flight Attendant | text: The flyer was banned for life by the airline.",
+                    "crime", 1.0),
+        Interaction("title: Which category fits best? | text: Comedy, business, politics, sports, travel, science "
+                    "and entertainment news, the education and environment categories explained.", "entertainment", 2.0)])
+    question = task.to_interaction({"category": "crime", "title": "Airline Flyer Banned For Life",
+                                    "text": "He punched a flight attendant."}, []).input
+    program = store.build("carol", task, method="rag", k=1)
+    assert task.subject(question) == "Airline Flyer Banned For Life. He punched a flight attendant."
+    assert program._context(question, []).startswith("- title: Passenger Punches")
+    search = program.tools["search_memory"]
+    assert search(query=question).startswith("- title: Passenger Punches")
+    found = store.build("carol", task, Persona(sources=["search_memory"], k=1)).evidence(question)["search_memory"]
+    assert max(found, key=found.get) == "crime"
+    store.close()
