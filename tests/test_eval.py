@@ -1,3 +1,5 @@
+import json
+
 import dspy
 
 from personaagent.data.loaders import TaskData, UserData
@@ -122,3 +124,16 @@ def test_the_difference_to_persona_is_taken_on_the_questions_both_answered():
     summaries = [summarize(task, method, r) for method, r in rows.items()]
     compare_to_reference(task, summaries, rows)
     assert summaries[1]["minus_persona"] == {"diff": 0.0, "ci95": [0.0, 0.0]}  # same answers where both answered
+
+
+def test_the_retrieval_benchmark_scores_each_search_on_the_users_own_history(tmp_path):
+    from personaagent.data import SAMPLE_DIR
+    from personaagent.experiments import bench_retrieval
+
+    assert bench_retrieval.main(["--data", str(SAMPLE_DIR / "LaMP-2N-huffpost"), "--users", "1", "--items", "6",
+                                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "LaMP-2N-huffpost.json").read_text())
+    guesses = {row["guess"]: row["accuracy"] for row in result["rows"]}
+    assert result["interactions"] == 6 and len(guesses) == 7 and "subject / hybrid" in guesses
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in guesses.values())
+    assert (tmp_path / "LaMP-2N-huffpost.png").stat().st_size > 0
