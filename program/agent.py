@@ -26,7 +26,7 @@ from ..data.tasks import TaskSpec
 from .answer import LabelPredict, normalized
 from .memory import Cutoff, EpisodicMemory, Profile
 from .persona import BASE_INSTRUCTION, Persona, PersonaVersion, gist
-from .tools import build_evidence, build_tools
+from .tools import build_evidence, build_tools, similar_records
 
 METHODS = ("none", "icl", "rag", "membank", "react", "persona")
 LM_WEIGHT = "lm"
@@ -162,7 +162,7 @@ class PersonaProgram(dspy.Module):
         if self.method == "icl":
             return "\n".join(f"- {r.render()}" for r in self.memory.recent(self.k))
         if self.method in ("rag", "membank"):
-            found = "\n".join(f"- {r.render()}" for r in self.memory.search(self.task.subject(question), self.k))
+            found = "\n".join(f"- {r.render()}" for r in similar_records(self.task, self.memory, question, self.k))
             return f"Profile: {self.profile.render()}\nSimilar past interactions:\n{found}" if self.method == "membank" else found
         if self.method == "persona":
             return self._call_tools(self.persona.sources, question, trajectory)

@@ -15,7 +15,7 @@ import dspy
 
 from ..data.tasks import CANDIDATES, TaskSpec
 from .answer import normalized
-from .memory import EpisodicMemory, Profile
+from .memory import EpisodicMemory, MemoryRecord, Profile
 
 Evidence = Callable[[str], dict[str, float] | None]
 SMOOTHING = 0.5  # pseudo-count of every label in a tool's distribution: no label is ever impossible
@@ -23,12 +23,18 @@ STOPWORDS = frozenset("""a an and are as at based by for from in into is of on o
 with without""".split())
 
 
+def similar_records(task: TaskSpec, memory: EpisodicMemory, query: str, k: int) -> list[MemoryRecord]:
+    """The user's k past interactions most like what `query` is about (`TaskSpec.subject`): how
+    every method and tool searches memory."""
+    return memory.search(task.subject(query), k)
+
+
 def build_tools(task: TaskSpec, memory: EpisodicMemory, profile: Profile, k: int = 4) -> list[dspy.Tool]:
     """The tools of one user: memory search, profile look-up, answer habits, and task tools."""
 
     def search_memory(query: str) -> str:
         """Find the user's past interactions most similar to the query, with the user's own answers."""
-        records = memory.search(task.subject(query), k)
+        records = similar_records(task, memory, query, k)
         return "\n".join(f"- {r.render()}" for r in records) or "No past interactions."
 
     def read_profile() -> str:
@@ -112,7 +118,7 @@ def build_evidence(task: TaskSpec, memory: EpisodicMemory, k: int = 4) -> dict[s
         return smoothed(Counter(task.normalize(r.output) for r in memory.all() if r.output))
 
     def search_memory(question: str) -> dict[str, float] | None:
-        return smoothed(Counter(task.normalize(r.output) for r in memory.search(task.subject(question), k) if r.output))
+        return smoothed(Counter(task.normalize(r.output) for r in similar_records(task, memory, question, k) if r.output))
 
     evidence: dict[str, Evidence] = {"answer_habits": answer_habits, "search_memory": search_memory}
     if task.has_candidates:

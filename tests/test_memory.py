@@ -140,7 +140,7 @@ def _full_text_work(memory: EpisodicMemory, query: str) -> int:
     """SQLite virtual-machine steps (in thousands) one full-text search takes: a cost measure that,
     unlike a timing, does not depend on the machine."""
     steps = []
-    memory._db.set_progress_handler(lambda: steps.append(1) and 0, 1000)
+    memory._db.set_progress_handler(lambda: steps.append(1), 1000)  # None: go on
     try:
         memory.search_text(query, 4)
     finally:
