@@ -19,8 +19,9 @@ For one user, whose past interactions come oldest first:
    validation window to score a candidate on (it could not be accepted);
 5. update: a candidate replaces the current state only if the acceptance strategy says so:
    `validated` (default) when it scores better on the validation window (the task's score; for new
-   evidence weights, then the likelihood of the user's real answers; on a tie the simpler state
-   stays); `always`, the paper's setting, for comparison.
+   evidence weights that leave the LM at least as heavy as the user's label habits, then the
+   likelihood of the user's real answers; on a tie the simpler state stays); `always`, the
+   paper's setting, for comparison.
 
 Every state tried is a `PersonaVersion` with its validation score, emitted as it is made. With n=3 and a window of 3, one
 iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the rewrite: 10 LM calls,
@@ -43,6 +44,7 @@ from dspy.utils.exceptions import AdapterParseError
 from ..program.agent import LM_WEIGHT, PersonaProgram, combine
 from ..program.lm import use_lm
 from ..program.persona import Persona, PersonaVersion, gist
+from ..program.tools import PRIORS
 
 # Candidate weights of each tool's evidence, and of the LM (lower: trust the LM less).
 TOOL_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
@@ -145,19 +147,17 @@ class Acceptance(Protocol):
     name: str
     validates: bool  # whether candidates are scored on the validation window first
 
-    def accept(self, candidate: Score | None, current: Score | None, changes_prompt: bool) -> bool: ...
+    def accept(self, candidate: Score | None, current: Score | None, likelihood_breaks_ties: bool) -> bool: ...
 
 
 class Validated:
-    """Accepts what scores better on the validation window; on a tie the simpler state stays. A
-    change of evidence weights, fitted outside the window, also wins a tie by making the user's real
-    answers more likely there. A change of what the LM reads (text, tools shown, demos) must answer
-    better: on held-out LaMP-2N users, a rewrite that won on likelihood alone broke the answer."""
+    """Accepts what scores better on the validation window; on a tie the simpler state stays,
+    unless the likelihood of the user's real answers may break it (`likelihood_may_break_a_tie`)."""
 
     name, validates = "validated", True
 
-    def accept(self, candidate, current, changes_prompt):
-        return candidate is not None and (current is None or candidate.beats(current, likelihood_breaks_ties=not changes_prompt))
+    def accept(self, candidate, current, likelihood_breaks_ties):
+        return candidate is not None and (current is None or candidate.beats(current, likelihood_breaks_ties))
 
 
 class Always:
@@ -165,11 +165,26 @@ class Always:
 
     name, validates = "always", False
 
-    def accept(self, candidate, current, changes_prompt):
+    def accept(self, candidate, current, likelihood_breaks_ties):
         return True
 
 
 ACCEPTANCE: dict[str, Acceptance] = {a.name: a for a in (Validated(), Always())}
+
+
+def likelihood_may_break_a_tie(weights: dict[str, float], changes_prompt: bool) -> bool:
+    """Whether a change that answers the validation window as well as the current state may still
+    win by making the user's real answers more likely there. Only a change of evidence weights
+    that leaves the LM at least as heavy as any prior (evidence that is the same for every
+    question, such as the user's label habits) may:
+    - a change of what the LM reads (text, tools shown, demos) must answer better: on held-out
+      LaMP-2N users, a rewrite that won on likelihood alone broke the answer;
+    - when no answer changes, a likelihood gain only sharpens answers already given, and a window
+      of a user's habitual answers always rewards leaning on the habit: it cannot show that a
+      prior should overrule the question. On held-out LaMP-3 users, habits at 4 times the LM's
+      weight, accepted so, turned a 1-star review into a 5. Such a weight must answer better."""
+    lm_weight = weights.get(LM_WEIGHT, 1.0)
+    return not changes_prompt and all(weights.get(prior, 0.0) <= lm_weight for prior in PRIORS)
 
 
 class ReflectOnAnswers(dspy.Signature):
@@ -290,7 +305,8 @@ class PersonaAlignment(VersionedTeleprompter):
                 weights = fit_weights(task, replayed, self._tools_on(program, [*older, *replays][-MAX_HISTORY:]))
             trial = program.with_persona(replace(program.persona, weights=weights))
             score = score_answers(task, validated, weights)
-            accepted = weights != program.persona.weights and self.acceptance.accept(score, current, changes_prompt=False)
+            accepted = weights != program.persona.weights and self.acceptance.accept(
+                score, current, likelihood_may_break_a_tie(weights, changes_prompt=False))
             versions.append(self._emit(trial.snapshot(accepted=accepted, note="evidence weights fitted on the replays",
                                                       **_scored(score))))
             if accepted:
@@ -316,7 +332,7 @@ class PersonaAlignment(VersionedTeleprompter):
             if self.acceptance.validates and window:
                 with timings.phase("validation"):
                     score = score_answers(task, self._answer(trial, window), candidate.weights)
-            accepted = self.acceptance.accept(score, current, changes_prompt=True)
+            accepted = self.acceptance.accept(score, current, likelihood_may_break_a_tie(candidate.weights, changes_prompt=True))
             versions.append(self._emit(trial.snapshot(
                 feedback=feedback, accepted=accepted,
                 note="" if accepted else "did not score better on the validation window", **_scored(score))))

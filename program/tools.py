@@ -18,6 +18,8 @@ from .answer import normalized
 from .memory import EpisodicMemory, MemoryRecord, Profile
 
 Evidence = Callable[[str], dict[str, float] | None]
+# Evidence that is the same for every question: a prior over the user's labels, not about the question.
+PRIORS = frozenset({"answer_habits"})
 SMOOTHING = 0.5  # pseudo-count of every label in a tool's distribution: no label is ever impossible
 STOPWORDS = frozenset("""a an and are as at based by for from in into is of on or the to towards using via
 with without""".split())

@@ -4,7 +4,7 @@ import dspy
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.optimizers.persona import Answered, PersonaAlignment, Score, fit_weights
+from personaagent.optimizers.persona import Answered, PersonaAlignment, Score, fit_weights, likelihood_may_break_a_tie
 from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Cutoff, Profile
 from personaagent.program.store import UserStore
@@ -100,6 +100,22 @@ def test_calibration_learns_the_users_habit_without_an_lm_call(program):
     with use_lm(lm):
         pred = aligned(question="What is the score of the following review? review: it arrived late again")
     assert pred.answer == "2" and pred.lm_scores["5"] > 0.9 and abs(sum(pred.label_scores.values()) - 1) < 1e-9
+
+
+def test_a_habit_may_outweigh_the_lm_only_by_answering_better_not_by_answering_more_surely(program):
+    """The LM already gives this user's habitual 2. On such a history the fit leans on the habit,
+    which only makes right answers surer: that must not let the habit outweigh the LM, or a review
+    unlike the user's others would be answered 2 whatever it says."""
+    aligned, _, _ = _align(program, "2", calibrate=True)
+    initial, calibration = aligned.alignment
+    weights = calibration.persona["weights"]
+    assert weights.get("answer_habits", 0) > weights["lm"]
+    assert calibration.score == initial.score and calibration.likelihood > initial.likelihood
+    assert not calibration.accepted and aligned.persona.weights == {}
+    # Question-specific evidence may still win a tie on likelihood; a prompt change never does.
+    assert likelihood_may_break_a_tie({"lm": 1.0, "answer_habits": 1.0, "search_memory": 4.0}, changes_prompt=False)
+    assert not likelihood_may_break_a_tie({"lm": 0.25, "answer_habits": 0.5}, changes_prompt=False)
+    assert not likelihood_may_break_a_tie({}, changes_prompt=True)
 
 
 def test_one_net_win_in_a_window_of_three_is_not_enough_to_replace_the_persona():
