@@ -39,7 +39,7 @@ import faiss
 from dspy.utils.exceptions import AdapterParseError, LMError
 
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
-from ..optimizers.persona import PersonaAlignment
+from ..optimizers.persona import PersonaAlignment, past_interaction
 from ..optimizers.tracking import MlflowObserver, Observer, Tracker, forget_user, seconds_metrics
 from ..program.agent import PersonaProgram
 from ..program.lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
@@ -466,8 +466,7 @@ class PersonaService:
             loaded = self._loaded(job.user_id)
             program, previous = loaded.program, loaded.state
             # Each record is replayed as of its own time: memory then shows only what came before it.
-            examples = [dspy.Example(question=r.input, answer=r.output, as_of=Cutoff.of(r)).with_inputs("question", "as_of")
-                        for r in program.memory.all() if r.output is not None]
+            examples = [past_interaction(r.input, r.output, Cutoff.of(r)) for r in program.memory.all() if r.output is not None]
             # Tracked like a compile, in a run tagged with the user (so forgetting finds it).
             tracker = Tracker(self.tracking_uri, "personaagent-align") if self.tracking_uri else None
             observer = MlflowObserver(tracker) if tracker else Observer()

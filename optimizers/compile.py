@@ -41,7 +41,7 @@ from ..program.storage import MAX_VERSIONS
 from ..program.store import ProgramState, UserStore
 from .engines import Engine, LocalEngine
 from .gepa import GepaAlignment
-from .persona import ACCEPTANCE, PersonaAlignment, Unaligned, VersionedTeleprompter
+from .persona import ACCEPTANCE, PersonaAlignment, Unaligned, VersionedTeleprompter, past_interaction
 from .tracking import MlflowObserver, Observer, Tracker, seconds_metrics, tracking_uri_or_default
 
 Optimizer = Literal["persona", "gepa", "none"]
@@ -163,11 +163,7 @@ def save(store: UserStore, user_id: str, task: TaskSpec, config: CompileConfig, 
 
 def examples(user: UserData) -> list[dspy.Example]:
     """The user's replayable interactions, oldest first, each replayed as of its own record."""
-    return [
-        dspy.Example(question=r.input, answer=r.output,
-                     as_of=Cutoff(r.metadata.get("memory_key"), r.timestamp)).with_inputs("question", "as_of")
-        for r in user.replays
-    ]
+    return [past_interaction(r.input, r.output, Cutoff(r.metadata.get("memory_key"), r.timestamp)) for r in user.replays]
 
 
 def _key(*parts: Any) -> str:

@@ -43,6 +43,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from ..program.agent import LM_WEIGHT, PersonaProgram, combine
 from ..program.lm import use_lm
+from ..program.memory import Cutoff
 from ..program.persona import Persona, PersonaVersion, gist
 from ..program.tools import PRIORS
 
@@ -139,6 +140,12 @@ def _best(task, answered: list[Answered], grid: list[tuple[float, dict[str, floa
         if best_key is None or key > best_key:
             best, best_key = (lm_weight, tool_weights), key
     return best
+
+
+def past_interaction(question: str, answer: str, as_of: Cutoff | None) -> dspy.Example:
+    """One past interaction as the teleprompter replays it: answered as of `as_of` (memory then
+    shows only what came before it), scored against the user's real `answer`."""
+    return dspy.Example(question=question, answer=answer, as_of=as_of).with_inputs("question", "as_of")
 
 
 class Acceptance(Protocol):
@@ -253,10 +260,10 @@ class PersonaAlignment(VersionedTeleprompter):
     """Aligns a `PersonaProgram`'s persona with its user from their past interactions.
 
     `compile(student, trainset=...)` takes the user's interactions, oldest first, as
-    `dspy.Example(question, answer[, as_of])` (`as_of`: a `Cutoff`, so memory shows only what came
-    before), and returns an aligned copy whose `alignment` lists every state tried (the one it started
-    from first) as unnumbered `PersonaVersion`s with their scores and feedback, and whose `timings`
-    say where the time went. `on_version` observes each version as it is made.
+    `past_interaction`s, and returns an aligned copy whose `alignment` lists every state tried
+    (the one it started from first) as unnumbered `PersonaVersion`s with their scores and
+    feedback, and whose `timings` say where the time went. `on_version` observes each version as
+    it is made.
     """
 
     def __init__(self, n_recent: int = 3, iterations: int = 1, acceptance: str = "validated",

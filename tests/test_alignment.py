@@ -1,10 +1,10 @@
 from dataclasses import replace
 
-import dspy
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.optimizers.persona import Answered, PersonaAlignment, Score, fit_weights, likelihood_may_break_a_tie
+from personaagent.optimizers.persona import (Answered, PersonaAlignment, Score, fit_weights, likelihood_may_break_a_tie,
+                                             past_interaction)
 from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Cutoff, Profile
 from personaagent.program.store import UserStore
@@ -32,8 +32,7 @@ def program(store):
 
 
 def _trainset(gold="2"):
-    return [dspy.Example(question=q, answer=gold, as_of=Cutoff(Interaction(q, "2", float(i)).key, float(i)))
-            .with_inputs("question", "as_of") for i, q in enumerate(QUESTIONS)]
+    return [past_interaction(q, gold, Cutoff(Interaction(q, "2", float(i)).key, float(i))) for i, q in enumerate(QUESTIONS)]
 
 
 def _reflection(summary="Alice is a strict reviewer who punishes late delivery.", **extra):
