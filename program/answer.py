@@ -28,6 +28,8 @@ from typing import Any, Callable, Protocol, get_args
 import dspy
 from dspy.utils.exceptions import AdapterParseError, LMError, LMUnexpectedError
 
+from .lm import CompactJSONAdapter
+
 Orderings = Callable[[dict[str, Any]], list[tuple[dict[str, Any], dict[str, str]]]]
 FLOOR = -30.0  # log-probability of a label the LM gave no score (not among its top alternatives)
 
@@ -159,7 +161,7 @@ class LabelPredict(dspy.Predict):
 
     def forward(self, **kwargs):
         lm, _config, signature, demos, inputs = self._forward_preprocess(**kwargs)
-        adapter = dspy.settings.adapter or dspy.JSONAdapter()
+        adapter = dspy.settings.adapter or CompactJSONAdapter()
         variants = self.orderings(inputs) if self.orderings else [(inputs, {})]
         scorer = label_scorer(lm)
         totals = dict.fromkeys(self.labels, 0.0)

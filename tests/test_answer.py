@@ -121,3 +121,16 @@ def test_a_choice_asked_in_both_orders_falls_back_to_generation_for_both():
     with use_lm(lm):
         pred = answer_module(CITATION, BASE_INSTRUCTION)(question=QUESTION, context="")
     assert pred.scoring == "generation" and pred.answer == "[2]"  # the same paper in both orders
+
+
+def test_the_labels_are_listed_before_the_question_and_not_repeated_after_it():
+    # What follows the question is evaluated on every call (no cached prefix reaches past it):
+    # the reminder there names the answer field without its labels.
+    task = LAMP_TASKS["LaMP-2N"]
+    lm = fake_lm({"answer": "politics"})
+    with use_lm(lm):
+        pred = answer_module(task, BASE_INSTRUCTION)(question="An article about the election.", context="(nothing)")
+    before, after = lm.engine.requests[-1].split("An article about the election.")
+    assert pred.answer == "politics"
+    assert all(label in before for label in task.labels)
+    assert "`answer`" in after and not any(f"'{label}'" in after for label in task.labels)

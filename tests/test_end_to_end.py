@@ -126,8 +126,37 @@ def test_label_scoring_on_the_real_engine_is_a_distribution_and_a_shared_prefix_
     assert first.scoring == "likelihood" and set(first.label_scores) == {"1", "2", "3", "4", "5"}
     assert abs(sum(first.label_scores.values()) - 1) < 1e-6 and all(0 < p < 1 for p in first.label_scores.values())
     assert first.answer == LAMP_TASKS["LaMP-3"].decide(first.label_scores)
-    # Resumed from the prefix the previous call left: the same distribution (up to float rounding).
-    assert again.label_scores == pytest.approx(first.label_scores, abs=0.02)
+    # Resumed from the prefix the previous call left: the same distribution.
+    assert again.label_scores == first.label_scores
+
+
+def test_a_prompt_is_scored_in_the_same_batches_and_to_the_same_scores_whatever_was_asked_before(small_model):
+    # llama.cpp's numbers for a token depend on the batch it is evaluated in (on the 1.5B model a
+    # prompt resumed from another's prefix scored up to 0.09 nats differently): a prompt must be
+    # evaluated in the same batches whether it is resumed or not.
+    system = "You answer as one user would. Their persona and the fields follow. " * 4
+    rate = "What is the score of the following review on a scale of 1 to 5? review: "
+    asked = [{"role": "system", "content": system}, {"role": "user", "content": rate + "Late, but works fine."}]
+    same_persona = [asked[0], {"role": "user", "content": rate + "Lovely tone."}]
+    other_persona = [{"role": "system", "content": "Another user's persona."}, asked[1]]
+    labels = [f'{{\n  "answer": "{rating}"\n}}' for rating in "12345"]
+    engine = LlamaCppEngine(SMALL)
+    batches, evaluate = [], engine._llama.eval
+    engine._llama.eval = lambda tokens: (batches.append((engine._llama.n_tokens, len(tokens))), evaluate(tokens))[1]
+    lm = dspy.LM(f"local/{SMALL}", engine=engine, cache=False, max_tokens=8)
+    try:
+        fresh, _ = engine.score(asked, labels)
+        fresh_batches = set(batches)
+        for before in ([same_persona], [asked], [other_persona], [same_persona, "generate"]):
+            for messages in before:
+                engine.score(messages, labels) if messages != "generate" else lm(messages=same_persona)
+            batches.clear()
+            scores, evaluated = engine.score(asked, labels)
+            assert scores == fresh and set(batches) <= fresh_batches, before
+            resumed = before in ([same_persona], [asked])  # from the shared system message, or all but the end
+            assert (evaluated < sum(size for _, size in fresh_batches)) == resumed, before
+    finally:
+        engine.close()
 
 
 def test_a_choice_between_candidates_does_not_depend_on_their_order_on_the_real_model(small_model):
@@ -136,10 +165,9 @@ def test_a_choice_between_candidates_does_not_depend_on_their_order_on_the_real_
         for title, a, b in PAIRS:
             listed = module(question=CITATION.format(title=title, a=a, b=b), context="(nothing)")
             swapped = module(question=CITATION.format(title=title, a=b, b=a), context="(nothing)")
-            # The same paper gets the same probability wherever it is listed (up to float rounding:
-            # the two orders resume from different prefixes), so the same paper is chosen unless
-            # the model cannot tell them apart.
-            assert swapped.label_scores["[2]"] == pytest.approx(listed.label_scores["[1]"], abs=0.02)
+            # The same paper gets the same probability wherever it is listed, so the same paper is
+            # chosen unless the model cannot tell them apart.
+            assert swapped.label_scores["[2]"] == pytest.approx(listed.label_scores["[1]"], abs=1e-9)
             if abs(listed.label_scores["[1]"] - 0.5) > 0.02:
                 assert {"[1]": b, "[2]": a}[swapped.answer] == {"[1]": a, "[2]": b}[listed.answer]
 
