@@ -116,11 +116,11 @@ class LlamaCppEngine:
     def score(self, messages: list[dict], continuations: list[str]) -> tuple[list[float], int]:
         """The log-probability of each continuation as the assistant's reply to `messages`, and
         the number of tokens evaluated. The prompt is evaluated once (resuming from a prefix
-        already in the context, at a batch start: see `_batch_starts`); the continuations are then scored as
-        a tree from that shared state: at every token where they part, by the LM's distribution
-        there. What follows the last parting is taken as given (a label's later tokens are its
-        spelling), so a label is not penalized for being spelled in more tokens, and most label
-        sets need no decoding beyond the prompt."""
+        already in the context, at a batch start: see `_batch_starts`); the continuations are
+        then scored as a tree from that shared state: at every token where they part, by the LM's
+        distribution there. What follows the last parting is taken as given (a label's later
+        tokens are its spelling), so a label is not penalized for being spelled in more tokens,
+        and most label sets need no decoding beyond the prompt."""
         llama = self._llama
         prompt = self._chat(messages=messages).prompt
         full = [llama.tokenize((prompt + c).encode(), add_bos=False, special=True) for c in continuations]
@@ -326,8 +326,9 @@ class CompactJSONAdapter(dspy.JSONAdapter):
 
 
 def use_lm(lm: dspy.LM):
-    """Run DSPy calls on `lm` with the (compact) JSON adapter: with a schema-aware engine the output is
-    grammar-constrained, so even small models answer in the declared types at one call each."""
+    """Run DSPy calls on `lm` with the (compact) JSON adapter: with a schema-aware engine the
+    output is grammar-constrained, so even small models answer in the declared types at one call
+    each."""
     return dspy.context(lm=lm, adapter=CompactJSONAdapter())
 
 

@@ -132,7 +132,7 @@ def test_label_scoring_on_the_real_engine_is_a_distribution_and_a_shared_prefix_
 
 def test_a_prompt_is_scored_in_the_same_batches_and_to_the_same_scores_whatever_was_asked_before(small_model):
     # llama.cpp's numbers for a token depend on the batch it is evaluated in (on the 1.5B model a
-    # prompt resumed from another's prefix scored up to 0.09 nats differently): a prompt must be
+    # prompt resumed from another's prefix scored up to 0.12 apart in log-probability): a prompt must be
     # evaluated in the same batches whether it is resumed or not.
     system = "You answer as one user would. Their persona and the fields follow. " * 4
     rate = "What is the score of the following review on a scale of 1 to 5? review: "
