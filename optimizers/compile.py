@@ -233,11 +233,13 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
     try:
         with store.lock(user.user_id):
             keys = stage_keys(config, task, user)
-            if all(store.stage_log(user.user_id).get(name, {}).get("key") == key for name, key in keys.items()):
-                previous = store.load_state(user.user_id)
-                if previous is not None:
-                    return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions],
-                                      score_after=previous.current.score)
+            previous = store.load_state(user.user_id)
+            # Saved from these inputs: the program names its save key, as a kill between writing
+            # the program and logging its stage leaves only the program to say so.
+            if previous is not None and (previous.compile_key == keys["save"] or all(
+                    store.stage_log(user.user_id).get(name, {}).get("key") == key for name, key in keys.items())):
+                return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions],
+                                  score_after=previous.current.score)
             if not tracking_uri:
                 return _compile(store, task, user, config, keys, lm, Observer())
             tracker = Tracker(tracking_uri, "personaagent-compile", autolog=True)

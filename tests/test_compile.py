@@ -114,6 +114,24 @@ def test_a_rerun_resumes_at_the_first_stage_whose_inputs_changed(tmp_path, data,
     again = compile_users(varied, store, CompileConfig(validation=1), tracking_uri=uri, progress=False, lm=fake_lm(fail=True))
     assert again.counts["skipped"] == 1 and UserStore(store).load_state(VARIED).versions == after
 
+    # Killed after the program was saved but before its stage was logged: the program names the
+    # inputs it was saved from, so the rerun skips, and nothing is recorded twice.
+    log_stages = UserStore.save_stage_log
+
+    def killed_after_saving(self, user_id, log):
+        if log.get("save", {}).get("key") == log["align"]["key"]:
+            raise KeyboardInterrupt
+        log_stages(self, user_id, log)
+
+    monkeypatch.setattr(UserStore, "save_stage_log", killed_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        compile_users(varied, store, CompileConfig(validation=3), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))
+    monkeypatch.undo()
+    saved = UserStore(store).load_state(VARIED).versions
+    assert len(saved) > len(after)
+    rerun = compile_users(varied, store, CompileConfig(validation=3), tracking_uri=uri, progress=False, lm=fake_lm(fail=True))
+    assert rerun.counts["skipped"] == 1 and UserStore(store).load_state(VARIED).versions == saved
+
 
 def test_a_failing_lm_fails_users_without_stopping_the_run_or_losing_the_last_persona(tmp_path, data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
