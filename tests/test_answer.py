@@ -116,6 +116,23 @@ def test_the_candidate_tool_says_the_same_whichever_order_the_question_lists_the
     store.close()
 
 
+def test_a_new_authors_choice_is_asked_from_the_question_alone_with_the_comparison_as_evidence(tmp_path, embedder):
+    # A small model follows a word-overlap comparison it is shown, so a new persona is not shown
+    # it: the comparison is evidence, weighed only once alignment has fitted its weight.
+    from personaagent.data.tasks import Interaction
+    from personaagent.program.store import UserStore
+
+    store = UserStore(tmp_path, embedder)
+    store.memory("ann").add([Interaction("title: Neural parsing of trees", "Neural parsing; Tree kernels", 1.0)])
+    lm = fake_lm({"answer": _prefers("A survey of cooking")})
+    with use_lm(lm):
+        pred = store.build("ann", CITATION)(question=QUESTION)
+    assert pred.context == "" and not any("share of its words" in r for r in lm.engine.requests)
+    assert pred.answer == "[1]"  # the LM's choice: the comparison has no weight yet
+    assert pred.evidence["compare_candidates"]["[2]"] > pred.evidence["compare_candidates"]["[1]"]
+    store.close()
+
+
 def test_a_choice_asked_in_both_orders_falls_back_to_generation_for_both():
     lm = dspy.LM("fake/plain", engine=GeneratingEngine({"answer": _prefers("Neural parsing")}), cache=False)
     with use_lm(lm):
