@@ -150,10 +150,8 @@ def align(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfi
 
 def save(store: UserStore, user_id: str, task: TaskSpec, config: CompileConfig, previous: ProgramState | None,
          aligned: Aligned, key: str, observer: Observer) -> ProgramState:
-    """The aligned versions recorded into the user's history and saved. Saved under `key`, so a
-    rerun after a crash between this save and the stage log does not record them twice."""
-    if previous is not None and previous.compile_key == key:
-        return previous
+    """The aligned versions recorded into the user's history and saved under `key` (a rerun with
+    the same key skips the user, so they are never recorded twice)."""
     state = ProgramState.continuing(previous, user_id, task_to_dict(task), config.lm, key)
     added = state.record(aligned.versions, trigger="compile")
     store.save_state(state)
@@ -234,10 +232,9 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
         with store.lock(user.user_id):
             keys = stage_keys(config, task, user)
             previous = store.load_state(user.user_id)
-            # Saved from these inputs: the program names its save key, as a kill between writing
-            # the program and logging its stage leaves only the program to say so.
-            if previous is not None and (previous.compile_key == keys["save"] or all(
-                    store.stage_log(user.user_id).get(name, {}).get("key") == key for name, key in keys.items())):
+            # The program names the key it was saved under: the one truth of what it was compiled
+            # from, even when a kill came between writing it and logging its stage.
+            if previous is not None and previous.compile_key == keys["save"]:
                 return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions],
                                   score_after=previous.current.score)
             if not tracking_uri:
