@@ -44,12 +44,22 @@ def _lm_kwargs(args) -> dict:
 
 def cmd_models(args) -> int:
     from ..program import models
+    from ..program.isolated import EngineSelfTestFailed, build_features, self_test
+    from ..program.native_build import installed_build
 
     if args.action == "prepare":
-        path = models.prepare(args.name or models.DEFAULT_MODEL)
-        print(f"{args.name or models.DEFAULT_MODEL}: ready, {path.stat().st_size / 1e6:.0f} MB at {path}")
+        name = args.name or models.DEFAULT_MODEL
+        path = models.prepare(name)
+        try:
+            self_test(name)  # one real decode in a child process: a build that crashes here cannot serve
+        except EngineSelfTestFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{name}: ready (self-test passed), {path.stat().st_size / 1e6:.0f} MB at {path}")
         return 0
     print(f"cache: {models.cache_dir()} (set {models.CACHE_ENV} to move it)")
+    print(f"engine: llama.cpp built for {installed_build().get('tag') or 'an unrecorded CPU'}; "
+          f"instruction sets in use: {build_features()}")
     for name, model in models.MODELS.items():
         default = " (default)" if name == models.DEFAULT_MODEL else ""
         state = "ready" if models.is_ready(name) else "not prepared"
@@ -255,7 +265,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list the embedded models, or prepare one", description="List the embedded models and whether each is ready; `prepare [NAME]` installs, joins and verifies one.")
+    p = sub.add_parser("models", help="list the embedded models, or prepare one", description="List the embedded models and whether each is ready; `prepare [NAME]` installs, joins and verifies one, then runs one decode of it in a child process (a self-test: a crash there is reported as one line, exit status 2).")
     p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     p.add_argument("name", nargs="?", help="model name, e.g. qwen2.5-coder-1.5b (default)")
     p.set_defaults(func=cmd_models)

@@ -165,6 +165,8 @@ class Health(BaseModel):
     status: str = Field(description="ok, or not ready")
     reason: str | None = Field(None, description="why the service is not ready")
     lm: str
+    engine: str | None = Field(None, description="the embedded LM engine: ready, restarting (after a crash: "
+                                                  "answers get 503 until it is back) or failed; none for a served LM")
     loaded_programs: int
     queued_answers: int
     alignments_queued: int
@@ -290,6 +292,7 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
         reason = service.not_ready()
         alignments = service.alignments()
         health = Health(status="not ready" if reason else "ok", reason=reason, lm=service.lm.model,
+                        engine=service.engine_state,
                         loaded_programs=service.loaded, queued_answers=service.queued,
                         alignments_queued=alignments["queued"], alignments_running=alignments["running"])
         return JSONResponse(health.model_dump(), 503 if reason else 200)

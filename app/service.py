@@ -193,6 +193,12 @@ class PersonaService:
             self._readiness = (time.monotonic(), reason)
         return reason
 
+    @property
+    def engine_state(self) -> str | None:
+        """The embedded engine's state (`ready`, `restarting` after a crash, `failed`); None for a
+        served LM. Users' other endpoints keep working whatever it is."""
+        return getattr(self.lm.engine, "state", None)
+
     def _require_ready(self) -> None:
         reason = self.not_ready()
         if reason:

@@ -18,8 +18,9 @@ Users are the first N of the file (deterministic). Each (method, user) result is
 it exists, so a run can be resumed, and runs over different users or methods can share one output
 directory: each writes its summary under its own `name` (`<name>.json`, `<name>.md`, `<name>.png`,
 `<name>-alignment.png`; "results" by default) and logs one MLflow run per method. Each headline
-metric comes with a 95% bootstrap interval over the questions, and each method's difference to
-PersonaAgent with a paired one: with one question per user, they say how far a ranking can be trusted.
+metric comes with a 95% bootstrap interval over the users (each drawn with all of its questions),
+and each method's difference to PersonaAgent with a paired one: they say how far a ranking can be
+trusted.
 """
 
 from __future__ import annotations
@@ -77,20 +78,22 @@ def _past_answers(task: TaskSpec, user: UserData) -> list[str]:
 
 
 class Evaluation:
-    def __init__(self, data: TaskData, out: Path, lm_spec: str, config: CompileConfig, questions_per_user: int):
+    def __init__(self, data: TaskData, out: Path, lm_spec: str, config: CompileConfig, questions_per_user: int | None):
         self.data, self.out, self.lm_spec, self.config = data, out, lm_spec, config
         self.questions_per_user = questions_per_user
         self.lm = None
 
     def _lm(self):
         if self.lm is None:
-            # Cached: benchmark data is never forgotten, and a resumed run reuses what it generated.
-            self.lm = make_lm(self.lm_spec, cache=True)
+            # Uncached, so every answer's cost is what a fresh run spends (a cached answer would count
+            # as 0 calls and 0 s); a resumed run reuses the per-user results written as they finish.
+            self.lm = make_lm(self.lm_spec)
         return self.lm
 
     def questions(self, user: UserData):
-        # The user's latest questions: what they were asked after everything in their history.
-        return user.questions[-self.questions_per_user:]
+        # The user's latest questions (all of them when `questions_per_user` is None): what they
+        # were asked after everything in their history.
+        return user.questions[-self.questions_per_user:] if self.questions_per_user else user.questions
 
     def raw_path(self, method: str, user_id: str) -> Path:
         return self.out / "raw" / method / f"{user_id}.json"
@@ -204,17 +207,21 @@ def _headline(task: TaskSpec, answers: dict, keys: list) -> float | None:
 
 def bootstrap_interval(task: TaskSpec, rows: list[dict], reference: list[dict] | None = None,
                        rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> list[float] | None:
-    """95% percentile interval of the headline metric over the questions resampled with replacement
-    (seeded, so a summary is reproducible); with `reference` (another method's rows), of the paired
-    difference, this method minus the reference, on the questions both answered. With one question
-    per user and a few dozen users, it says which differences a different draw of users could undo."""
+    """95% percentile interval of the headline metric with the users resampled with replacement
+    (each drawn user brings all of their questions: one user's answers are not independent of
+    each other); seeded, so a summary is reproducible. With `reference` (another method's rows),
+    of the paired difference, this method minus the reference, on the questions both answered."""
     mine, theirs, keys = _paired(rows, reference)
     if not keys:
         return None
+    by_user: dict[str, list] = {}
+    for key in keys:
+        by_user.setdefault(key[0], []).append(key)
+    users = list(by_user)
     rng = random.Random(seed)
     values = []
     for _ in range(rounds):
-        sample = rng.choices(keys, k=len(keys))
+        sample = [key for user in rng.choices(users, k=len(users)) for key in by_user[user]]
         values.append(_headline(task, mine, sample) - (_headline(task, theirs, sample) if theirs is not None else 0.0))
     values.sort()
     return [values[int(0.025 * rounds)], values[int(0.975 * rounds) - 1]]
@@ -300,7 +307,7 @@ def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
 
 
 def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | None = None, users: int | None = 30,
-             lm: str = DEFAULT_LM, questions_per_user: int = 1, config: CompileConfig | None = None,
+             lm: str = DEFAULT_LM, questions_per_user: int | None = 1, config: CompileConfig | None = None,
              tracking_uri: str | None = None, name: str = "results") -> list[dict]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -322,7 +329,7 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
         summaries.append(summary)
         with mlflow.start_run(run_name=f"{data.task.name} {method}", tags={"task": data.task.name, "method": method}):
             mlflow.log_params({"data": data.source, "users": len(data.users), "lm": lm, "method": method,
-                               "questions_per_user": questions_per_user})
+                               "questions_per_user": questions_per_user or "all"})
             mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         headline = METRICS[data.task.kind][0]
         print(f"{method}: {headline}={_number(summary[headline], '.3f')} "
@@ -330,7 +337,7 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
     compare_to_reference(data.task, summaries, rows_by_method)
     table = markdown_table(data.task, summaries)
     (out / f"{name}.json").write_text(json.dumps({"task": data.task.name, "data": data.source, "lm": lm,
-                                                  "users": len(data.users), "questions_per_user": questions_per_user,
+                                                  "users": len(data.users), "questions_per_user": questions_per_user or "all",
                                                   "methods": summaries}, indent=1))
     (out / f"{name}.md").write_text(f"# {data.task.name} ({len(data.users)} users, {lm})\n\n{table}\n")
     plot(data.task, summaries, out, name)
@@ -343,11 +350,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default=None)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--users", type=int, default=30)
-    parser.add_argument("--questions-per-user", type=int, default=1, help="each user's latest questions")
+    parser.add_argument("--questions-per-user", type=_questions_per_user, default=1,
+                        help="each user's latest N questions, or 'all'")
     parser.add_argument("--out", required=True, help="results directory (resumable)")
     parser.add_argument("--gepa-budget", type=int, default=15)
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--name", default="results", help="file name of this run's summary in --out")
+
+
+def _questions_per_user(value: str) -> int | None:
+    """An argument: a positive count, or 'all' (None)."""
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', not {value!r}")
+    return int(value)
 
 
 def run(args, lm: str) -> int:

@@ -76,7 +76,7 @@ OPTIMIZERS: dict[str, Callable[[CompileConfig, dspy.LM, Observer], VersionedTele
         config.n_recent, config.iterations, config.acceptance, reflection_lm, config.validation,
         config.max_lm_calls, on_version=observer.version),
     "gepa": lambda config, reflection_lm, observer: GepaAlignment(
-        reflection_lm, config.gepa_budget, config.n_recent, on_version=observer.version),
+        reflection_lm, config.gepa_budget, config.n_recent, config.validation, on_version=observer.version),
     "none": lambda config, reflection_lm, observer: Unaligned(on_version=observer.version),
 }
 

@@ -24,21 +24,26 @@ def feedback_metric(task: TaskSpec):
 
 
 class GepaAlignment(VersionedTeleprompter):
-    """`dspy.GEPA` on the user's latest `n_recent` interactions, emitting the versions it ran like
+    """`dspy.GEPA` learning from the user's latest `n_recent` interactions and validating on the
+    `validation` interactions before them, the split `PersonaAlignment` uses (on the replays
+    themselves only when the user has nothing earlier); it emits the versions it ran like
     `PersonaAlignment`: the starting state, then GEPA's program (its instructions, unscored here)."""
 
-    def __init__(self, reflection_lm: dspy.LM, max_metric_calls: int = 15, n_recent: int = 3, seed: int = 0,
-                 on_version: Callable[[PersonaVersion], None] | None = None):
+    def __init__(self, reflection_lm: dspy.LM, max_metric_calls: int = 15, n_recent: int = 3, validation: int = 3,
+                 seed: int = 0, on_version: Callable[[PersonaVersion], None] | None = None):
         self.reflection_lm, self.max_metric_calls, self.n_recent, self.seed = reflection_lm, max_metric_calls, n_recent, seed
+        self.validation = validation
         self.on_version = on_version
 
     def compile(self, student, *, trainset: list[dspy.Example], **_):
         versions = [self._emit(student.snapshot(note="initial persona"))]
         recent = trainset[-self.n_recent:]
+        earlier = trainset[:len(trainset) - len(recent)]
+        window = earlier[len(earlier) - min(self.validation, len(earlier)):]
         gepa = dspy.GEPA(metric=feedback_metric(student.task), reflection_lm=self.reflection_lm,
                          max_metric_calls=self.max_metric_calls, reflection_minibatch_size=3, track_stats=False,
                          seed=self.seed)
-        aligned = gepa.compile(student, trainset=recent, valset=recent)
+        aligned = gepa.compile(student, trainset=recent, valset=window or recent)
         versions.append(self._emit(aligned.snapshot(note="gepa")))
         aligned.alignment = versions
         return aligned

@@ -23,6 +23,7 @@ from llama_cpp import LLAMA_TOKEN_ATTR_CONTROL, Llama, LlamaRAMCache
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from . import models
+from .isolated import IsolatedEngine
 
 LOCAL_PREFIX = "local/"
 FAKE_LM = "testing/fake"  # the fake LM by name, for processes that cannot be handed an LM object
@@ -209,6 +210,11 @@ class LlamaCppEngine:
             out.setdefault("maxItems", self.max_items)
         return out
 
+    def self_test(self, prompt: str) -> str:
+        """One real decode: a build that cannot run on this CPU dies in its first matrix products."""
+        return _text(self._generate({"messages": [{"role": "user", "content": prompt}], "max_tokens": 2,
+                                     "temperature": 0.0}))
+
     def stream(self, request):
         return response_to_events(self.complete(request))
 
@@ -265,23 +271,23 @@ def _valid_json(text: str, schema: dict | None) -> bool:
     return True
 
 
-_engines: dict[str, LlamaCppEngine] = {}
+_engines: dict[str, IsolatedEngine] = {}
 _engines_lock = threading.Lock()
 
 
 @atexit.register
 def _close_engines() -> None:
-    # Freed explicitly: llama.cpp's finalizer fails when it runs during interpreter shutdown.
     for engine in _engines.values():
         engine.close()
     _engines.clear()
 
 
-def local_engine(model_name: str) -> LlamaCppEngine:
-    """One engine per embedded model per process: loading weights twice only wastes memory."""
+def local_engine(model_name: str) -> IsolatedEngine:
+    """One engine per embedded model per process (loading weights twice only wastes memory), in a
+    child process of its own, so a native crash fails only the calls it held (`program.isolated`)."""
     with _engines_lock:
         if model_name not in _engines:
-            _engines[model_name] = LlamaCppEngine(model_name)
+            _engines[model_name] = IsolatedEngine(model_name)
         return _engines[model_name]
 
 

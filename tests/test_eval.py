@@ -1,8 +1,10 @@
 import json
 
 import dspy
+import pytest
 
-from personaagent.data.loaders import TaskData, UserData
+from personaagent.data import SAMPLE_DIR
+from personaagent.data.loaders import TaskData, UserData, load
 from personaagent.data.tasks import LAMP_TASKS, Interaction
 from personaagent.experiments.eval import (Evaluation, bootstrap_interval, compare_to_reference, markdown_table, plot,
                                            summarize)
@@ -137,3 +139,26 @@ def test_the_retrieval_benchmark_scores_each_search_on_the_users_own_history(tmp
     assert result["interactions"] == 6 and len(guesses) == 7 and "subject / hybrid" in guesses
     assert all(0.0 <= accuracy <= 1.0 for accuracy in guesses.values())
     assert (tmp_path / "LaMP-2N-huffpost.png").stat().st_size > 0
+
+
+def test_intervals_resample_users_not_questions():
+    """Two users, ten questions each, one always right and one always wrong: resampling questions
+    would give a narrow interval around 0.5; resampling users can draw either user twice."""
+    task = LAMP_TASKS["LaMP-1"]
+    rows = [{"user_id": user, "answers": [{"id": f"{user}{i}", "pred": "[1]" if right else "[2]", "gold": "[1]",
+                                           "lm_calls": 1, "tokens": 1, "seconds": 0.1} for i in range(10)]}
+            for user, right in (("a", True), ("b", False))]
+    assert bootstrap_interval(task, rows) == [0.0, 1.0]
+
+
+def test_questions_per_user_all_answers_every_question(tmp_path):
+    from personaagent.experiments.eval import _questions_per_user
+
+    data = load(SAMPLE_DIR / "LaMP-2N-huffpost").select(1)
+    user = next(iter(data.users.values()))
+    assert len(user.questions) > 1
+    assert Evaluation(data, tmp_path, "local/none", CompileConfig(), None).questions(user) == user.questions
+    assert Evaluation(data, tmp_path, "local/none", CompileConfig(), 1).questions(user) == user.questions[-1:]
+    assert _questions_per_user("all") is None and _questions_per_user("2") == 2
+    with pytest.raises(Exception, match="positive number or 'all'"):
+        _questions_per_user("0")

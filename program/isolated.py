@@ -1,0 +1,234 @@
+"""The embedded engine in a child process, so a native crash of llama.cpp never takes its caller down.
+
+`IsolatedEngine` has the engine interface of `LlamaCppEngine` (`complete`, `score`, `stream`,
+`close`) and forwards each call over a pipe to a child process that owns the llama.cpp context.
+When the child dies (a segmentation fault, an illegal instruction, an abort), the call that was
+running fails with `EngineCrashed` (DSPy reports it as an LM error: the service answers 503 with
+`Retry-After`, a compile reports that user and goes on), a fresh child starts at once in the
+background, and the next call waits for it. `state` says which: `ready`, `restarting`, `failed`.
+
+Every child proves itself before it serves: it loads the model and runs one real decode
+(`SELF_TEST_PROMPT`). A child that dies there fails with `EngineSelfTestFailed`, whose message is
+one line: what failed, the CPU's relevant flags, the build's instruction sets, what to do.
+`personaagent models prepare` runs that self-test.
+
+The child ignores SIGINT and SIGTERM (its parent decides when it stops) and prints no Python fault
+dump: a crash is reported once, by the parent.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+from .native_build import RELEVANT_FLAGS, cpu_flags, installed_build
+
+SELF_TEST_PROMPT = "Reply with one word: ready?"
+# For tests of crash isolation only: a child whose request contains this text aborts, as a native
+# crash in llama.cpp would (read when the child starts).
+ABORT_ON_ENV = "PERSONAAGENT_ENGINE_ABORT_ON"
+START_TIMEOUT = 600.0  # seconds for a child to load its model and pass its self-test (a busy 2-core machine)
+
+
+class EngineCrashed(RuntimeError):
+    """The engine's process died while it held this call."""
+
+
+class EngineSelfTestFailed(EngineCrashed):
+    """A new engine died before it answered its first decode: this build cannot run here."""
+
+
+def signal_name(exitcode: int | None) -> str:
+    if exitcode is None or exitcode >= 0:
+        return f"exit status {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+    return {"SIGILL": "SIGILL, an illegal instruction", "SIGSEGV": "SIGSEGV, a segmentation fault",
+            "SIGABRT": "SIGABRT, an abort"}.get(name, name)
+
+
+def build_features() -> str:
+    """The instruction sets the installed llama.cpp was compiled with, as it reports them (`=1` only)."""
+    import llama_cpp  # loading the library runs none of its kernels
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    enabled = [part.split("=")[0].split(":")[-1].strip() for part in info.split("|") if part.strip().endswith("= 1")]
+    return " ".join(enabled) or info.strip()
+
+
+def crash_report(model_name: str, exitcode: int | None) -> str:
+    """The one line a failed self-test prints."""
+    flags = cpu_flags()
+    relevant = " ".join(f for f in RELEVANT_FLAGS if f in flags) or "none reported"
+    build = installed_build().get("tag") or "not built by program/native_build.py"
+    return (f"the embedded model {model_name} crashed in its self-test ({signal_name(exitcode)}); "
+            f"CPU flags: {relevant}; llama.cpp build: {build} ({build_features()}); "
+            f"rebuild it for this CPU with `make engine` (or `python program/native_build.py install`), "
+            f"or use a served LM with --lm openai/<model> --api-base URL")
+
+
+def _serve(conn: Connection, model_name: str, options: dict) -> None:
+    """The child (`python -m personaagent.program.isolated FD MODEL OPTIONS`: a fresh interpreter,
+    which re-runs none of its parent's script): load the model, decode once, then answer requests
+    until told to close."""
+    faulthandler.disable()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    abort_on = os.environ.get(ABORT_ON_ENV)
+
+    def crash_if_asked(payload) -> None:
+        if abort_on and abort_on in repr(payload):
+            os.abort()
+
+    from .lm import LlamaCppEngine
+
+    engine = LlamaCppEngine(model_name, **options)
+    crash_if_asked(SELF_TEST_PROMPT)
+    engine.self_test(SELF_TEST_PROMPT)
+    conn.send(("ready", None))
+    while True:
+        try:
+            method, args = conn.recv()
+        except EOFError:  # the parent is gone
+            break
+        if method == "close":
+            break
+        crash_if_asked(args)
+        try:
+            conn.send(("ok", getattr(engine, method)(*args)))
+        except Exception as exc:  # an ordinary error is the caller's, as it would be in-process
+            try:
+                conn.send(("error", exc))
+            except Exception:  # not picklable: its text is enough
+                conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+    engine.close()
+
+
+class IsolatedEngine:
+    """A `LlamaCppEngine` in a child process (see the module docstring). Calls are serialized: the
+    child holds one llama.cpp context, which is not thread-safe."""
+
+    supports_response_schema = True
+    supported_params = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed", "response_format"})
+
+    def __init__(self, model_name: str, **options):
+        self.model_name, self.options = model_name, options
+        self._lock = threading.Lock()
+        self._restarted = threading.Event()
+        self._conn: Connection | None = None
+        self._process = None
+        self.crashes = 0
+        self.state = "starting"
+        self.last_crash = ""
+        self._start()
+
+    def _start(self) -> None:
+        """A new child, ready once it has passed its self-test; raises `EngineSelfTestFailed` if it died."""
+        ours, theirs = socket.socketpair()
+        process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno()), self.model_name,
+                                    json.dumps(self.options)], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()  # only the child holds its end: its death ends our reads
+        conn = Connection(ours.detach())
+        try:
+            if not conn.poll(START_TIMEOUT):
+                process.kill()
+                raise EngineSelfTestFailed(f"the embedded model {self.model_name} did not start within "
+                                           f"{START_TIMEOUT:g} s")
+            conn.recv()
+        except (EOFError, ConnectionResetError):
+            conn.close()
+            self.state = "failed"
+            raise EngineSelfTestFailed(crash_report(self.model_name, process.wait(10))) from None
+        self._conn, self._process, self.state = conn, process, "ready"
+
+    def _restart_in_background(self) -> None:
+        def restart() -> None:
+            try:
+                self._start()
+            except EngineCrashed as exc:
+                self.last_crash = str(exc)
+            finally:
+                self._restarted.set()
+
+        self._restarted.clear()
+        self.state = "restarting"
+        threading.Thread(target=restart, name="personaagent-engine-restart", daemon=True).start()
+
+    def _call(self, method: str, *args):
+        with self._lock:
+            if self.state == "restarting":
+                self._restarted.wait()
+            if self._conn is None:  # the restart failed, or the engine was closed: start one now
+                self._start()
+            conn, process = self._conn, self._process
+            try:
+                conn.send((method, args))
+                status, value = conn.recv()
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                exitcode = process.wait(10)
+                conn.close()
+                if self.state == "closed":  # `close` stopped it: no restart
+                    raise EngineCrashed(f"the LM engine ({self.model_name}) was closed during the call") from None
+                self.crashes += 1
+                self.last_crash = f"the LM engine ({self.model_name}) crashed: {signal_name(exitcode)}"
+                self._conn = self._process = None
+                self._restart_in_background()
+                raise EngineCrashed(self.last_crash) from None
+        if status == "error":
+            raise value
+        return value
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def complete(self, request):
+        return self._call("complete", request)
+
+    def score(self, messages: list[dict], continuations: list[str]) -> tuple[list[float], int]:
+        return self._call("score", messages, continuations)
+
+    def stream(self, request):
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        """Stop the child: at once if it is busy (a running answer is cancelled), else when it has closed."""
+        process, conn = self._process, self._conn
+        self._conn = self._process = None
+        self.state = "closed"
+        if process is None:
+            return
+        if self._lock.acquire(blocking=False):
+            try:
+                conn.send(("close", ()))
+                process.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            finally:
+                self._lock.release()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        conn.close()
+
+
+def self_test(model_name: str) -> None:
+    """Start the model's engine in a child process, decode once, and stop it; raises
+    `EngineSelfTestFailed` with one line if the child dies."""
+    IsolatedEngine(model_name).close()
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])), sys.argv[2], json.loads(sys.argv[3]))
+
