@@ -7,7 +7,9 @@ costs per answer.
 - generation tokens/s: 32 tokens decoded greedily after a short prompt;
 - one answer's p50: a LaMP-3 sample question answered from label likelihoods (`LabelPredict`, one
   pass over the prompt), in this process (`LlamaCppEngine`) and through the child process that
-  serves and restarts (`IsolatedEngine`), on the same questions, each asked once cold and then again.
+  serves and restarts (`IsolatedEngine`), on the same questions, each asked once cold and then again;
+- the isolation's own cost: the p50 of scoring one short prompt again (its prefix reused, so
+  llama.cpp does almost nothing) on each engine; the difference is the pipe and pickling.
   The fake LM answers in-process with no engine, so isolation costs it nothing.
 
 Each row names the CPU's relevant flags and the llama.cpp build in use. Run it alone on the machine
@@ -73,6 +75,19 @@ def answer_seconds(engine, model: str, questions: list[str]) -> list[float]:
     return seconds
 
 
+def repeated_score_seconds(engine, repeats: int = 20) -> float:
+    """p50 seconds of scoring the same short prompt again (its prefix reused: almost no llama.cpp
+    work), so the difference between engines is the cost of the call itself."""
+    messages = [{"role": "user", "content": "Rate this review from 1 to 5: great strings."}]
+    engine.score(messages, ["1", "5"])
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.score(messages, ["1", "5"])
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -84,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = LlamaCppEngine(args.model)
     prompt_tps, generation_tps = prompt_speed(engine), generation_speed(engine)
     in_process = answer_seconds(engine, args.model, questions)
+    call_in_process = repeated_score_seconds(engine)
     engine.close()
     started = time.perf_counter()
     isolated_engine = IsolatedEngine(args.model)
     start_seconds = time.perf_counter() - started  # spawn, load, self-test: what a restart costs
     isolated = answer_seconds(isolated_engine, args.model, questions)
+    call_isolated = repeated_score_seconds(isolated_engine)
     isolated_engine.close()
 
     flags = cpu_flags()
@@ -99,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         "generation_tokens_per_s": round(generation_tps, 1),
         "answer_p50_s_in_process": round(statistics.median(in_process), 3),
         "answer_p50_s_isolated": round(statistics.median(isolated), 3),
-        "isolation_cost_ms_per_answer": round(1000 * (statistics.median(isolated) - statistics.median(in_process)), 1),
+        "repeated_score_p50_ms_in_process": round(1000 * call_in_process, 2),
+        "repeated_score_p50_ms_isolated": round(1000 * call_isolated, 2),
+        "isolation_cost_ms_per_call": round(1000 * (call_isolated - call_in_process), 2),
         "engine_start_s": round(start_seconds, 2), "answers": len(in_process),
         "command": "python -m personaagent.experiments.bench_engine " + " ".join(argv or sys.argv[1:]),
     }
