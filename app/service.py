@@ -40,6 +40,7 @@ from dspy.utils.exceptions import AdapterParseError, LMError
 
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
 from ..optimizers.persona import PersonaAlignment, past_interaction
+from ..optimizers.population import PopulationModel
 from ..optimizers.tracking import MlflowObserver, Observer, Tracker, forget_user, seconds_metrics
 from ..program.agent import PersonaProgram
 from ..program.lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
@@ -455,6 +456,15 @@ class PersonaService:
         self._align_queue.put((job, teleprompter, deletions))
         return job
 
+    def _population_prior(self, user_id: str) -> dict:
+        """What the store's population model (if a compile fitted one) gives an alignment of this
+        user: the fold fitted without them, and how strongly their evidence is pulled toward it."""
+        saved = self.store.load_population()
+        if saved is None:
+            return {}
+        model = PopulationModel.from_dict(saved["model"])
+        return {"population": model.prior_for(user_id), "strength": model.strength}
+
     def job(self, user_id: str, job_id: str) -> AlignJob:
         job = self._jobs.get(job_id)
         if job is None or job.user_id != user_id:
@@ -479,7 +489,7 @@ class PersonaService:
             teleprompter.on_version = observer.version
             with (tracker.run(f"align {job.user_id}", {"user_id": job.user_id, "trigger": job.trigger})
                   if tracker else contextlib.nullcontext()), use_lm(self.lm), dspy.context(disable_history=True):
-                aligned = teleprompter.compile(program, trainset=examples)
+                aligned = teleprompter.compile(program, trainset=examples, **self._population_prior(job.user_id))
                 # The store's lock first (a compile in another process may hold it for minutes), then
                 # this process's: appends of the user wait only for the save itself.
                 with self.store.lock(job.user_id, create=False), self._user_lock(job.user_id):

@@ -237,8 +237,49 @@ class TaskSpec:
                 return f"{len(outputs)} past items, none answered with one of this task's labels."
             dist = ", ".join(f"{label}: {c}" for label, c in Counter(labelled).most_common(8))
             return f"{len(labelled)} past answers; most frequent: {dist}."
-        lengths = [len(_tokens(o)) for o in outputs]
-        return f"{len(outputs)} past texts, {sum(lengths) / len(lengths):.0f} words on average."
+        styles = [text_style(o) for o in outputs]
+        lengths = sorted(st["words"] for st in styles)
+        share = lambda key: f"{sum(bool(st[key]) for st in styles) / len(styles):.0%}"  # noqa: E731
+        casings = Counter(st["casing"] for st in styles).most_common()
+        return (f"{len(outputs)} past texts: median {lengths[len(lengths) // 2]} words (from {lengths[0]} to "
+                f"{lengths[-1]}); casing: " + ", ".join(f"{c} {n / len(styles):.0%}" for c, n in casings)
+                + f"; with a colon {share('colon')}, a question mark {share('question')}, quotes {share('quotes')}, "
+                f"digits {share('digits')}.")
+
+
+# ---------------------------------------------------------------- style of generated text
+
+QUOTES = "'\"\u2018\u2019\u201c\u201d"
+MARKS = {"colon": "colon", "question": "question mark", "quotes": "quotes", "digits": "digits"}
+
+
+def text_style(text: str) -> dict:
+    """What a headline's form shows: its length in words, casing and punctuation."""
+    words = [w for w in str(text).split() if w[:1].isalpha()]
+    capitalized = sum(w[:1].isupper() for w in words) / len(words) if words else 0.0
+    casing = ("all caps" if words and all(w.isupper() for w in words) else "Title Case" if capitalized >= 0.6
+              else "sentence case")
+    return {"words": len(str(text).split()), "casing": casing, "colon": ":" in text, "question": "?" in text,
+            "quotes": any(q in text for q in QUOTES), "digits": any(c.isdigit() for c in text)}
+
+
+def compare_texts(generated: str, real: str, source: str) -> str:
+    """How a generated text differs from the user's real one, as computed facts: length, casing,
+    punctuation, and the words the user kept from the source and added to it."""
+    mine, theirs = text_style(generated), text_style(real)
+    marks = [name for name in MARKS if mine[name] != theirs[name]]
+    source_words = set(_tokens(source))
+    real_words = list(dict.fromkeys(_tokens(real)))
+    kept = [w for w in real_words if w in source_words]
+    added = [w for w in real_words if w not in source_words]
+    return "\n".join([
+        f"length: the assistant wrote {mine['words']} words, the user {theirs['words']}",
+        f"casing: the assistant {mine['casing']}, the user {theirs['casing']}",
+        "punctuation: " + ("; ".join(f"the user's {'has' if theirs[m] else 'has no'} {MARKS[m]}" for m in marks)
+                           or "the same"),
+        f"words the user kept from the source: {', '.join(kept[:8]) or 'none'}",
+        f"words the user added: {', '.join(added[:8]) or 'none'}",
+    ])
 
 
 # ---------------------------------------------------------------- LaMP tasks

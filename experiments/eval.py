@@ -38,8 +38,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.loaders import TaskData, UserData, load
-from ..data.tasks import METRICS, TaskSpec, task_to_dict
-from ..optimizers.compile import CompileConfig, compile_user
+from ..data.tasks import METRICS, TaskSpec
+from ..optimizers.compile import CompileConfig, compile_users
 from ..optimizers.tracking import setup_mlflow
 from ..program.agent import ABLATIONS
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
@@ -78,9 +78,12 @@ def _past_answers(task: TaskSpec, user: UserData) -> list[str]:
 
 
 class Evaluation:
-    def __init__(self, data: TaskData, out: Path, lm_spec: str, config: CompileConfig, questions_per_user: int | None):
+    def __init__(self, data: TaskData, out: Path, lm_spec: str, config: CompileConfig, questions_per_user: int | None,
+                 tracking_uri: str | None = None):
         self.data, self.out, self.lm_spec, self.config = data, out, lm_spec, config
         self.questions_per_user = questions_per_user
+        self.tracking_uri = tracking_uri
+        self.compiles: dict[str, dict] = {}  # method -> user -> UserResult of this run's compile
         self.lm = None
 
     def _lm(self):
@@ -102,11 +105,16 @@ class Evaluation:
         if method == "word_overlap" and not self.data.task.has_candidates:
             return []  # the task has no candidates to compare
         rows = []
-        for user in tqdm(list(map(UserData.from_row, self.data.dataset)), desc=method, unit="user"):
+        users = list(map(UserData.from_row, self.data.dataset))
+        # The global majority depends on which users are chosen: the free baselines are always
+        # recomputed, never resumed.
+        pending = {u.user_id for u in users if method in NON_LLM or not self.raw_path(method, u.user_id).exists()}
+        compiled = "persona" if method in ABLATED else method
+        if compiled in COMPILED and pending:
+            self._compile(compiled, [u for u in users if u.user_id in pending])
+        for user in tqdm(users, desc=method, unit="user"):
             path = self.raw_path(method, user.user_id)
-            # The global majority depends on which users are chosen: the free baselines are always
-            # recomputed, never resumed.
-            if method in NON_LLM or not path.exists():
+            if user.user_id in pending:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     record = self._run_user(method, user)
@@ -128,6 +136,8 @@ class Evaluation:
                 for q in self.questions(user)]}
         compiled = "persona" if method in ABLATED else method
         store, compile_cost = self._prepare(compiled, user)
+        if compile_cost and compile_cost["status"] == "failed":
+            raise RuntimeError(f"compile failed: {compile_cost['error']}")
         if compiled in COMPILED:
             program = store.load_program(user.user_id)
             if method in ABLATED:
@@ -147,8 +157,8 @@ class Evaluation:
         store.close()
         return {"user_id": user.user_id, "answers": answers, "compile": compile_cost}
 
-    def _prepare(self, method: str, user: UserData) -> tuple[UserStore, dict | None]:
-        """The user's memory and profile (shared by every method), and their compiled program."""
+    def _base(self, user: UserData) -> UserStore:
+        """The store every method shares: the user's memory and profile, made once."""
         base = UserStore(self.out / "stores" / "base")
         if not (base.user_dir(user.user_id) / "profile.json").exists():
             memory = base.memory(user.user_id)
@@ -157,20 +167,36 @@ class Evaluation:
             with use_lm(self._lm()):
                 profile = SemanticMemory()(task=self.data.task, records=memory.all(), previous=base.profile(user.user_id))
                 base.save_profile(user.user_id, profile.profile)
+        return base
+
+    def _compile(self, method: str, users: list[UserData]) -> None:
+        """Compile `users` with the method's optimizer through the compile's own pipeline
+        (`compile_users`: histories, the population model, alignment), starting from the shared
+        profile so that compiling does not pay for writing it again."""
+        root = self.out / "stores" / method
+        for user in users:
+            self._base(user).close()
+            target = UserStore(root).user_dir(user.user_id)
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.out / "stores" / "base" / "users" / user.user_id / "profile.json", target / "profile.json")
+        config = CompileConfig(**{**asdict(self.config), "lm": self.lm_spec, "optimizer": COMPILED[method]})
+        report = compile_users(self.data.select(user_ids=[u.user_id for u in users]), root, config,
+                               tracking_uri=self.tracking_uri, lm=self._lm())
+        self.compiles[method] = {r.user_id: r for r in report.results}
+
+    def _prepare(self, method: str, user: UserData) -> tuple[UserStore, dict | None]:
+        """The store the method answers from (compiled methods: their own, compiled by `_compile`),
+        and what compiling the user cost."""
+        base = self._base(user)
         if method not in COMPILED:
             return base, None
         base.close()
-        root = self.out / "stores" / method
-        store = UserStore(root)
-        store.user_dir(user.user_id).mkdir(parents=True, exist_ok=True)
-        # The profile is shared, so compiling does not pay for writing it again.
-        shutil.copy(base.user_dir(user.user_id) / "profile.json", store.user_dir(user.user_id) / "profile.json")
-        config = CompileConfig(**{**asdict(self.config), "lm": self.lm_spec, "optimizer": COMPILED[method]})
-        result = compile_user(str(root), task_to_dict(self.data.task), user, config)
-        if result.status == "failed":
-            raise RuntimeError(f"compile failed: {result.error}")
-        return store, {"status": result.status, "lm_calls": result.lm_calls, "tokens": result.tokens,
-                       "seconds": result.seconds, "scores": result.scores}
+        result = self.compiles[method][user.user_id]
+        store = UserStore(self.out / "stores" / method)
+        state = store.load_state(user.user_id)
+        return store, {"status": result.status, "error": result.error, "lm_calls": result.lm_calls,
+                       "tokens": result.tokens, "seconds": result.seconds, "scores": result.scores,
+                       "text_kept": bool(state and state.persona.text.strip())}
 
 
 def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
@@ -188,6 +214,7 @@ def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
                # Answers generated because the LM gave no label likelihoods (0 on the embedded model).
                "generated_answers": sum(a.get("scoring") == "generation" for a in answers)}
     if compiles:
+        summary["text_kept_share"] = sum(bool(c.get("text_kept")) for c in compiles) / len(compiles)
         summary["compile_lm_calls_per_user"] = sum(c["lm_calls"] for c in compiles) / len(compiles)
         summary["compile_seconds_per_user"] = sum(c["seconds"] for c in compiles) / len(compiles)
         summary["validation_scores"] = [c["scores"] for c in compiles]
@@ -315,7 +342,7 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
     data = load(data_path, task).select(users)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluation = Evaluation(data, out, lm, config or CompileConfig(lm=lm), questions_per_user)
+    evaluation = Evaluation(data, out, lm, config or CompileConfig(lm=lm), questions_per_user, tracking_uri)
     summaries, rows_by_method = [], {}
     mlflow = setup_mlflow(tracking_uri, "personaagent-eval", autolog=False)
     for method in methods:

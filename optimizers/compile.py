@@ -6,8 +6,15 @@ function with typed inputs and output that is saved, as STORM's engine runs and 
 
     ingest   the user's interactions -> their episodic memory     (episodic.sqlite, .faiss)
     profile  their memory -> the semantic profile (one LM call)    (profile.json)
-    align    memory, profile, config -> the versions the optimizer ran   (stages.json)
+    history  their latest interactions, answered as of their times (stages.json)
+    align    history, the population model, config -> the versions the optimizer ran (stages.json)
     save     those versions -> the user's program history          (program.json)
+
+Between `history` and `align`, one step looks at every user: the population model
+(`optimizers.population`) is fitted on all users' answered histories, cross-fitted by folds of
+users, and saved as a new version in the store (`population/vNNN.json`) and in the compile's MLflow
+run. So `compile_users` runs in two passes over the users, each through the engine: up to
+`history`, then, with the population model, the rest.
 
 Each stage has a key of its inputs (the previous stage's key included), kept in the user's
 `stages.json` once its output is saved. A rerun resumes at the first stage whose key changed:
@@ -25,6 +32,7 @@ import json
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -33,7 +41,7 @@ from tqdm import tqdm
 
 from ..data.loaders import TaskData, UserData
 from ..data.tasks import TaskSpec, task_from_dict, task_to_dict
-from ..program.agent import default_sources
+from ..program.agent import PersonaProgram, default_sources
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
 from ..program.memory import Cutoff, Profile, SemanticMemory
 from ..program.persona import Persona, PersonaVersion
@@ -42,6 +50,7 @@ from ..program.store import ProgramState, UserStore
 from .engines import Engine, LocalEngine
 from .gepa import GepaAlignment
 from .persona import ACCEPTANCE, PersonaAlignment, Unaligned, VersionedTeleprompter, past_interaction
+from .population import Answered, PopulationModel, fit_population
 from .tracking import MlflowObserver, Observer, Tracker, seconds_metrics, tracking_uri_or_default
 
 Optimizer = Literal["persona", "gepa", "none"]
@@ -135,16 +144,36 @@ def write_profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
     return profile
 
 
-def align(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfig, previous: ProgramState | None,
-          lm: dspy.LM, observer: Observer) -> Aligned:
-    """The user's program, from the persona in force (or a new one), aligned by the configured
-    optimizer on their replayable interactions."""
+def _student(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfig,
+             previous: ProgramState | None) -> PersonaProgram:
+    """The program alignment starts from: the persona in force, or a new one."""
     start = previous.persona if previous else Persona.initial(default_sources(task))
     program = store.build(user.user_id, task, start, "persona", config.k)
     if previous:
         program.load_instructions(previous.current.instructions)
+    return program
+
+
+def answer_history(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfig,
+                   previous: ProgramState | None) -> list[Answered]:
+    """The user's latest interactions answered as of their own times by the program alignment
+    starts from (only the persona optimizer learns from them; the others need none)."""
+    if config.optimizer != "persona":
+        return []
+    teleprompter = OPTIMIZERS[config.optimizer](config, None, Observer())
+    return teleprompter.answer_history(_student(store, user, task, config, previous), examples(user))
+
+
+def align(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfig, previous: ProgramState | None,
+          lm: dspy.LM, observer: Observer, history: list[Answered], population: PopulationModel | None) -> Aligned:
+    """The user's program aligned by the configured optimizer on their replayable interactions,
+    from their answered history and the population model's fold that excludes them."""
+    program = _student(store, user, task, config, previous)
     reflection_lm = make_lm(config.reflection_lm) if config.reflection_lm else lm
-    aligned = OPTIMIZERS[config.optimizer](config, reflection_lm, observer).compile(program, trainset=examples(user))
+    teleprompter = OPTIMIZERS[config.optimizer](config, reflection_lm, observer)
+    aligned = teleprompter.compile(program, trainset=examples(user), answered=history,
+                                   population=population.prior_for(user.user_id) if population else None,
+                                   **({"strength": population.strength} if population else {}))
     return Aligned(aligned.alignment, getattr(aligned, "timings", {}))
 
 
@@ -168,12 +197,20 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
-def stage_keys(config: CompileConfig, task: TaskSpec, user: UserData) -> dict[str, str]:
-    """Each stage's key: its own inputs and the key of the stage before it."""
+# What the history stage reads of the config: which interactions are answered, and by which program.
+HISTORY_FIELDS = ("optimizer", "n_recent", "validation", "max_lm_calls", "iterations", "acceptance", "k")
+
+
+def stage_keys(config: CompileConfig, task: TaskSpec, user: UserData, population: str = "") -> dict[str, str]:
+    """Each stage's key: its own inputs and the key of the stage before it (`population`: the
+    fingerprint of the population model the user is aligned with)."""
     ingest_key = _key([[m.input, m.output, m.timestamp] for m in user.memories])
     profile_key = _key(ingest_key, task_to_dict(task), config.lm)
-    align_key = _key(profile_key, asdict(config), [[r.input, r.output] for r in user.replays])
-    return {"ingest": ingest_key, "profile": profile_key, "align": align_key, "save": align_key}
+    history_key = _key(profile_key, {name: getattr(config, name) for name in HISTORY_FIELDS},
+                       [[r.input, r.output] for r in user.replays])
+    align_key = _key(history_key, asdict(config), population)
+    return {"ingest": ingest_key, "profile": profile_key, "history": history_key, "align": align_key,
+            "save": align_key}
 
 
 @dataclass
@@ -215,11 +252,14 @@ def run_stages(store: UserStore, user_id: str, stages: list[Stage], keys: dict[s
 # ---------------------------------------------------------------- one user
 
 def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config: CompileConfig,
-                 parent_run_id: str | None = None, tracking_uri: str | None = None,
-                 lm: dspy.LM | None = None) -> UserResult:
+                 parent_run_id: str | None = None, tracking_uri: str | None = None, population: dict | None = None,
+                 spent: dict | None = None, lm: dspy.LM | None = None, until: str | None = None) -> UserResult:
     """Compile one user (their data, or its row of `TaskData.dataset`) through the stages,
     resuming where their inputs are unchanged; tracked in a run of its own (nested under
-    `parent_run_id`) when `tracking_uri` is given.
+    `parent_run_id`) when `tracking_uri` is given. `population`: the population model
+    (`PopulationModel.to_dict()`) the user is aligned with, if any; `until`: the last stage to run
+    (`compile_users` first runs every user up to `history`, untracked, then passes what that
+    cost as `spent`, so the user's result and run count it).
 
     Compiles of one user are serialized by a lock on their directory, across processes: a second
     compile waits, then starts from what the first saved (or skips, if nothing changed), so no
@@ -228,9 +268,12 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
     task = task_from_dict(task_dict)
     user = UserData.from_row(user) if isinstance(user, dict) else user
     store = UserStore(store_root, max_versions=config.max_versions)
+    model = PopulationModel.from_dict(population) if population else None
     try:
         with store.lock(user.user_id):
-            keys = stage_keys(config, task, user)
+            keys = stage_keys(config, task, user, _key(population) if population else "")
+            if until:
+                return _compile(store, task, user, config, keys, lm, Observer(), model, until=until)
             previous = store.load_state(user.user_id)
             # The program names the key it was saved under: the one truth of what it was compiled
             # from, even when a kill came between writing it and logging its stage.
@@ -238,11 +281,11 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
                 return UserResult(user.user_id, "skipped", scores=[v.score for v in previous.versions],
                                   score_after=previous.current.score)
             if not tracking_uri:
-                return _compile(store, task, user, config, keys, lm, Observer())
+                return _compile(store, task, user, config, keys, lm, Observer(), model, spent)
             tracker = Tracker(tracking_uri, "personaagent-compile", autolog=True)
             # The compile's traces land in the user's run, so forgetting the user finds them.
             with tracker.run(f"user {user.user_id}", {"user_id": user.user_id}, parent_run_id):
-                result = _compile(store, task, user, config, keys, lm, MlflowObserver(tracker))
+                result = _compile(store, task, user, config, keys, lm, MlflowObserver(tracker), model, spent)
             result.tracking_errors = tracker.errors
             return result
     finally:
@@ -250,9 +293,11 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
 
 
 def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileConfig, keys: dict[str, str],
-             lm: dspy.LM | None, observer: Observer) -> UserResult:
+             lm: dspy.LM | None, observer: Observer, population: PopulationModel | None,
+             spent: dict | None = None, until: str | None = None) -> UserResult:
     lm = lm or make_lm(config.lm)
     started = time.perf_counter()
+    spent = spent or {"lm_calls": 0, "tokens": 0, "seconds": 0.0, "stages_run": []}
     uid = user.user_id
     try:
         previous = store.load_state(uid)
@@ -260,16 +305,26 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
             stages = [
                 Stage("ingest", lambda _: ingest(store, user), lambda logged: Ingested(**logged), asdict),
                 Stage("profile", lambda _: write_profile(store, uid, task), lambda _: store.profile(uid)),
-                Stage("align", lambda _: align(store, user, task, config, previous, lm, observer), Aligned.from_dict, asdict),
+                Stage("history", lambda _: answer_history(store, user, task, config, previous),
+                      lambda logged: [Answered(**a) for a in logged], lambda out: [asdict(a) for a in out]),
+                Stage("align", lambda done: align(store, user, task, config, previous, lm, observer, done["history"],
+                                                  population), Aligned.from_dict, asdict),
                 Stage("save", lambda done: save(store, uid, task, config, previous, done["align"], keys["save"], observer),
                       lambda _: store.load_state(uid)),
             ]
+            if until:
+                stages = stages[:[stage.name for stage in stages].index(until) + 1]
             done, ran = run_stages(store, uid, stages, keys, observer)
+        if until:
+            return UserResult(uid, "compiled", lm_calls=usage.calls, tokens=usage.tokens,
+                              seconds=time.perf_counter() - started, stages_run=ran)
+        history_seconds = {"history": spent["seconds"]} if spent["seconds"] else {}
         state: ProgramState = done["save"]
         aligned: Aligned = done["align"]
         result = UserResult(uid, "compiled", scores=[v.score for v in state.versions], score_after=state.current.score,
-                            lm_calls=usage.calls, tokens=usage.tokens, seconds=time.perf_counter() - started,
-                            timings=aligned.timings, stages_run=ran,
+                            lm_calls=usage.calls + spent["lm_calls"], tokens=usage.tokens + spent["tokens"],
+                            seconds=time.perf_counter() - started + spent["seconds"],
+                            timings={**history_seconds, **aligned.timings}, stages_run=spent["stages_run"] + ran,
                             persona_before=aligned.versions[0].instructions.get("answer", ""),
                             persona_after=state.current.instructions.get("answer", ""))
     except Exception as exc:  # one user's failure must not stop the others
@@ -300,25 +355,62 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
                   engine: Engine | None = None) -> CompileReport:
     """Compile every user in `data` into `store`; one parent MLflow run, one nested run per user.
     `engine` says where users run (default: `LocalEngine(workers, lm)`, this machine). Tracking only
-    observes: when MLflow fails, users are compiled and saved all the same."""
+    observes: when MLflow fails, users are compiled and saved all the same.
+
+    With the persona optimizer on a closed-set task, every user is first run up to `history`; the
+    population model is fitted on all of their answered histories and saved; then each user is
+    aligned with it. A user whose first pass failed is reported and not aligned."""
     engine = engine or LocalEngine(workers, lm)
     UserStore(store).close()  # a store that cannot be a directory fails here, before any user
     tracker = Tracker(tracking_uri, "personaagent-compile")
     observer = MlflowObserver(tracker)
     uri = tracking_uri_or_default(tracking_uri)
     task_dict = task_to_dict(data.task)
-    results: list[UserResult] = []
+    rows = list(data.dataset)
     with tracker.run(f"compile {data.task.name} ({len(data.users)} users)") as parent:
         observer.started({**asdict(config), "task": data.task.name, "data": data.source, "users": len(data.users),
                           "engine": engine.name, "workers": getattr(engine, "workers", 1)})
         parent_id = parent.info.run_id if parent else None
-        bar = tqdm(total=len(data.users), desc="compile", unit="user", disable=not progress)
-        jobs = [(str(store), task_dict, row, config, parent_id, uri) for row in data.dataset]
-        for result in engine.run(compile_user, jobs):
-            results.append(result)
-            bar.set_postfix_str(result.user_id[:30])
-            bar.update()
-        bar.close()
+        first: dict[str, UserResult] = {}
+        population = None
+        if config.optimizer == "persona" and data.task.labels:
+            jobs = [(str(store), task_dict, row, config, None, None) for row in rows]
+            first = {r.user_id: r for r in _each(engine, partial(compile_user, until="history"), jobs, "history", progress)}
+            # Every user the store has compiled counts, not only this compile's: a compile of a few
+            # users does not shrink the population to them.
+            answered = {uid for uid, r in first.items() if r.status != "failed"} | set(UserStore(store).users())
+            population = population_model(store, data.task, sorted(answered))
+            if population:
+                observer.population(population, UserStore(store).save_population(population))
+        # The first pass's cost is the user's too: their result and run count it.
+        spent = {uid: {"lm_calls": r.lm_calls, "tokens": r.tokens, "seconds": r.seconds, "stages_run": r.stages_run}
+                 for uid, r in first.items()}
+        jobs = [(str(store), task_dict, row, config, parent_id, uri, population, spent.get(row["user_id"]))
+                for row in rows if first.get(row["user_id"]) is None or first[row["user_id"]].status != "failed"]
+        results = [r for r in first.values() if r.status == "failed"]
+        results += _each(engine, compile_user, jobs, "compile", progress)
         report = CompileReport(results, parent_id, tracker.errors)
         observer.reported(report)
     return report
+
+
+def _each(engine: Engine, compile_one, jobs: list[tuple], stage: str, progress: bool):
+    """The engine's results for `jobs`, with a progress bar."""
+    bar = tqdm(total=len(jobs), desc=stage, unit="user", disable=not progress)
+    for result in engine.run(compile_one, jobs):
+        bar.set_postfix_str(result.user_id[:30])
+        bar.update()
+        yield result
+    bar.close()
+
+
+def population_model(store: str | Path, task: TaskSpec, user_ids: list[str]) -> dict | None:
+    """The population model fitted on these users' answered histories, as their `history` stage
+    saved them (None when no user has one)."""
+    users = UserStore(store, embedder=object())
+    histories = {uid: [Answered(**a) for a in (users.stage_log(uid).get("history") or {}).get("output") or []]
+                 for uid in user_ids}
+    histories = {uid: items for uid, items in histories.items() if items}
+    if not histories:
+        return None
+    return fit_population(task.labels, histories, use_bias=not task.has_candidates).to_dict()

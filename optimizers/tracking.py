@@ -136,6 +136,9 @@ class Observer:
     def started(self, params: dict) -> None:
         """A compile of many users started with these settings."""
 
+    def population(self, model: dict, version: int) -> None:
+        """A compile of many users fitted the population model (`PopulationModel.to_dict()`), in force as `version`."""
+
     def reported(self, report) -> None:
         """A compile of many users ended (a `CompileReport`)."""
 
@@ -184,6 +187,15 @@ class MlflowObserver(Observer):
 
     def started(self, params):
         self.tracker.call("log the config", "log_params", params)
+
+    def population(self, model, version):
+        self.tracker.call("log the population model", "log_dict", {"version": version, **model},
+                          f"population/v{version:03d}.json")
+        self.tracker.call("log the population model", "log_metrics", {
+            "population_version": version, "population_users": model["users"], "population_items": model["items"],
+            "population_strength": model["strength"],
+            **{f"population_weight_{name}": sum(fold["weights"].get(name, 0.0) for fold in model["folds"]) / len(model["folds"])
+               for name in sorted({n for fold in model["folds"] for n in fold["weights"]})}})
 
     def reported(self, report):
         results = report.results

@@ -30,6 +30,7 @@ from .tools import build_evidence, build_tools, similar_records
 
 METHODS = ("none", "icl", "rag", "membank", "react", "persona")
 LM_WEIGHT = "lm"
+FEATURE_FLOOR = -20.0  # log-probabilities below this say "impossible" equally loudly
 MAX_QUESTION_CHARS = 1200
 
 
@@ -64,17 +65,23 @@ def plan_signature(tool_names: list[str], instructions: str) -> type[dspy.Signat
 
 
 def combine(lm_scores: dict[str, float], evidence: dict[str, dict[str, float] | None],
-            weights: dict[str, float]) -> dict[str, float]:
-    """The label distribution ∝ p_LM^w_lm × Π p_tool^w_tool (a product of experts; a tool without
-    evidence for this question, or with no weight, does not count)."""
-    floor = 1e-12
-    log_scores = {label: weights.get(LM_WEIGHT, 1.0) * math.log(max(p, floor)) for label, p in lm_scores.items()}
+            weights: dict[str, float], bias: dict[str, float] | None = None) -> dict[str, float]:
+    """The label distribution ∝ exp(b_label) × p_LM^w_lm × Π p_tool^w_tool (a product of experts; a
+    tool without evidence for this question, or with no weight, does not count). Log-probabilities
+    are floored at `FEATURE_FLOOR`, as the population model is fitted."""
+    bias = bias or {}
+    log_scores = {label: weights.get(LM_WEIGHT, 1.0) * floored_log(p) + bias.get(label, 0.0)
+                  for label, p in lm_scores.items()}
     for name, distribution in evidence.items():
         weight = weights.get(name, 0.0)
         if distribution and weight:
             for label in log_scores:
-                log_scores[label] += weight * math.log(max(distribution.get(label, 0.0), floor))
+                log_scores[label] += weight * floored_log(distribution.get(label, 0.0))
     return normalized(log_scores)
+
+
+def floored_log(p: float) -> float:
+    return max(math.log(max(p, 1e-12)), FEATURE_FLOOR)
 
 
 class PersonaProgram(dspy.Module):
@@ -141,7 +148,8 @@ class PersonaProgram(dspy.Module):
         out = self.answer(question=gist(question, MAX_QUESTION_CHARS), context=context or "(nothing)")
         if not self.task.labels:
             return dspy.Prediction(answer=out.answer, context=context, trajectory=trajectory)
-        distribution = combine(out.label_scores, evidence, self.persona.weights) if self.persona else out.label_scores
+        distribution = (combine(out.label_scores, evidence, self.persona.weights, self.persona.bias) if self.persona
+                        else out.label_scores)
         answer = self.task.decide(distribution)
         return dspy.Prediction(answer=answer, label_scores=distribution, confidence=distribution[answer],
                                lm_scores=out.label_scores, evidence=evidence, scoring=out.scoring,
@@ -208,7 +216,7 @@ def without_persona(program: PersonaProgram) -> PersonaProgram:
 def without_memory(program: PersonaProgram) -> PersonaProgram:
     """No episodic or semantic memory: every tool reads memory, so no tool, demo or evidence;
     the persona's text alone."""
-    program.set_persona(replace(program.persona, sources=[], demos=[], weights={}))
+    program.set_persona(replace(program.persona, sources=[], demos=[], weights={}, bias={}))
     return program
 
 

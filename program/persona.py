@@ -5,8 +5,9 @@ instruction of the user's program; keeping fields rather than free prose lets a 
 LM rewrite one part at a time, and lets `problems()` reject degenerate rewrites (empty, bloated,
 copied from the examples, or naming their items). Beside the text, the choices the answer call
 follows, made per user at compile time: which tools' results it is shown (`sources`, `k`), a few
-demonstrations from the user's history (`demos`), and how much each tool's evidence shifts the
-LM's label distribution (`weights`, by tool name; "lm" weighs the LM itself).
+demonstrations from the user's history (`demos`), how much each tool's evidence shifts the LM's
+label distribution (`weights`, by tool name; "lm" weighs the LM itself), and each label's own
+offset (`bias`): the population model adapted to the user (`optimizers.population`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 MAX_CHARS = 1600
 MAX_SUMMARY_CHARS = 400
 MAX_COPIED_WORDS = 12  # a persona quoting this many consecutive words of an example has copied it
+COPIED_ANSWER_WORDS = 5  # or this many of a past answer (a headline is about ten words)
 
 
 def clean_text(text: str, limit: int = MAX_SUMMARY_CHARS) -> str:
@@ -75,6 +77,20 @@ def named_items(text: str, examples: list[str]) -> list[str]:
     return sorted(_pairs(text) & specific)
 
 
+def copied_answer(text: str, answers: list[str], words: int = COPIED_ANSWER_WORDS) -> str | None:
+    """A past answer of which `text` repeats `words` consecutive words (all of it, if it is
+    shorter but has at least 4), or None."""
+    written = " " + " ".join(re.findall(r"\w+", text.lower())) + " "
+    for answer in answers:
+        tokens = re.findall(r"\w+", str(answer).lower())
+        span = min(words, len(tokens))
+        if span < 4:
+            continue
+        if any(f" {' '.join(tokens[i:i + span])} " in written for i in range(len(tokens) - span + 1)):
+            return answer
+    return None
+
+
 # Every program's instruction starts with this; a persona adds only what was learned about its user.
 BASE_INSTRUCTION = "Answer the question. Use the tool results as evidence when they help."
 
@@ -88,6 +104,7 @@ class Persona:
     k: int = 4  # as many past interactions as RAG shows
     demos: list[dict] = field(default_factory=list)  # {"question": ..., "answer": ...} from the user's history
     weights: dict[str, float] = field(default_factory=dict)
+    bias: dict[str, float] = field(default_factory=dict)  # label -> offset added to its log-score
 
     def __post_init__(self):
         self.summary = clean_text(self.summary)
@@ -122,8 +139,10 @@ class Persona:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def problems(self, examples: list[str] = ()) -> list[str]:
-        """Why this persona should not be used (empty list: it is fine)."""
+    def problems(self, examples: list[str] = (), answers: list[str] = ()) -> list[str]:
+        """Why this persona should not be used (empty list: it is fine). `examples`: the questions
+        it was written from; `answers`: the user's past answers, which it must not copy (a past
+        headline stated as the user's style would be copied into every answer)."""
         found = []
         named = named_items(self.text, examples)
         if named:
@@ -140,6 +159,9 @@ class Persona:
             if any(" ".join(ex[i:i + MAX_COPIED_WORDS]) in grams for i in range(len(ex) - MAX_COPIED_WORDS + 1)):
                 found.append("persona copies example text verbatim")
                 break
+        copied = copied_answer(text, answers)
+        if copied:
+            found.append(f"persona copies a past answer ({gist(copied, 80)!r})")
         return found
 
 
@@ -165,7 +187,7 @@ class PersonaVersion:
         lines = list(difflib.unified_diff(previous.instructions.get("answer", "").splitlines(),
                                           self.instructions.get("answer", "").splitlines(),
                                           f"v{previous.version}", f"v{self.version}", lineterm=""))
-        for choice in ("sources", "k", "weights", "demos"):
+        for choice in ("sources", "k", "weights", "bias", "demos"):
             before, after = previous.persona.get(choice), self.persona.get(choice)
             if before != after:
                 shown = (lambda v: f"{len(v or [])} demonstrations") if choice == "demos" else repr

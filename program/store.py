@@ -4,6 +4,7 @@
     <root>/users/<user_id>/profile.json                      semantic memory
     <root>/users/<user_id>/program.json                      persona, its versions, task, LM
     <root>/users/<user_id>/stages.json                       the last compile's stages: inputs' keys, outputs
+    <root>/population/vNNN.json                              the population model's versions (no user's data)
 
 Every file is written atomically, and `program.json` carries a format version, so a crash while
 saving leaves the previous program loadable and an old file is never misread.
@@ -196,6 +197,22 @@ class UserStore:
 
     def save_stage_log(self, user_id: str, log: dict) -> None:
         write_json_atomic(self.user_dir(user_id) / "stages.json", log)
+
+    def save_population(self, model: dict) -> int:
+        """Record the population model (`optimizers.population`) as a new version unless it equals
+        the latest; returns the version in force."""
+        latest = self.load_population()
+        if latest is not None and latest["model"] == model:
+            return latest["version"]
+        version = latest["version"] + 1 if latest else 1
+        write_json_atomic(self.root / "population" / f"v{version:03d}.json",
+                          {"version": version, "created_at": time.time(), "model": model})
+        return version
+
+    def load_population(self) -> dict | None:
+        """The latest population model version (`{"version", "created_at", "model"}`), or None."""
+        versions = sorted((self.root / "population").glob("v*.json"))
+        return json.loads(versions[-1].read_text(encoding="utf-8")) if versions else None
 
     def program_path(self, user_id: str) -> Path:
         return self.user_dir(user_id) / "program.json"

@@ -3,8 +3,8 @@ from dataclasses import replace
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.optimizers.persona import (Answered, PersonaAlignment, Score, fit_weights, likelihood_may_break_a_tie,
-                                             past_interaction)
+from personaagent.optimizers.persona import PersonaAlignment, Score, past_interaction, sign_test
+from personaagent.optimizers.population import Combination
 from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Cutoff, Profile
 from personaagent.program.store import UserStore
@@ -41,13 +41,15 @@ def _reflection(summary="Alice is a strict reviewer who punishes late delivery."
             "show_tools": ["answer_habits"], **extra}
 
 
-def _align(program, answer, acceptance="validated", calibrate=False, **reflection):
-    """Aligns on the fixture's history (the user always gave 2); the calibration step is off unless
-    asked for, so the rewrite is tested alone."""
+FIXED = 1e9  # a prior strength no evidence moves: the adaptation keeps the plain LM, so the rewrite is tested alone
+
+
+def _align(program, answer, acceptance="validated", strength=FIXED, **reflection):
+    """Aligns on the fixture's history (the user always gave 2)."""
     lm = fake_lm({**_reflection(**reflection), "answer": answer})
     with use_lm(lm), UsageMeter(lm) as usage:
-        aligned = PersonaAlignment(n_recent=3, acceptance=acceptance, calibrate=calibrate).compile(
-            program, trainset=_trainset())
+        aligned = PersonaAlignment(n_recent=3, acceptance=acceptance).compile(
+            program, trainset=_trainset(), strength=strength)
     return aligned, usage, lm
 
 
@@ -55,12 +57,14 @@ def test_one_iteration_stays_within_ten_calls_and_every_candidate_has_a_validati
     # Wrong ("5") under the initial persona, right ("2") once rewritten: the rewrite is kept.
     aligned, usage, _ = _align(program, lambda p: "2" if "strict reviewer" in p else "5")
     assert usage.calls == 3 + 3 + 1 + 3 <= 10
-    initial, rewrite = aligned.alignment
-    assert initial.score == 0.25 and rewrite.score == 1.0 and rewrite.accepted
+    initial, adapted, rewrite = aligned.alignment
+    assert initial.score == adapted.score == 0.25 and rewrite.score == 1.0 and rewrite.accepted
+    weights = adapted.persona["weights"]  # the plain LM, as fixed
+    assert weights["lm"] == pytest.approx(1.0) and all(abs(w) < 1e-6 for name, w in weights.items() if name != "lm")
     assert rewrite.likelihood > initial.likelihood
     assert "strict reviewer" in aligned.instructions and "strict reviewer" not in program.instructions
     assert aligned.persona.demos == [{"question": QUESTIONS[0], "answer": "2"}]  # older than the window
-    assert set(aligned.timings) == {"validation", "replay", "reflection"}
+    assert set(aligned.timings) == {"history", "adaptation", "reflection", "validation"}
 
 
 def _wrong_on_replays_and_once_rewritten(prompt: str) -> str:
@@ -89,80 +93,39 @@ def test_always_takes_the_rewrite_unscored_as_the_paper_does(program):
     assert "strict reviewer" in aligned.instructions
 
 
-def test_calibration_learns_the_users_habit_without_an_lm_call(program):
-    """The LM always says 5; this user always gives 2. The weight of their answer habits is fitted
-    on the replays, validated on the earlier window, and then decides the answer."""
-    aligned, _, lm = _align(program, "5", calibrate=True)
-    calibration = aligned.alignment[1]
-    assert calibration.accepted and calibration.persona["weights"].get("answer_habits", 0) > 0
-    assert calibration.score > aligned.alignment[0].score
+def test_the_adaptation_learns_the_users_habit_without_an_lm_call(program):
+    """The LM always says 5; this user always gives 2. Adapted from the plain LM with a weak prior,
+    their habit and the label's own offset outweigh the LM, and then decide the answer."""
+    aligned, usage, lm = _align(program, "5", strength=0.3)
+    adapted = aligned.alignment[1]
+    assert adapted.accepted and adapted.persona["weights"].get("answer_habits", 0) > 0 and adapted.persona["bias"]["2"] > 0
+    assert adapted.score > aligned.alignment[0].score
+    assert usage.calls == 3 + 3  # the answers it learned from; then every replay was right: no reflection
     with use_lm(lm):
         pred = aligned(question="What is the score of the following review? review: it arrived late again")
     assert pred.answer == "2" and pred.lm_scores["5"] > 0.9 and abs(sum(pred.label_scores.values()) - 1) < 1e-9
 
 
-def test_a_habit_may_outweigh_the_lm_only_by_answering_better_not_by_answering_more_surely(program):
-    """The LM already gives this user's habitual 2. On such a history the fit leans on the habit,
-    which only makes right answers surer: that must not let the habit outweigh the LM, or a review
-    unlike the user's others would be answered 2 whatever it says."""
-    aligned, _, _ = _align(program, "2", calibrate=True)
-    initial, calibration = aligned.alignment
-    weights = calibration.persona["weights"]
-    assert weights.get("answer_habits", 0) > weights["lm"]
-    assert calibration.score == initial.score and calibration.likelihood > initial.likelihood
-    assert not calibration.accepted and aligned.persona.weights == {}
-    # Question-specific evidence may still win a tie on likelihood; a prompt change never does.
-    assert likelihood_may_break_a_tie({"lm": 1.0, "answer_habits": 1.0, "search_memory": 4.0}, changes_prompt=False)
-    assert not likelihood_may_break_a_tie({"lm": 0.25, "answer_habits": 0.5}, changes_prompt=False)
-    assert not likelihood_may_break_a_tie({}, changes_prompt=True)
+def test_the_adaptation_starts_from_the_population_model(program):
+    """A population that learned to trust this task's habits answers the user's way from the start;
+    six items of theirs under a strong prior barely move it."""
+    population = Combination({"lm": 0.5, "answer_habits": 3.0}, {})
+    lm = fake_lm({**_reflection(), "answer": "5"})
+    with use_lm(lm):
+        aligned = PersonaAlignment(n_recent=3).compile(program, trainset=_trainset(), population=population, strength=100.0)
+    weights = aligned.alignment[1].persona["weights"]
+    assert abs(weights["lm"] - 0.5) < 0.1 and abs(weights["answer_habits"] - 3.0) < 0.1
+    assert "population model (fitted on other users)" in aligned.alignment[1].note
 
 
-def test_one_net_win_in_a_window_of_three_is_not_enough_to_replace_the_persona():
+def test_a_text_is_accepted_only_when_a_sign_test_says_it_is_better():
     current = Score(1 / 3, -1.2, (1.0, 0.0, 0.0))
-    assert not Score(2 / 3, -0.7, (1.0, 1.0, 0.0)).beats(current)  # one more right: within noise
-    assert Score(1.0, -0.5, (1.0, 1.0, 1.0)).beats(current)
-    assert Score(1 / 3, -1.0, (0.0, 1.0, 0.0)).beats(current)  # a win and a loss cancel: the likelihood decides
-    assert not Score(1 / 3, -1.2, (0.0, 1.0, 0.0)).beats(current)
-    # A rewrite of the prompt must answer better: a likelihood gain alone does not replace the persona.
-    assert not Score(1 / 3, -1.0, (0.0, 1.0, 0.0)).beats(current, likelihood_breaks_ties=False)
-    assert Score(1.0, -0.5, (1.0, 1.0, 1.0)).beats(current, likelihood_breaks_ties=False)
-    assert Score(1.0, -0.1, (1.0,)).beats(Score(0.0, -2.0, (0.0,)))  # a window of one: all of it
-
-
-def test_fit_weights_prefers_no_weight_when_the_evidence_does_not_help():
-    lm_right = {"1": 0.02, "2": 0.9, "3": 0.02, "4": 0.03, "5": 0.03}
-    habits_wrong = {"1": 0.05, "2": 0.05, "3": 0.05, "4": 0.05, "5": 0.8}
-    answered = [Answered("q", "2", "2", lm_right, {"answer_habits": habits_wrong})] * 3
-    assert fit_weights(TASK, answered) == {"lm": 1.0}
-
-
-def _pointing_at(label: str, p: float) -> dict[str, float]:
-    return {other: p if other == label else (1 - p) / 4 for other in TASK.labels}
-
-
-def test_the_tools_relative_weights_come_from_the_users_history_and_the_lms_from_the_replays():
-    """On three replays the user's habits look a little better than their similar past answers;
-    over their history (no LM needed), the similar answers are right and the habits wrong."""
-    uniform = {label: 0.2 for label in TASK.labels}
-    history = [Answered("q", gold, "", uniform, {"search_memory": _pointing_at(gold, 0.6), "answer_habits": _pointing_at("5", 0.6)})
-               for gold in "1234" * 3]
-    lm_unsure = _pointing_at("3", 0.3)
-    replays = [Answered("q", "5", "3", lm_unsure, {"search_memory": _pointing_at("5", 0.6), "answer_habits": _pointing_at("5", 0.8)})] * 3
-    from_replays_alone = fit_weights(TASK, replays)
-    assert from_replays_alone.get("answer_habits", 0) > 0
-    weights = fit_weights(TASK, replays, history)
-    assert weights.get("search_memory", 0) > 0 and "answer_habits" not in weights
-
-
-def test_a_tool_without_evidence_in_the_history_is_fitted_on_the_replays():
-    """LaMP-1's candidate comparison may have no evidence on older interactions; the replays can
-    still give it weight (it is not dropped with the tools the history fitted)."""
-    uniform = {label: 0.2 for label in TASK.labels}
-    history = [Answered("q", gold, "", uniform, {"answer_habits": _pointing_at("5", 0.6)}) for gold in "1234" * 3]
-    replays = [Answered("q", gold, "3", _pointing_at("3", 0.4), {"compare_candidates": _pointing_at(gold, 0.9)})
-               for gold in "125"]
-    weights = fit_weights(TASK, replays, history)
-    assert weights.get("compare_candidates", 0) > 0 and "answer_habits" not in weights
+    assert sign_test(3, 0) == 0.125 and sign_test(2, 0) == 0.25 and sign_test(4, 1) == 0.1875
+    assert not Score(2 / 3, -0.7, (1.0, 1.0, 0.0)).beats(current)  # one more right: p = 1/2
+    assert not Score(1.0, -0.5, (1.0, 1.0, 1.0)).beats(current)  # two of two: p = 1/4
+    assert Score(1.0, -0.5, (1.0, 1.0, 1.0)).beats(Score(0.0, -2.0, (0.0, 0.0, 0.0)))  # three of three: 1/8
+    assert not Score(1 / 3, -1.0, (0.0, 1.0, 0.0)).beats(current)  # a win and a loss
+    assert not Score(1.0, -0.1, (1.0,)).beats(Score(0.0, -2.0, (0.0,)))  # a window of one proves nothing
 
 
 @pytest.mark.parametrize("reflection, note", [
@@ -201,13 +164,13 @@ def _field(prompt: str, name: str) -> str:
 def test_the_reflection_lm_is_separate(program):
     answering, reflecting = fake_lm({"answer": "5"}), fake_lm(_reflection())
     with use_lm(answering):
-        PersonaAlignment(n_recent=2, reflection_lm=reflecting, calibrate=False).compile(program, trainset=_trainset())
+        PersonaAlignment(n_recent=2, reflection_lm=reflecting).compile(program, trainset=_trainset(), strength=FIXED)
     assert len(reflecting.engine.requests) == 1 and len(answering.engine.requests) == 3 + 2 + 3
 
 
 def test_no_reflection_without_a_loss(program):
     aligned, usage, _ = _align(program, "2")  # every replay right: nothing to learn from
-    assert usage.calls == 3 + 3 and len(aligned.alignment) == 1
+    assert usage.calls == 3 + 3 and len(aligned.alignment) == 2  # the initial state and its adaptation
 
 
 def test_the_budget_shrinks_the_validation_window(program):

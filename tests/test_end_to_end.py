@@ -205,14 +205,15 @@ def test_compile_interrupted_resumes_and_is_tracked_then_ask_answers(tmp_path, s
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["personaagent-compile"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 2 and parents[0].data.params["optimizer"] == "persona"
+    # Users aligned by either compile (the first may have saved both before it was killed).
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {p.info.run_id for p in parents}]
     compiled = [r for r in children if r.data.tags.get("status") == "compiled"]
     assert compiled and {r.data.tags["user_id"] for r in compiled} <= set(users)
     client = mlflow.MlflowClient()
     run = compiled[0]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "personas")]
-    assert "seconds_replay" in run.data.metrics  # where the alignment's time went
+    assert "seconds_adaptation" in run.data.metrics  # where the alignment's time went
     assert run.data.metrics["lm_calls"] > 0
 
     state = UserStore(store, embedder=object()).load_state(users[0])

@@ -188,7 +188,7 @@ def test_align_in_the_background_then_read_the_new_persona_version(client):
     persona = client.get("/v1/users/alice/persona").json()
     assert persona["compiled"] and persona["current_version"] == 3
     assert [v["version"] for v in persona["versions"]] == [1, 2, 3]
-    assert persona["versions"][1]["note"] == "evidence weights fitted on the replays"
+    assert persona["versions"][1]["note"].startswith("evidence weights and label offsets")
     assert persona["persona"]["summary"] == REWRITE["summary"] == persona["versions"][2]["persona"]["summary"]
     assert persona["versions"][2]["score"] is None  # not validated
     assert client.post("/v1/users/alice/answer", json={"text": "review: fine"}).json()["persona_version"] == 3

@@ -15,6 +15,7 @@ from personaagent.program.memory import Profile
 from personaagent.app.service import (AlignmentRunning, InvalidRequest, LMUnavailable, NotFound, PersonaService,
                                           ServiceBusy)
 from personaagent.program.persona import Persona, PersonaVersion
+from personaagent.optimizers.population import Combination, PopulationModel
 from personaagent.program.store import ProgramState, UserStore
 from personaagent.program.testing import FakeEngine
 
@@ -32,7 +33,7 @@ REWRITE = {  # what the fake reflection LM writes: a persona that passes the che
 SOURCES = ["search_memory", "read_profile", "answer_habits"]
 # Alice's real ratings swing between 1 and 5: neither the LM ("4") nor her label habits predict
 # them, so her replays leave a loss for the reflection to learn from.
-ALICE = [Interaction(f"review {i}: guitar strings number {i}", rating, float(i)) for i, rating in enumerate("1515")]
+ALICE = [Interaction(f"review {i}: guitar strings number {i}", rating, float(i)) for i, rating in enumerate("151515")]
 
 
 class GatedEngine(FakeEngine):
@@ -194,7 +195,7 @@ def test_concurrent_appends_are_never_lost(service, store):
         added = [record for batch in pool.map(append, range(8)) for record in batch]
     assert len(set(added)) == 200  # each append got its own record id
     reopened = UserStore(store.root, store.embedder)  # what is on disk, not what is cached
-    assert len(reopened.memory("alice")) == 4 + 100 and len(reopened.memory("erin")) == 100
+    assert len(reopened.memory("alice")) == len(ALICE) + 100 and len(reopened.memory("erin")) == 100
     assert {r.input for r in reopened.memory("erin").all()} == {f"worker {w} item {i}" for w in (0, 2, 4, 6) for i in range(25)}
     # A retried append (same interaction, same timestamp) is recorded once.
     assert service.add_interaction("erin", "retried", "5", timestamp=1.0) and not service.add_interaction("erin", "retried", "5", timestamp=1.0)
@@ -265,7 +266,9 @@ def test_an_lm_failure_is_reported_as_unavailable_and_the_service_goes_on(servic
 
 def test_alignment_records_every_version_and_the_new_persona_is_served(service, store, engine):
     # Validated (the default): the fake LM gets Alice's ratings right only under the rewrite, so
-    # the rewrite scores better on her earlier interactions and is kept.
+    # the rewrite scores better on her earlier interactions and is kept. The store's population
+    # model (as a compile saved it) trusts the LM, and so much that her evidence cannot move it.
+    store.save_population(PopulationModel([Combination()] * 5, strength=1e9, users=10, items=60).to_dict())
     engine.gate.clear()
     job = service.align("alice", n_recent=3)
     assert engine.entered.wait(30)
@@ -278,7 +281,8 @@ def test_alignment_records_every_version_and_the_new_persona_is_served(service, 
     state = store.load_state("alice")
     calibration, rewrite = state.versions[1:]
     assert [v.version for v in state.versions] == [1, 2, 3] and state.current.version == 3
-    assert calibration.note == "evidence weights fitted on the replays" and calibration.persona["weights"]
+    assert calibration.note.startswith("evidence weights and label offsets: the population model (fitted on other users)")
+    assert calibration.persona["weights"]["lm"] == pytest.approx(1.0)
     assert calibration.persona["summary"] == "Alice rates guitar gear generously."  # no LM call: the text stays
     assert rewrite.accepted and rewrite.score > calibration.score and rewrite.likelihood is not None
     assert rewrite.persona["summary"] == REWRITE["summary"] and rewrite.persona["sources"] == SOURCES
