@@ -193,6 +193,8 @@ def cmd_demo(args) -> int:
     """The README's main job: compile the bundled sample users, show the personas, answer with one."""
     from ..data import SAMPLE_DIR, load
     from ..optimizers.compile import CompileConfig, compile_users
+    from ..optimizers.population import PopulationModel
+    from ..program.agent import combine
     from ..program.lm import make_lm, use_lm
     from ..program.store import UserStore
 
@@ -215,7 +217,8 @@ def cmd_demo(args) -> int:
                   f"feedback: {v.feedback.splitlines()[0] if v.feedback else '-'}")
         persona = current.persona
         print(f"--- persona after (v{current.version}): shown {', '.join(persona.get('sources', [])) or 'no tools'}, "
-              f"{len(persona.get('demos', []))} demos, evidence weights {persona.get('weights') or 'none'}\n"
+              f"{len(persona.get('demos', []))} demos, evidence weights {_rounded(persona.get('weights'))}, "
+              f"label offsets {_rounded(persona.get('bias'))}\n"
               f"{current.instructions['answer']}\n")
     compiled = [r.user_id for r in report.results if r.status != "failed"]
     if not compiled:
@@ -224,17 +227,31 @@ def cmd_demo(args) -> int:
     user = data.users[compiled[0]]
     store = UserStore(args.store)
     program = store.load_program(user.user_id)
+    saved = store.load_population()
+    prior = PopulationModel.from_dict(saved["model"]).prior_for(user.user_id) if saved else None
+    state = store.load_state(user.user_id)
+    print(f"User {user.user_id}'s persona text: " + (state.persona.text.replace("\n", " / ") if state.persona.text.strip()
+          else "none: " + next((v.note for v in reversed(state.versions) if not v.accepted),
+                               "no rewrite was tried (every replayed answer was right)")))
     with use_lm(make_lm(config.lm)):
         for question in user.questions:
             pred = program(question=question.question)
             tools = ", ".join(step["tool"] for step in pred.trajectory) or "none"
             confidence = f" (probability {pred.confidence:.2f})" if pred.get("confidence") is not None else ""
-            print(f"Asked as user {user.user_id} (tools used: {tools}):\n  {question.question[:160]}...\n"
-                  f"  answer: {pred.answer}{confidence}   what the user really gave: {question.answer}")
+            print(f"Asked as user {user.user_id} (tools used: {tools}):\n  {question.question[:160]}...")
+            if prior is not None and pred.get("lm_scores"):
+                # The same LM distribution and evidence, combined as the population model would, unadapted.
+                shared = data.task.decide(combine(pred.lm_scores, pred.evidence, prior.weights, prior.bias))
+                print(f"  the population model's answer (population v{saved['version']}, without this user): {shared}")
+            print(f"  this user's adapted answer: {pred.answer}{confidence}   what the user really gave: {question.answer}")
     store.close()
     print(f"\nSee the runs: personaagent ui --tracking-uri {args.tracking_uri or DEFAULT_TRACKING_URI}  "
           "(then open http://127.0.0.1:5000)")
     return 0
+
+
+def _rounded(values: dict | None) -> str:
+    return ", ".join(f"{k} {v:+.2f}" for k, v in values.items()) if values else "none"
 
 
 def _score(value) -> str:

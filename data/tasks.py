@@ -138,6 +138,9 @@ class TaskSpec:
     # Where the item a question is about begins (the article, review or abstract after the task's
     # wording); None: the whole question is its subject.
     subject_marker: str | None = None
+    # Whether the answer is a short text in the user's own style (a headline, a title, a tweet),
+    # whose persona states that style; a chat reply or a label is not.
+    styled: bool = False
 
     def to_memory(self, item: dict) -> Interaction:
         parts = [f"{name}: {item[name]}" for name in self.content_fields if item.get(name) not in (None, "")]
@@ -413,12 +416,12 @@ LAMP_TASKS: dict[str, TaskSpec] = {
                  subject_marker="review: "),
         TaskSpec("LaMP-4", "generation", "write the headline the journalist gives an article",
                  None, _generation_interaction("Generate a headline for the following article:", "text", "title"),
-                 ("text",), "title", subject_marker="article:"),
+                 ("text",), "title", subject_marker="article:", styled=True),
         TaskSpec("LaMP-5", "generation", "write the title the author gives a paper abstract",
                  None, _generation_interaction("Generate a title for the following abstract of a paper:", "abstract", "title"),
-                 ("abstract",), "title", subject_marker="paper:"),
+                 ("abstract",), "title", subject_marker="paper:", styled=True),
         TaskSpec("LaMP-7", "generation", "paraphrase a tweet in the user's own style",
-                 None, _no_interaction, ("text",), None),
+                 None, _no_interaction, ("text",), None, styled=True),
     )
 }
 

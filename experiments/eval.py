@@ -52,6 +52,7 @@ BASELINES = ("none", "icl", "rag", "membank", "react")
 COMPILED = {"persona_noalign": "none", "persona": "persona", "gepa": "gepa"}  # method -> optimizer
 ABLATED = {f"persona_{name}": name for name in ABLATIONS}  # method -> ablation of the aligned program
 METHODS = NON_LLM + BASELINES + ("persona_noalign", "persona", *ABLATED, "gepa")
+READS_PROFILE = ("membank", "react")  # baselines whose context can show the semantic profile
 REFERENCE = "persona"  # every other method's difference to it gets an interval
 BOOTSTRAP_ROUNDS = 2000
 
@@ -157,13 +158,15 @@ class Evaluation:
         store.close()
         return {"user_id": user.user_id, "answers": answers, "compile": compile_cost}
 
-    def _base(self, user: UserData) -> UserStore:
-        """The store every method shares: the user's memory and profile, made once."""
+    def _base(self, user: UserData, with_profile: bool = True) -> UserStore:
+        """The store every method shares: the user's memory, and their profile (one generation,
+        made once) for the methods that read it."""
         base = UserStore(self.out / "stores" / "base")
-        if not (base.user_dir(user.user_id) / "profile.json").exists():
-            memory = base.memory(user.user_id)
+        memory = base.memory(user.user_id)
+        if len(memory) < len(user.memories):
             memory.add(user.memories)
             memory.flush()
+        if with_profile and not (base.user_dir(user.user_id) / "profile.json").exists():
             with use_lm(self._lm()):
                 profile = SemanticMemory()(task=self.data.task, records=memory.all(), previous=base.profile(user.user_id))
                 base.save_profile(user.user_id, profile.profile)
@@ -187,7 +190,7 @@ class Evaluation:
     def _prepare(self, method: str, user: UserData) -> tuple[UserStore, dict | None]:
         """The store the method answers from (compiled methods: their own, compiled by `_compile`),
         and what compiling the user cost."""
-        base = self._base(user)
+        base = self._base(user, with_profile=method in READS_PROFILE or method in COMPILED)
         if method not in COMPILED:
             return base, None
         base.close()
@@ -345,6 +348,8 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
     evaluation = Evaluation(data, out, lm, config or CompileConfig(lm=lm), questions_per_user, tracking_uri)
     summaries, rows_by_method = [], {}
     mlflow = setup_mlflow(tracking_uri, "personaagent-eval", autolog=False)
+    # Named, not taken from the active experiment: the compiles in between set their own.
+    experiment_id = mlflow.get_experiment_by_name("personaagent-eval").experiment_id
     for method in methods:
         started = time.perf_counter()
         rows = evaluation.run_method(method)
@@ -354,7 +359,7 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
         rows_by_method[method] = rows
         summary = summarize(data.task, method, rows)
         summaries.append(summary)
-        with mlflow.start_run(run_name=f"{data.task.name} {method}", tags={"task": data.task.name, "method": method}):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{data.task.name} {method}", tags={"task": data.task.name, "method": method}):
             mlflow.log_params({"data": data.source, "users": len(data.users), "lm": lm, "method": method,
                                "questions_per_user": questions_per_user or "all"})
             mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})

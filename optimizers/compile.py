@@ -51,7 +51,7 @@ from .engines import Engine, LocalEngine
 from .gepa import GepaAlignment
 from .persona import ACCEPTANCE, PersonaAlignment, Unaligned, VersionedTeleprompter, past_interaction
 from .population import Answered, PopulationModel, fit_population
-from .tracking import MlflowObserver, Observer, Tracker, seconds_metrics, tracking_uri_or_default
+from .tracking import MlflowObserver, Observer, Tracker, seconds_metrics, tracking_uri_or_default, untraced
 
 Optimizer = Literal["persona", "gepa", "none"]
 
@@ -272,8 +272,9 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
     try:
         with store.lock(user.user_id):
             keys = stage_keys(config, task, user, _key(population) if population else "")
-            if until:
-                return _compile(store, task, user, config, keys, lm, Observer(), model, until=until)
+            if until:  # untracked: this user's run is the next pass's
+                with untraced():
+                    return _compile(store, task, user, config, keys, lm, Observer(), model, until=until)
             previous = store.load_state(user.user_id)
             # The program names the key it was saved under: the one truth of what it was compiled
             # from, even when a kill came between writing it and logging its stage.

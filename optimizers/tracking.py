@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -50,6 +51,31 @@ def setup_mlflow(tracking_uri: str | None, experiment: str, autolog: bool = True
 
         mlflow.dspy.autolog(log_compiles=True, log_evals=True, log_traces=True, silent=True)
     return mlflow
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """No MLflow trace of the LM calls in the block: work outside any user's run (where forgetting
+    the user could not find it) must leave none. A failing tracking store changes nothing here."""
+    if "mlflow" not in sys.modules:
+        yield
+        return
+    import mlflow.tracing
+    from mlflow.tracing.provider import is_tracing_enabled
+
+    def quietly(call, default=None):
+        try:
+            return call()
+        except Exception:  # tracking never stops the work
+            return default
+
+    was_enabled = quietly(is_tracing_enabled, False)
+    quietly(mlflow.tracing.disable)
+    try:
+        yield
+    finally:
+        if was_enabled:
+            quietly(mlflow.tracing.enable)
 
 
 class Tracker:

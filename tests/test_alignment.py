@@ -3,10 +3,11 @@ from dataclasses import replace
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.optimizers.persona import PersonaAlignment, Score, past_interaction, sign_test
+from personaagent.optimizers.persona import ACCEPTANCE, PersonaAlignment, Score, past_interaction, sign_test
 from personaagent.optimizers.population import Combination
 from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Cutoff, Profile
+from personaagent.program.persona import Persona
 from personaagent.program.store import UserStore
 from personaagent.program.testing import fake_lm
 
@@ -75,9 +76,12 @@ def _wrong_on_replays_and_once_rewritten(prompt: str) -> str:
 
 
 def test_a_worse_scoring_candidate_is_never_accepted(program):
+    current = Score(1.0, -0.1, (1.0, 1.0, 1.0))
+    assert not ACCEPTANCE["validated"].accept(Score(0.0, -3.0, (0.0, 0.0, 0.0)), current)
+    # Here the window is answered right already: no candidate could be better on it, so none is
+    # written (no reflection call is spent) and the program keeps its text and demos.
     aligned, usage, _ = _align(program, _wrong_on_replays_and_once_rewritten)
-    rewrite = aligned.alignment[-1]
-    assert not rewrite.accepted and rewrite.likelihood < aligned.alignment[0].likelihood
+    assert usage.calls == 3 + 3 and len(aligned.alignment) == 2
     assert aligned.instructions == program.instructions and aligned.persona.demos == []
 
 
@@ -188,3 +192,48 @@ def test_student_is_not_modified_and_bad_settings_are_refused(program):
         PersonaAlignment(acceptance="sometimes")
     with pytest.raises(ValueError, match="at least one past interaction"):
         PersonaAlignment().compile(program, trainset=[])
+
+
+HEADLINES = ["Senate Passes Budget: What Comes Next", "Mayor Quits Amid Scandal: Five Questions", "Storm Hits Coast: Towns Brace",
+             "Court Blocks Rule: Who Wins Now", "Team Wins Title: A Look Back", "Star Returns Home: Fans Rejoice",
+             "Market Falls Again: Why It Matters"]
+
+
+def test_a_generation_rewrite_states_the_users_style_from_their_history(tmp_path, embedder):
+    """The assistant writes short lower-case headlines; the user writes Title Case with a colon. The
+    rewrite states that style (computed from every past headline), copies none, names no topic,
+    and is kept only because its headlines are better on the validation window."""
+    task = LAMP_TASKS["LaMP-4"]
+    store = UserStore(tmp_path, embedder)
+    articles = [f"Generate a headline for the following article: story number {i} about events" for i in range(7)]
+    store.memory("hana").add([Interaction(a, h, float(i)) for i, (a, h) in enumerate(zip(articles, HEADLINES))])
+    program = store.build("hana", task)
+    trainset = [past_interaction(a, h, Cutoff(Interaction(a, h, float(i)).key, float(i)))
+                for i, (a, h) in enumerate(zip(articles, HEADLINES))]
+    gold = dict(zip(articles, HEADLINES))
+
+    def headline(prompt: str) -> str:
+        article = _field(prompt, "question").strip()
+        return gold[article] if "Title Case" in prompt else "events happen"
+
+    lm = fake_lm({"answer": headline})
+    with use_lm(lm), UsageMeter(lm) as usage:
+        aligned = PersonaAlignment(n_recent=3).compile(program, trainset=trainset)
+    rewrite = aligned.alignment[-1]
+    assert rewrite.accepted and rewrite.score == 1.0 > aligned.alignment[0].score
+    rules = rewrite.persona["rules"]
+    assert "Write about 6 words." in rules and any("Title Case" in r for r in rules)
+    assert any("colon" in r and "100%" in r for r in rules) and any("Never use" in r and "a question" in r for r in rules)
+    assert "length: the assistant wrote 2 words, the user" in rewrite.feedback
+    assert not any(h.lower() in aligned.instructions.lower() for h in HEADLINES)
+    assert usage.calls == 3 + 3 + 3  # the history, then the candidate's validation: no reflection LM call
+    store.close()
+
+
+def test_a_rewrite_that_copies_a_past_headline_is_rejected():
+    copied = Persona("Writes sharp political headlines for a news site.", rules=[f"Write like: {HEADLINES[0]}"])
+    assert any("copies a past answer" in p for p in copied.problems([], HEADLINES))
+    own = Persona("Writes sharp political headlines for a news site.", rules=["Write about 6 words."])
+    assert own.problems([], HEADLINES) == []
+    # a label is no text to copy
+    assert Persona("Files most articles under politics.", rules=["politics"]).problems([], ["politics"]) == []

@@ -100,7 +100,8 @@ def test_a_rerun_resumes_at_the_first_stage_whose_inputs_changed(tmp_path, data,
     # A new alignment setting: the memory and the profile are reused, so no profile call.
     changed = compile_with(CompileConfig(validation=2), fake_lm(answers(data)))
     assert all(r.stages_run == ["history", "align", "save"] for r in changed.results)
-    assert {r.user_id: r.lm_calls for r in changed.results} == {STEADY: 2 + 3, VARIED: 2 + 3 + 1 + 2}
+    # A window of 2 can never pass the sign test: no reflection is written for it.
+    assert {r.user_id: r.lm_calls for r in changed.results} == {STEADY: 2 + 3, VARIED: 2 + 3}
     kept = {user: len(UserStore(store).load_state(user).versions) for user in data.users}
 
     # Killed while saving: the aligned versions were saved by their own stage, so the rerun only

@@ -214,7 +214,7 @@ def test_compile_interrupted_resumes_and_is_tracked_then_ask_answers(tmp_path, s
     run = compiled[0]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "personas")]
     assert "seconds_adaptation" in run.data.metrics  # where the alignment's time went
-    assert run.data.metrics["lm_calls"] > 0
+    assert max(r.data.metrics["lm_calls"] for r in compiled) > 0  # the history a user was aligned from
 
     state = UserStore(store, embedder=object()).load_state(users[0])
     assert state.versions and state.current.instructions["answer"]

@@ -279,12 +279,12 @@ def test_alignment_records_every_version_and_the_new_persona_is_served(service, 
     assert (job.status, job.error, job.new_versions, job.current_version) == ("succeeded", "", [2, 3], 3)
 
     state = store.load_state("alice")
-    calibration, rewrite = state.versions[1:]
+    adapted, rewrite = state.versions[1:]
     assert [v.version for v in state.versions] == [1, 2, 3] and state.current.version == 3
-    assert calibration.note.startswith("evidence weights and label offsets: the population model (fitted on other users)")
-    assert calibration.persona["weights"]["lm"] == pytest.approx(1.0)
-    assert calibration.persona["summary"] == "Alice rates guitar gear generously."  # no LM call: the text stays
-    assert rewrite.accepted and rewrite.score > calibration.score and rewrite.likelihood is not None
+    assert adapted.note.startswith("evidence weights and label offsets: the population model (fitted on other users)")
+    assert adapted.persona["weights"]["lm"] == pytest.approx(1.0)
+    assert adapted.persona["summary"] == "Alice rates guitar gear generously."  # no LM call: the text stays
+    assert rewrite.accepted and rewrite.score > adapted.score and rewrite.likelihood is not None
     assert rewrite.persona["summary"] == REWRITE["summary"] and rewrite.persona["sources"] == SOURCES
     assert REWRITE["gradient"] in rewrite.feedback
     assert rewrite.instructions["answer"].startswith(Persona(**rewrite.persona).render())

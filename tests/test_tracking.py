@@ -47,7 +47,9 @@ def test_forgetting_leaves_no_byte_of_the_user_in_the_store_or_mlflow(tmp_path, 
     tmp_path.mkdir()
     monkeypatch.chdir(tmp_path)  # MLflow's artifacts go under the working directory
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    report = compile_users(log, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=_fake())
+    # The paper's acceptance: every loss is reflected on, so each user's text reaches their run's traces.
+    report = compile_users(log, tmp_path / "store", CompileConfig(acceptance="always"), tracking_uri=uri, progress=False,
+                           lm=_fake())
     assert report.counts["compiled"] == 2 and not report.tracking_errors
     for secret in SECRETS.values():  # the compile's traces carried each user's text into MLflow
         assert "mlflow.db" in _files_with(tmp_path, secret) and any(f.startswith("store") for f in _files_with(tmp_path, secret))
