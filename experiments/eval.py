@@ -177,7 +177,7 @@ class Evaluation:
         (`compile_users`: histories, the population model, alignment), starting from the shared
         profile so that compiling does not pay for writing it again."""
         root = self.out / "stores" / method
-        for user in users:
+        for user in tqdm(users, desc="profiles", unit="user"):
             self._base(user).close()
             target = UserStore(root).user_dir(user.user_id)
             target.mkdir(parents=True, exist_ok=True)
