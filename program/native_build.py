@@ -45,6 +45,7 @@ X86_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 ALWAYS_OFF = ("AMX_TILE", "AMX_INT8", "AMX_BF16")
 # The flags worth naming when something fails: what the build may use, and what it never uses.
+BUILD_RECORD = "personaagent-llama-build.json"  # in an environment's prefix: which build it has installed
 RELEVANT_FLAGS = tuple(sorted({f for _, needs in X86_OPTIONS for f in needs} | {"amx_tile", "amx_int8", "amx_bf16"}))
 
 
@@ -92,7 +93,7 @@ def marker(python: str) -> Path:
     """Where an environment records which build it has installed."""
     prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
                             check=True).stdout.strip()
-    return Path(prefix) / "personaagent-llama-build.json"
+    return Path(prefix) / BUILD_RECORD
 
 
 def install(python: str = sys.executable) -> str:
@@ -124,7 +125,7 @@ def install(python: str = sys.executable) -> str:
 
 def installed_build(prefix: str = sys.prefix) -> dict:
     """What `install` recorded for this environment ({} when llama.cpp was installed otherwise)."""
-    record = Path(prefix) / "personaagent-llama-build.json"
+    record = Path(prefix) / BUILD_RECORD
     return json.loads(record.read_text()) if record.is_file() else {}
 
 
