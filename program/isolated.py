@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from .native_build import RELEVANT_FLAGS, cpu_flags, installed_build
@@ -91,6 +92,7 @@ def _serve(conn: Connection, model_name: str, options: dict) -> None:
 
     from .lm import LlamaCppEngine
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     engine = LlamaCppEngine(model_name, **options)
     crash_if_asked(SELF_TEST_PROMPT)
     engine.self_test(SELF_TEST_PROMPT)
@@ -111,6 +113,14 @@ def _serve(conn: Connection, model_name: str, options: dict) -> None:
             except Exception:  # not picklable: its text is enough
                 conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
     engine.close()
+
+
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """A child whose parent was killed mid-request would otherwise finish the request (minutes on
+    a long prompt) before its next read finds the pipe closed, holding a core nobody uses."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 class IsolatedEngine:

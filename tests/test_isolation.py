@@ -122,3 +122,30 @@ def test_a_compile_whose_engine_crashes_on_one_user_finishes_the_others(small_mo
     after = UserStore(store).load_state(first)
     assert after.current.version == before.current.version and after.updated_at == before.updated_at
 
+
+
+def test_a_killed_parent_does_not_leave_its_engine_running():
+    """A parent killed mid-request (an eval stopped with kill) takes its engine's child with it,
+    instead of leaving it to finish the request on a core nobody uses. The request is a prompt of
+    about 1,500 tokens on the default model and one thread: tens of seconds."""
+    script = ("from personaagent.program.isolated import IsolatedEngine\n"
+              f"engine = IsolatedEngine({models.DEFAULT_MODEL!r})\nprint(engine.pid, flush=True)\n"
+              "engine.score([{'role': 'user', 'content': 'one word ' * 750}], [' a', ' b'])\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PERSONAAGENT_THREADS": "1"})
+    child = int(parent.stdout.readline())
+    time.sleep(0.5)  # the long request is running in the child
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.2)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z")  # a zombie has exited
