@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import itertools
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -30,8 +31,10 @@ import faiss
 import numpy as np
 
 from ..data.tasks import Interaction, TaskSpec
-from .embedder import Embedder
+from .embedder import Embedder, MiniLMEmbedder
 from .storage import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 # Exact search up to this size; above it an inverted-file index keeps search well under a millisecond.
 IVF_THRESHOLD = 20_000
@@ -113,6 +116,7 @@ class EpisodicMemory:
         self._db.executescript(self.SCHEMA)
         self._index_text_of_older_logs()
         self._index_path = self.directory / "episodic.faiss"
+        self._adopt_log()
         self._index, self._index_version = self._load_or_rebuild_index()
         self._seen = self._version()  # the log version the index in memory reflects
         self._cutoff: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cutoff", default=None)
@@ -143,6 +147,47 @@ class EpisodicMemory:
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('text_index', '1')")
                 self._db.execute("COMMIT")
 
+    def _recorded_embedder(self) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='embedder'").fetchone()
+        return row[0] if row else None
+
+    def _adopt_log(self) -> None:
+        """Makes the log's vectors this embedder's (`_reembed_log`); one read when they already are."""
+        with self._lock:
+            if self._recorded_embedder() == self.embedder.name:
+                return
+            recorded = self._recorded_embedder() or MiniLMEmbedder.name
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._reembed_log()
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:  # a read-only store, say: its vectors stay unsearchable here
+                raise RuntimeError(f"memory {self.directory}: embedded with {recorded}, this process embeds with "
+                                   f"{self.embedder.name} and cannot re-embed it ({exc})") from exc
+
+    def _reembed_log(self) -> None:
+        """Inside a write transaction. Vectors of two models never meet in one search: a log
+        embedded by another model (another process may have re-embedded it since) is re-embedded
+        by this one from its texts, the log's source of truth; the index follows its version."""
+        recorded = self._recorded_embedder()
+        if recorded == self.embedder.name:
+            return
+        recorded = recorded or MiniLMEmbedder.name  # logs from before the name was recorded hold MiniLM's
+        rows = self._db.execute("SELECT id, input FROM records ORDER BY id").fetchall()
+        if rows and recorded != self.embedder.name:
+            log.warning("memory %s: embedded with %s, opened with %s: re-embedding its %d records from the log",
+                        self.directory, recorded, self.embedder.name, len(rows))
+            vectors = self.embedder.embed([r[1] for r in rows])
+            self._db.executemany("UPDATE records SET embedding = ? WHERE id = ?",
+                                 [(v.tobytes(), r[0]) for r, v in zip(rows, vectors)])
+            self._bump_version()
+        self._db.execute("INSERT INTO meta VALUES ('embedder', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                         (self.embedder.name,))
+
     def _load_or_rebuild_index(self):
         version = self._version()
         stamp = self._index_path.with_suffix(".version")
@@ -151,6 +196,7 @@ class EpisodicMemory:
         return self._rebuild(), -1  # -1: the file on disk is stale until the next flush
 
     def _rebuild(self) -> faiss.Index:
+        self._adopt_log()
         rows = self._db.execute("SELECT id, embedding FROM records ORDER BY id").fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, self.embedder.dim)
@@ -212,6 +258,7 @@ class EpisodicMemory:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._reembed_log()  # the new vectors join only vectors of the same model
                 before = self._version()
                 ids, added = [], []
                 for (key, item), vector in zip(fresh, vectors):
