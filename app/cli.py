@@ -6,34 +6,45 @@ import argparse
 import os
 import signal
 import sys
+from dataclasses import fields
+from importlib.metadata import entry_points
 
 from ..optimizers.tracking import DEFAULT_TRACKING_URI, offline_environment, tracking_uri_or_default
 
 
-def _add_lm(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lm", default=None,
-                        help="local/<embedded model> (default local/qwen2.5-coder-1.5b) or any DSPy model string, "
-                             "e.g. openai/<model> with --api-base for vLLM, Ollama or llama.cpp's server")
+def add_settings(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
+    """An option per `CompileConfig` field in `names` (`n_recent`: --n-recent), with the field's
+    default (unless `defaults` overrides it), help and choices: the settings are declared only there."""
+    from ..optimizers.compile import CompileConfig
+
+    settings = {setting.name: setting for setting in fields(CompileConfig)}
+    for name in names:
+        setting = settings[name]
+        # A bool is a flag (argparse's type=bool reads "False" as true); any other type is the
+        # default's, and a setting that defaults to None (reflection_lm) is a string.
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(setting.default, bool) else {
+            "type": str if setting.default is None else type(setting.default),
+            "choices": setting.metadata.get("choices")}
+        parser.add_argument("--" + name.replace("_", "-"), default=defaults.get(name, setting.default),
+                            help=setting.metadata["help"], **kind)
+
+
+def add_lm(parser: argparse.ArgumentParser, **defaults) -> None:
+    add_settings(parser, "lm", **defaults)
     parser.add_argument("--api-base", default=None, help="base URL of an OpenAI-compatible server for --lm")
 
 
-def _add_max_versions(parser: argparse.ArgumentParser) -> None:
-    from ..program.storage import MAX_VERSIONS
+def config_from(args):
+    """The `CompileConfig` of the settings the command has options for; the others keep their defaults."""
+    from ..optimizers.compile import CompileConfig
 
-    parser.add_argument("--max-versions", type=int, default=MAX_VERSIONS,
-                        help="persona versions kept per user: the initial, the best, the current, then the latest")
+    return CompileConfig(**{s.name: getattr(args, s.name) for s in fields(CompileConfig) if hasattr(args, s.name)})
 
 
 def _require_store(path: str) -> None:
     """Commands that read a store must not create an empty one where a path is mistyped."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such store (compile users into it first)")
-
-
-def _lm_spec(args) -> str:
-    from ..program.lm import DEFAULT_LM
-
-    return args.lm or DEFAULT_LM
 
 
 def _lm_kwargs(args) -> dict:
@@ -44,12 +55,14 @@ def _lm_kwargs(args) -> dict:
 
 def cmd_models(args) -> int:
     from ..program import models
+    from ..program.embedder import prepare_embedder
     from ..program.isolated import EngineSelfTestFailed, build_features, self_test
     from ..program.native_build import installed_build
 
     if args.action == "prepare":
         name = args.name or models.DEFAULT_MODEL
         path = models.prepare(name)
+        prepare_embedder()  # a distilled embedder is built here once, not by the first request
         try:
             self_test(name)  # one real decode in a child process: a build that crashes here cannot serve
         except EngineSelfTestFailed as exc:
@@ -126,13 +139,10 @@ def cmd_rollback(args) -> int:
 
 def cmd_compile(args) -> int:
     from ..data.loaders import load
-    from ..optimizers.compile import CompileConfig, compile_users
+    from ..optimizers.compile import compile_users
 
     data = load(args.data, args.task).select(args.users, args.user)
-    config = CompileConfig(lm=_lm_spec(args), reflection_lm=args.reflection_lm, optimizer=args.optimizer,
-                           n_recent=args.n_recent, iterations=args.iterations, acceptance=args.acceptance,
-                           validation=args.validation, max_lm_calls=args.max_lm_calls,
-                           gepa_budget=args.gepa_budget, max_versions=args.max_versions)
+    config = config_from(args)
     # SIGTERM stops a compile as Ctrl-C does: MLflow runs end KILLED, every user keeps their last good persona.
     signal.signal(signal.SIGTERM, _interrupt)
     if args.engine == "ray":
@@ -177,12 +187,12 @@ def cmd_serve(args) -> int:
         return 2
     kinds = ("classification", "rating", "generation")
     default_task = generic_task(args.default_task) if args.default_task in kinds else resolve_task(args.default_task)
-    lm = make_lm(_lm_spec(args), **_lm_kwargs(args))
+    lm = make_lm(args.lm, **_lm_kwargs(args))
     reflection_lm = make_lm(args.reflection_lm) if args.reflection_lm else None
     print(f"serving {args.store} on http://{args.host}:{args.port} (OpenAPI description at /openapi.json)", flush=True)
     serve(args.store, token=token, host=args.host, port=args.port, lm=lm, reflection_lm=reflection_lm,
           default_task=default_task, max_loaded=args.max_loaded, max_versions=args.max_versions,
-          align_every=args.align_every,
+          align_every=args.align_every, register_prompts=args.register_prompts, persona_alias=args.persona_alias,
           tracking_uri=tracking_uri_or_default(args.tracking_uri))
     return 0
 
@@ -192,14 +202,14 @@ def cmd_serve(args) -> int:
 def cmd_demo(args) -> int:
     """The README's main job: compile the bundled sample users, show the personas, answer with one."""
     from ..data import SAMPLE_DIR, load
-    from ..optimizers.compile import CompileConfig, compile_users
+    from ..optimizers.compile import compile_users
     from ..optimizers.population import PopulationModel
     from ..program.agent import combine
     from ..program.lm import make_lm, use_lm
     from ..program.store import UserStore
 
     data = load(SAMPLE_DIR / args.sample).select(args.users)
-    config = CompileConfig(lm=_lm_spec(args))
+    config = config_from(args)
     print(f"Compiling {len(data.users)} sample users of {data.task.name} on {config.lm} "
           f"(persona alignment, n={config.n_recent}, {config.iterations} iteration) into {args.store}\n", flush=True)
     report = compile_users(data, args.store, config, tracking_uri=args.tracking_uri)
@@ -269,18 +279,18 @@ def cmd_ui(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from ..experiments import eval as evaluation
-
-    return evaluation.run(args, _lm_spec(args))
-
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser; `eval`'s options are added only when `argv` names it: they list every method,
-    which loads the evaluation and so the models, and `--help` should stay instant."""
+    """The parser. Options that load the optimizers, and so the models, are added only to the
+    command `argv` names (`when_named`), so `--help` stays instant: the settings, whose choices are
+    the optimizers' registries, and `eval`'s options, which list every method."""
     parser = argparse.ArgumentParser(prog="personaagent", description="Per-user personas for LLM agents, aligned at test time.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    named = sys.argv[1:] if argv is None else argv
+
+    def when_named(command: argparse.ArgumentParser, add_options, *args, **kwargs) -> None:
+        if command.prog.split()[-1] in named:  # its prog: "personaagent <command>"
+            add_options(command, *args, **kwargs)
 
     p = sub.add_parser("models", help="list the embedded models, or prepare one", description="List the embedded models and whether each is ready; `prepare [NAME]` installs, joins and verifies one, then runs one decode of it in a child process (a self-test: a crash there is reported as one line, exit status 2).")
     p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
@@ -292,7 +302,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("text", help="the question")
     p.add_argument("--verbose", action="store_true", help="show the persona, the tools used and their results")
-    _add_lm(p)
+    when_named(p, add_lm, lm=None)  # None: the LM the program was compiled with
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("compile", help="compile per-user programs offline", description="Ingest each user's history, write their profile and align their persona; resumable.")
@@ -302,22 +312,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     who = p.add_mutually_exclusive_group()
     who.add_argument("--users", type=int, default=None, help="compile the first N users")
     who.add_argument("--user", action="append", default=None, help="compile this user (repeatable)")
-    _add_lm(p)
-    p.add_argument("--reflection-lm", default=None, help="LM that critiques and rewrites personas (default: --lm)")
-    p.add_argument("--optimizer", choices=["persona", "gepa", "none"], default="persona")
-    p.add_argument("--n-recent", type=int, default=3, help="latest interactions replayed per user (paper: 3)")
-    p.add_argument("--iterations", type=int, default=1)
-    p.add_argument("--acceptance", choices=["validated", "always"], default="validated",
-                   help="keep a candidate only if it scores better on the user's earlier interactions (default), "
-                        "or always take the rewrite (the paper's setting)")
-    p.add_argument("--validation", type=int, default=3, help="earlier interactions every candidate is scored on")
-    p.add_argument("--max-lm-calls", type=int, default=10, help="LM calls per user's alignment (a scoring pass is one)")
-    p.add_argument("--gepa-budget", type=int, default=15, help="metric calls per user for --optimizer gepa")
+    when_named(p, add_lm)
+    when_named(p, add_settings, "reflection_lm", "optimizer", "n_recent", "iterations", "acceptance", "validation",
+               "max_lm_calls", "gepa_budget")
     p.add_argument("--workers", type=int, default=1, help="worker processes or Ray actors (each loads its own model)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this machine's processes; ray: actors on a Ray cluster (pip install personaagent[ray])")
     p.add_argument("--address", default=None, help="Ray cluster address for --engine ray (default: start a local one)")
-    _add_max_versions(p)
+    when_named(p, add_settings, "max_versions", "register_prompts")
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_compile)
 
@@ -331,7 +333,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="compile output directory")
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("--version", type=int, required=True, help="the version to restore")
-    _add_max_versions(p)
+    when_named(p, add_settings, "max_versions")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("serve", help="serve the users' programs over HTTP", description="Answer, remember and align for every user of a store over an HTTP API (OpenAPI description at /openapi.json); requests carry the bearer token from --token or PERSONAAGENT_TOKEN.")
@@ -339,17 +341,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="bearer token (default: $PERSONAAGENT_TOKEN, preferred: arguments show in ps)")
-    _add_lm(p)
-    p.add_argument("--reflection-lm", default=None, help="LM that critiques and rewrites personas when aligning (default: --lm)")
+    when_named(p, add_lm)
+    when_named(p, add_settings, "reflection_lm")
     p.add_argument("--default-task", default="generation",
                    help="task of users with no compiled program: classification, rating, generation or a LaMP task name")
     p.add_argument("--max-loaded", type=int, default=256, help="programs kept loaded, least recently used dropped first")
-    _add_max_versions(p)
+    when_named(p, add_settings, "max_versions")
     p.add_argument("--align-every", type=int, default=None,
                    help="online alignment: align a user in the background after every N new interactions with a known outcome")
     p.add_argument("--tracking-uri", default=None,
                    help=f"MLflow tracking URI the store's compiles used (default {DEFAULT_TRACKING_URI}): "
-                        "deleting a user also deletes their runs there")
+                        "deleting a user also deletes their runs and registered prompts there")
+    when_named(p, add_settings, "register_prompts")
+    p.add_argument("--persona-alias", default=None,
+                   help="serve each user's persona text from MLflow's prompt registry, the version under this alias "
+                        "(e.g. champion; see --register-prompts)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="compile the bundled sample users and answer with one", description="The main job: compile personas for bundled sample users on the embedded model, print them before and after, answer with one.")
@@ -357,16 +363,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sample", default="LaMP-3-amazon", choices=["LaMP-3-amazon", "LaMP-2N-huffpost"])
     p.add_argument("--users", type=int, default=3)
     p.add_argument("--tracking-uri", default=None, help=f"default {DEFAULT_TRACKING_URI}")
-    _add_lm(p)
+    when_named(p, add_lm)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="compare methods on the same users", description="Run every method on the same users' held-out questions; writes results.json, results.md and plots.")
-    if "eval" in (sys.argv[1:] if argv is None else argv):
-        from ..experiments.eval import add_arguments
-
-        add_arguments(p)
-        _add_lm(p)
-    p.set_defaults(func=cmd_eval)
+    # Commands of a layer above the app (`eval`, in experiments/) plug in as `personaagent.commands`
+    # entry points (pyproject.toml): the app finds them without importing them, so imports stay one
+    # way, and `eval` stays with the experiments (moved below the app, the evaluation, its baselines
+    # and plots would ship with what users deploy).
+    for command in entry_points(group="personaagent.commands"):
+        command.load()(sub, when_named)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1", description="Start the MLflow UI over the compile runs, offline.")
     p.add_argument("--tracking-uri", default=None, help=f"default {DEFAULT_TRACKING_URI}")

@@ -21,6 +21,7 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import fields
 from http import HTTPStatus
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Iterator, Literal
@@ -30,10 +31,11 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from ..optimizers.compile import CompileConfig
 from ..program.persona import PersonaVersion
 from .service import (AlignJob, AlignmentRunning, Answer, InvalidRequest, NotFound, PersonaService, ServiceError,
                       Unavailable)
@@ -104,12 +106,28 @@ class InteractionAdded(BaseModel):
     ids: list[int]
 
 
-class AlignRequest(BaseModel):
-    n_recent: int = Field(3, ge=1, le=20, description="latest interactions with a known output to replay (paper: 3)")
-    iterations: int = Field(1, ge=1, le=5)
-    acceptance: Literal["validated", "always"] = Field(
-        "validated", description="keep a candidate only if it scores better on the user's earlier interactions, "
-                                 "or always take the rewrite (the paper's setting)")
+# The settings an align request may choose (`PersonaService.align`'s), and the most one request may
+# ask for: the settings' own bounds would let one request start an alignment of any cost.
+ALIGN_SETTINGS = ("n_recent", "iterations", "acceptance")
+ALIGN_MAX = {"n_recent": 20, "iterations": 5}
+
+
+def _align_request() -> type[BaseModel]:
+    """The align request's body, made from `CompileConfig`'s fields: their defaults, help, choices
+    and minimums."""
+    settings = {setting.name: setting for setting in fields(CompileConfig)}
+
+    def body_field(name: str) -> tuple:
+        setting = settings[name]
+        choices = setting.metadata.get("choices")
+        return (Literal[choices] if choices else type(setting.default),
+                Field(setting.default, ge=setting.metadata.get("min"), le=ALIGN_MAX.get(name),
+                      description=setting.metadata["help"]))
+
+    return create_model("AlignRequest", **{name: body_field(name) for name in ALIGN_SETTINGS})
+
+
+AlignRequest = _align_request()
 
 
 class ChatMessage(BaseModel):
@@ -327,7 +345,7 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
     def align(user_id: UserId, body: AlignRequest | None = None) -> AlignJob:
         """Start test-time alignment on the latest interactions with a known output, in the background."""
         body = body or AlignRequest()
-        return service.align(user_id, body.n_recent, body.iterations, body.acceptance)
+        return service.align(user_id, **body.model_dump())
 
     @api.get("/users/{user_id}/align/{job_id}", response_model=AlignJob, tags=["alignment"])
     def align_status(user_id: UserId, job_id: str) -> AlignJob:

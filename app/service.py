@@ -39,13 +39,16 @@ import faiss
 from dspy.utils.exceptions import AdapterParseError, LMError
 
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
+from ..optimizers.compile import CompileConfig
 from ..optimizers.persona import PersonaAlignment, past_interaction
 from ..optimizers.population import PopulationModel
-from ..optimizers.tracking import MlflowObserver, Observer, Tracker, forget_user, seconds_metrics
+from ..optimizers.tracking import (MlflowObserver, Observer, PromptRegistry, Tracker, forget_user, registered_persona,
+                                   seconds_metrics)
 from ..program.agent import PersonaProgram
-from ..program.lm import DEFAULT_LM, LOCAL_PREFIX, make_lm, use_lm
+from ..program.persona import Persona
+from ..program.lm import LOCAL_PREFIX, make_lm, use_lm
 from ..program.memory import Cutoff
-from ..program.storage import MAX_VERSIONS, validate_user_id
+from ..program.storage import validate_user_id
 from ..program.store import ProgramState, UserStore
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -130,6 +133,10 @@ class _Loaded:
     program: PersonaProgram
     state: ProgramState | None
     stamp: tuple
+    version: int | None = None  # the persona version it serves (None: the default program)
+
+
+REGISTRY_REFRESH_S = 30  # with `persona_alias`: how often a loaded persona rereads the registry's alias
 
 
 def _unknown(user_id: str) -> NotFound:
@@ -145,13 +152,20 @@ def _single_threaded_search() -> None:
 class PersonaService:
     """Answers, remembers and aligns for every user of a compile output directory; thread-safe."""
 
-    def __init__(self, store: str | Path | UserStore, lm: dspy.LM | str = DEFAULT_LM, *,
+    def __init__(self, store: str | Path | UserStore, lm: dspy.LM | str = CompileConfig.lm, *,
                  reflection_lm: dspy.LM | None = None, default_task: TaskSpec | None = None,
                  max_loaded: int = 256, lm_workers: int | None = None, max_queued: int = 64,
-                 lm_retry_after: int = 5, tracking_uri: str | None = None, max_versions: int = MAX_VERSIONS,
-                 answer_deadline: float = 60.0, align_every: int | None = None):
+                 lm_retry_after: int = 5, tracking_uri: str | None = None,
+                 max_versions: int = CompileConfig.max_versions,
+                 answer_deadline: float = 60.0, align_every: int | None = None,
+                 register_prompts: bool = CompileConfig.register_prompts, persona_alias: str | None = None):
+        if (register_prompts or persona_alias) and not tracking_uri:
+            raise ValueError("the prompt registry is MLflow's: give tracking_uri with register_prompts or persona_alias")
         self.store = store if isinstance(store, UserStore) else UserStore(store, max_versions=max_versions)
         self.tracking_uri = tracking_uri  # where compiles of this store were tracked: deleting a user deletes their runs
+        # Accepted versions (alignments, rollbacks) go to the prompt registry; with `persona_alias`,
+        # each user's persona text is the registry's version under that alias (e.g. "champion").
+        self.register_prompts, self.persona_alias = register_prompts, persona_alias
         self.lm = make_lm(lm) if isinstance(lm, str) else lm
         self.reflection_lm = reflection_lm
         self.default_task = default_task or generic_task("generation")
@@ -160,13 +174,7 @@ class PersonaService:
         self.align_every = align_every  # online alignment after this many new outcomes per user (None: off)
         self._outcomes_since_alignment: dict[str, int] = {}
         self.lm_workers = lm_workers or (1 if self.lm.model.startswith(LOCAL_PREFIX) else 8)
-        self.store.embedder  # loaded now (about a second, with torch), not by the first request
-        import torch
-
-        # Requests embed one text at a time, next to the LM's own threads: a thread pool per
-        # operation only adds contention (p95 of one embedding: 68 ms with torch's 2 threads,
-        # 11 ms with 1, beside an LM at work on 2 cores). This setting holds for every thread.
-        torch.set_num_threads(1)
+        self.store.embedder  # loaded now, not by the first request
         self._programs: OrderedDict[str, _Loaded] = OrderedDict()
         self._jobs: dict[str, AlignJob] = {}
         self._deletions: dict[str, int] = {}  # per user: an alignment that saw a deletion must not save
@@ -233,6 +241,8 @@ class PersonaService:
                 stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
             except FileNotFoundError:
                 stamp.append(None)
+        if self.persona_alias:  # an alias moved in the registry is seen within this many seconds
+            stamp.append(int(time.monotonic() // REGISTRY_REFRESH_S))
         return tuple(stamp)
 
     def _loaded(self, user_id: str) -> _Loaded:
@@ -258,9 +268,16 @@ class PersonaService:
         state = self.store.load_state(user_id)
         if state is None:
             return _Loaded(self.store.build(user_id, self.default_task), None, stamp)
-        program = self.store.build(user_id, task_from_dict(state.task), state.persona)
-        program.load_instructions(state.current.instructions)
-        return _Loaded(program, state, stamp)
+        version, instructions = state.current, state.current.instructions
+        if self.persona_alias:
+            # The registry's text, over the compiled choices of the version it was registered from
+            # (the one in force for a text written in the registry itself).
+            text, number = registered_persona(user_id, self.persona_alias, self.tracking_uri)
+            version = next((v for v in state.versions if v.version == number), state.current)
+            instructions = {**version.instructions, "answer": text}
+        program = self.store.build(user_id, task_from_dict(state.task), Persona(**version.persona))
+        program.load_instructions(instructions)
+        return _Loaded(program, state, stamp, version.version)
 
     # ------------------------------------------------------------------ answering
 
@@ -323,8 +340,7 @@ class PersonaService:
     def _answer(self, user_id: str, text: str) -> Answer:
         loaded = self._loaded(user_id)
         pred = loaded.program(question=text)
-        version = loaded.state.current.version if loaded.state else None
-        return Answer(user_id, str(pred.answer), version, [step["tool"] for step in pred.trajectory],
+        return Answer(user_id, str(pred.answer), loaded.version, [step["tool"] for step in pred.trajectory],
                       pred.get("label_scores"), pred.get("confidence"), pred.get("scoring"))
 
     def _chat(self, user_id: str, messages: list[dict]) -> ChatReply:
@@ -339,7 +355,7 @@ class PersonaService:
         output = self.lm(messages=turns)[0]
         reply = output if isinstance(output, str) else str(output.get("text", ""))
         self.add_interaction(user_id, message, metadata={"source": "chat", "reply": reply})
-        return ChatReply(user_id, reply, loaded.state.current.version if loaded.state else None)
+        return ChatReply(user_id, reply, loaded.version)
 
     @property
     def queued(self) -> int:
@@ -396,7 +412,7 @@ class PersonaService:
             "user_id": user_id,
             "compiled": state is not None,
             "task": task_to_dict(program.task),
-            "current_version": state.current.version if state else None,
+            "current_version": loaded.version,
             "persona": program.persona.to_dict(),
             "instructions": program.instructions_by_predictor(),
             "versions": state.versions if state else [],
@@ -407,9 +423,12 @@ class PersonaService:
         """Make a kept version of the user's persona current again, as a new version; returns `persona`."""
         user_id = self._existing(user_id)
         try:
-            self.store.rollback(user_id, version)
+            state = self.store.rollback(user_id, version)
         except KeyError as exc:
             raise NotFound(str(exc.args[0])) from None
+        if self.register_prompts:  # the restored version is the one in force: the alias moves to it
+            tracker = Tracker(self.tracking_uri, "personaagent-align")
+            PromptRegistry(tracker).publish(state, [state.current])
         return self.persona(user_id)
 
     def delete(self, user_id: str) -> None:
@@ -434,8 +453,8 @@ class PersonaService:
 
     # ------------------------------------------------------------------ test-time alignment
 
-    def align(self, user_id: str, n_recent: int = 3, iterations: int = 1,
-              acceptance: Literal["validated", "always"] = "validated", trigger: str = "align request") -> AlignJob:
+    def align(self, user_id: str, n_recent: int = CompileConfig.n_recent, iterations: int = CompileConfig.iterations,
+              acceptance: str = CompileConfig.acceptance, trigger: str = "align request") -> AlignJob:
         """Start aligning the persona on the latest `n_recent` interactions with a known answer;
         returns at once with the job (see `job`). One alignment per user at a time."""
         user_id = self._existing(user_id)
@@ -458,12 +477,11 @@ class PersonaService:
 
     def _population_prior(self, user_id: str) -> dict:
         """What the store's population model (if a compile fitted one) gives an alignment of this
-        user: the fold fitted without them, and how strongly their evidence is pulled toward it."""
+        user: the fold fitted without them."""
         saved = self.store.load_population()
         if saved is None:
             return {}
-        model = PopulationModel.from_dict(saved["model"])
-        return {"population": model.prior_for(user_id), "strength": model.strength}
+        return PopulationModel.from_dict(saved["model"]).alignment_args(user_id)
 
     def job(self, user_id: str, job_id: str) -> AlignJob:
         job = self._jobs.get(job_id)
@@ -485,7 +503,7 @@ class PersonaService:
             examples = [past_interaction(r.input, r.output, Cutoff.of(r)) for r in program.memory.all() if r.output is not None]
             # Tracked like a compile, in a run tagged with the user (so forgetting finds it).
             tracker = Tracker(self.tracking_uri, "personaagent-align") if self.tracking_uri else None
-            observer = MlflowObserver(tracker) if tracker else Observer()
+            observer = MlflowObserver(tracker, self.register_prompts) if tracker else Observer()
             teleprompter.on_version = observer.version
             with (tracker.run(f"align {job.user_id}", {"user_id": job.user_id, "trigger": job.trigger})
                   if tracker else contextlib.nullcontext()), use_lm(self.lm), dspy.context(disable_history=True):

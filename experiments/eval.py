@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..app.cli import add_lm, add_settings, config_from
 from ..data.loaders import TaskData, UserData, load
 from ..data.tasks import METRICS, TaskSpec
 from ..optimizers.compile import CompileConfig, compile_users
@@ -385,9 +386,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions-per-user", type=_questions_per_user, default=1,
                         help="each user's latest N questions, or 'all'")
     parser.add_argument("--out", required=True, help="results directory (resumable)")
-    parser.add_argument("--gepa-budget", type=int, default=15)
+    add_settings(parser, "gepa_budget")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--name", default="results", help="file name of this run's summary in --out")
+    add_lm(parser)
 
 
 def _questions_per_user(value: str) -> int | None:
@@ -399,8 +401,7 @@ def _questions_per_user(value: str) -> int | None:
     return int(value)
 
 
-def run(args, lm: str) -> int:
+def run(args) -> int:
     evaluate(args.data, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.task, args.users,
-             lm, args.questions_per_user, CompileConfig(lm=lm, gepa_budget=args.gepa_budget), args.tracking_uri,
-             args.name)
+             args.lm, args.questions_per_user, config_from(args), args.tracking_uri, args.name)
     return 0

@@ -49,35 +49,9 @@ from ..program.storage import MAX_VERSIONS
 from ..program.store import ProgramState, UserStore
 from .engines import Engine, LocalEngine
 from .gepa import GepaAlignment
-from .persona import ACCEPTANCE, PersonaAlignment, Unaligned, VersionedTeleprompter, past_interaction
-from .population import Answered, PopulationModel, fit_population
+from .persona import AlignmentConfig, PersonaAlignment, Unaligned, VersionedTeleprompter, past_interaction
+from .population import Answered, PopulationModel, fit_population, fit_text_effects
 from .tracking import MlflowObserver, Observer, Tracker, seconds_metrics, tracking_uri_or_default, untraced
-
-Optimizer = Literal["persona", "gepa", "none"]
-
-
-@dataclass
-class CompileConfig:
-    lm: str = DEFAULT_LM
-    reflection_lm: str | None = None  # None: the answering LM reflects too
-    optimizer: Optimizer = "persona"
-    n_recent: int = 3  # latest interactions replayed (the paper's n)
-    iterations: int = 1
-    acceptance: str = "validated"  # or "always", the paper's setting
-    validation: int = 3  # past interactions before the replays that every candidate is scored on
-    max_lm_calls: int = 10  # per user's alignment; one label-scoring pass is one call
-    gepa_budget: int = 15
-    k: int = 4
-    max_versions: int = MAX_VERSIONS  # persona versions kept per user
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
-        if self.acceptance not in ACCEPTANCE:
-            raise ValueError(f"unknown acceptance {self.acceptance!r}; choose {' or '.join(ACCEPTANCE)}")
-        if self.n_recent < 1 or self.iterations < 1 or self.k < 1 or self.max_lm_calls < 1 or self.validation < 0:
-            raise ValueError("n_recent, iterations, k and max_lm_calls must be at least 1, validation at least 0")
-
 
 # The optimizers, by name: each makes a teleprompter that emits the versions it ran.
 OPTIMIZERS: dict[str, Callable[[CompileConfig, dspy.LM, Observer], VersionedTeleprompter]] = {
@@ -88,6 +62,28 @@ OPTIMIZERS: dict[str, Callable[[CompileConfig, dspy.LM, Observer], VersionedTele
         reflection_lm, config.gepa_budget, config.n_recent, config.validation, on_version=observer.version),
     "none": lambda config, reflection_lm, observer: Unaligned(on_version=observer.version),
 }
+
+
+@dataclass
+class CompileConfig(AlignmentConfig):
+    """A compile's settings: the persona alignment's (`AlignmentConfig`, whose checks apply to
+    these fields too) and the compile's own. `STAGE_SETTINGS` says which stage reads which."""
+
+    lm: str = field(default=DEFAULT_LM, metadata={
+        "help": f"local/<embedded model> (default {DEFAULT_LM}) or any DSPy model string, "
+                "e.g. openai/<model> with --api-base for vLLM, Ollama or llama.cpp's server"})
+    reflection_lm: str | None = field(default=None, metadata={
+        "help": "LM that critiques and rewrites personas (default: --lm)"})
+    optimizer: str = field(default="persona", metadata={
+        "help": "the teleprompter that aligns each user's program", "choices": tuple(OPTIMIZERS)})
+    gepa_budget: int = field(default=15, metadata={"help": "metric calls per user for the gepa optimizer"})
+    k: int = field(default=4, metadata={
+        "help": "past interactions the baselines' tools return (a persona carries its own k)", "min": 1})
+    max_versions: int = field(default=MAX_VERSIONS, metadata={
+        "help": "persona versions kept per user: the initial, the best, the current, then the latest"})
+    register_prompts: bool = field(default=False, metadata={
+        "help": "also register each accepted persona version in MLflow's prompt registry, as a version of "
+                "the user's prompt, with the alias 'champion' on the one in force"})
 
 
 @dataclass
@@ -148,7 +144,7 @@ def _student(store: UserStore, user: UserData, task: TaskSpec, config: CompileCo
              previous: ProgramState | None) -> PersonaProgram:
     """The program alignment starts from: the persona in force, or a new one."""
     start = previous.persona if previous else Persona.initial(default_sources(task))
-    program = store.build(user.user_id, task, start, "persona", config.k)
+    program = store.build(user.user_id, task, start)  # the persona carries its own k, not config.k
     if previous:
         program.load_instructions(previous.current.instructions)
     return program
@@ -172,8 +168,7 @@ def align(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfi
     reflection_lm = make_lm(config.reflection_lm) if config.reflection_lm else lm
     teleprompter = OPTIMIZERS[config.optimizer](config, reflection_lm, observer)
     aligned = teleprompter.compile(program, trainset=examples(user), answered=history,
-                                   population=population.prior_for(user.user_id) if population else None,
-                                   **({"strength": population.strength} if population else {}))
+                                   **(population.alignment_args(user.user_id) if population else {}))
     return Aligned(aligned.alignment, getattr(aligned, "timings", {}))
 
 
@@ -197,18 +192,30 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
-# What the history stage reads of the config: which interactions are answered, and by which program.
-HISTORY_FIELDS = ("optimizer", "n_recent", "validation", "max_lm_calls", "iterations", "acceptance", "k")
+# The settings each stage reads first: a later stage reads them through that stage's key, which its
+# own key includes (history: which interactions are answered, and by which program). `save` reads none
+# of its own: re-saving the same aligned versions would record them twice, so its key is align's.
+# `k`, `max_versions` and `register_prompts` are in no key: a persona carries its own k, `max_versions`
+# only trims the kept history at the user's next save, and `register_prompts` only tells the tracker
+# what to record; a change of them alone recompiles no one.
+STAGE_SETTINGS = {
+    "profile": ("lm",),
+    "history": ("optimizer", "n_recent", "iterations", "acceptance", "validation", "max_lm_calls"),
+    "align": ("reflection_lm", "gepa_budget"),
+}
+
+
+def _settings(config: CompileConfig, stage: str) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in STAGE_SETTINGS[stage]}
 
 
 def stage_keys(config: CompileConfig, task: TaskSpec, user: UserData, population: str = "") -> dict[str, str]:
     """Each stage's key: its own inputs and the key of the stage before it (`population`: the
     fingerprint of the population model the user is aligned with)."""
     ingest_key = _key([[m.input, m.output, m.timestamp] for m in user.memories])
-    profile_key = _key(ingest_key, task_to_dict(task), config.lm)
-    history_key = _key(profile_key, {name: getattr(config, name) for name in HISTORY_FIELDS},
-                       [[r.input, r.output] for r in user.replays])
-    align_key = _key(history_key, asdict(config), population)
+    profile_key = _key(ingest_key, task_to_dict(task), _settings(config, "profile"))
+    history_key = _key(profile_key, _settings(config, "history"), [[r.input, r.output] for r in user.replays])
+    align_key = _key(history_key, _settings(config, "align"), population)
     return {"ingest": ingest_key, "profile": profile_key, "history": history_key, "align": align_key,
             "save": align_key}
 
@@ -286,7 +293,8 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
             tracker = Tracker(tracking_uri, "personaagent-compile", autolog=True)
             # The compile's traces land in the user's run, so forgetting the user finds them.
             with tracker.run(f"user {user.user_id}", {"user_id": user.user_id}, parent_run_id):
-                result = _compile(store, task, user, config, keys, lm, MlflowObserver(tracker), model, spent)
+                result = _compile(store, task, user, config, keys, lm, MlflowObserver(tracker, config.register_prompts),
+                                  model, spent)
             result.tracking_errors = tracker.errors
             return result
     finally:
@@ -358,9 +366,9 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
     `engine` says where users run (default: `LocalEngine(workers, lm)`, this machine). Tracking only
     observes: when MLflow fails, users are compiled and saved all the same.
 
-    With the persona optimizer on a closed-set task, every user is first run up to `history`; the
-    population model is fitted on all of their answered histories and saved; then each user is
-    aligned with it. A user whose first pass failed is reported and not aligned."""
+    With the persona optimizer on a closed-set or styled-text task, every user is first run up to
+    `history`; the population model is fitted on all of their answered histories and saved; then
+    each user is aligned with it. A user whose first pass failed is reported and not aligned."""
     engine = engine or LocalEngine(workers, lm)
     UserStore(store).close()  # a store that cannot be a directory fails here, before any user
     tracker = Tracker(tracking_uri, "personaagent-compile")
@@ -374,7 +382,7 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
         parent_id = parent.info.run_id if parent else None
         first: dict[str, UserResult] = {}
         population = None
-        if config.optimizer == "persona" and data.task.labels:
+        if config.optimizer == "persona" and (data.task.labels or data.task.styled):
             jobs = [(str(store), task_dict, row, config, None, None) for row in rows]
             first = {r.user_id: r for r in _each(engine, partial(compile_user, until="history"), jobs, "history", progress)}
             # Every user the store has compiled counts, not only this compile's: a compile of a few
@@ -414,4 +422,6 @@ def population_model(store: str | Path, task: TaskSpec, user_ids: list[str]) -> 
     histories = {uid: items for uid, items in histories.items() if items}
     if not histories:
         return None
+    if not task.labels:  # a styled text: whether the text computed from a user's history pays
+        return fit_text_effects(task.score, histories).to_dict()
     return fit_population(task.labels, histories, use_bias=not task.has_candidates).to_dict()

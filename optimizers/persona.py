@@ -35,7 +35,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Protocol
 
 import dspy
@@ -47,20 +47,13 @@ from ..program.agent import PersonaProgram, combine
 from ..program.lm import use_lm
 from ..program.memory import Cutoff
 from ..program.persona import Persona, PersonaVersion, gist
-from .population import Answered, Combination, adapt
+from .population import DEFAULT_STRENGTH, Answered, Combination, TextEffect, adapt, sign_test
 
 # A text candidate is accepted when a one-sided paired sign test over the validation window gives
 # p at most this: 1/8 is the smallest p a window of 3 can give (better on all three, worse on none).
 # A fixed margin of items cannot tell a useful change from noise; on held-out LaMP-2N users a
 # rewrite that won one item net broke the user's answer.
 SIGN_TEST_LEVEL = 0.125
-DEFAULT_STRENGTH = 3.0  # a user's pull toward the population model when no population chose one
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """One-sided p-value of `wins` or more of `wins + losses` paired differences under no effect."""
-    n = wins + losses
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n if n else 1.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +116,13 @@ class Acceptance(Protocol):
     name: str
     validates: bool  # whether candidates are scored on the validation window first
 
+    def could_accept(self, current: Score | None, window: int) -> bool:
+        """Whether any candidate could be accepted (if not, none is written)."""
+
     def accept(self, candidate: Score | None, current: Score | None) -> bool: ...
+
+    def explain(self, accepted: bool) -> str:
+        """The version's note on the decision."""
 
 
 class Validated:
@@ -132,8 +131,14 @@ class Validated:
 
     name, validates = "validated", True
 
+    def could_accept(self, current, window):
+        return _winnable(current, window)
+
     def accept(self, candidate, current):
         return candidate is not None and (current is None or candidate.beats(current))
+
+    def explain(self, accepted):
+        return "" if accepted else "not better on the validation window by a sign test"
 
 
 class Always:
@@ -141,8 +146,39 @@ class Always:
 
     name, validates = "always", False
 
+    def could_accept(self, current, window):
+        return True
+
     def accept(self, candidate, current):
         return True
+
+    def explain(self, accepted):
+        return ""
+
+
+@dataclass(frozen=True)
+class PopulationBacked:
+    """For a text computed from the user's history (their style): accepted where, over the other
+    users' validation windows, the same kind of text won by a sign test (`TextEffect.pays`), unless
+    this user's own window says it is worse by the window's sign test. Three items of one user
+    cannot show a small, steady gain; the population's hundred can."""
+
+    effect: TextEffect
+    name, validates = "population", True
+
+    def could_accept(self, current, window):
+        return self.effect.pays()
+
+    def accept(self, candidate, current):
+        return (self.effect.pays() and candidate is not None
+                and not (current is not None and current.beats(candidate)))
+
+    def explain(self, accepted):
+        evidence = (f"on other users' validation windows the computed text won {self.effect.wins} and lost "
+                    f"{self.effect.losses} items (sign test p={self.effect.p_value:.3g})")
+        if accepted:
+            return f"kept: {evidence}"
+        return f"not kept: {evidence}" + ("; worse on this user's window" if self.effect.pays() else "")
 
 
 ACCEPTANCE: dict[str, Acceptance] = {a.name: a for a in (Validated(), Always())}
@@ -211,6 +247,33 @@ class Unaligned(VersionedTeleprompter):
         return program
 
 
+@dataclass
+class AlignmentConfig:
+    """The persona alignment's settings. `CompileConfig` extends them with the compile's own, and
+    its fields are the one source of the settings: the CLI's options, the HTTP align request and the
+    service's and `PersonaAlignment`'s defaults are made from them. A field's metadata holds its
+    help, and where it has them its choices (from a registry) and its minimum, checked here."""
+
+    n_recent: int = field(default=3, metadata={
+        "help": "latest interactions with a known output replayed per user (paper: 3)", "min": 1})
+    iterations: int = field(default=1, metadata={
+        "help": "rounds of reflection, each trying one rewrite of the persona", "min": 1})
+    acceptance: str = field(default="validated", metadata={
+        "help": "keep a candidate only if it scores better on the user's earlier interactions (default), "
+                "or always take the rewrite (the paper's setting)", "choices": tuple(ACCEPTANCE)})
+    validation: int = field(default=3, metadata={"help": "earlier interactions every candidate is scored on", "min": 0})
+    max_lm_calls: int = field(default=10, metadata={
+        "help": "LM calls per user's alignment (a scoring pass is one)", "min": 1})
+
+    def __post_init__(self):
+        for setting in fields(self):
+            value, rules = getattr(self, setting.name), setting.metadata
+            if "choices" in rules and value not in rules["choices"]:
+                raise ValueError(f"unknown {setting.name} {value!r}; choose {', '.join(rules['choices'])}")
+            if "min" in rules and value < rules["min"]:
+                raise ValueError(f"{setting.name} must be at least {rules['min']}")
+
+
 class PersonaAlignment(VersionedTeleprompter):
     """Aligns a `PersonaProgram`'s persona with its user from their past interactions.
 
@@ -223,13 +286,12 @@ class PersonaAlignment(VersionedTeleprompter):
     say where the time went. `on_version` observes each version as it is made.
     """
 
-    def __init__(self, n_recent: int = 3, iterations: int = 1, acceptance: str = "validated",
-                 reflection_lm: dspy.LM | None = None, validation: int = 3, max_lm_calls: int = 10,
+    def __init__(self, n_recent: int = AlignmentConfig.n_recent, iterations: int = AlignmentConfig.iterations,
+                 acceptance: str = AlignmentConfig.acceptance, reflection_lm: dspy.LM | None = None,
+                 validation: int = AlignmentConfig.validation, max_lm_calls: int = AlignmentConfig.max_lm_calls,
                  on_version: Callable[[PersonaVersion], None] | None = None):
-        if n_recent < 1 or iterations < 1 or validation < 0 or max_lm_calls < 1:
-            raise ValueError("n_recent, iterations and max_lm_calls must be at least 1, validation at least 0")
-        if acceptance not in ACCEPTANCE:
-            raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, not {acceptance!r}")
+        AlignmentConfig(n_recent=n_recent, iterations=iterations, acceptance=acceptance, validation=validation,
+                        max_lm_calls=max_lm_calls)  # refuses a bad setting
         self.n_recent, self.iterations, self.validation = n_recent, iterations, validation
         self.acceptance = ACCEPTANCE[acceptance]
         self.max_lm_calls = max_lm_calls
@@ -251,11 +313,19 @@ class PersonaAlignment(VersionedTeleprompter):
     def answer_history(self, program: PersonaProgram, trainset: list[dspy.Example]) -> list[Answered]:
         """The validation window and the replays, answered by `program` as of their own times: what
         the adaptation learns from, and the population model from every user's."""
-        _, window, replays = self.windows(trainset)
-        return self._answer(program, [*window, *replays])
+        older, window, replays = self.windows(trainset)
+        answered = self._answer(program, [*window, *replays])
+        texts = [str(ex.answer) for ex in older]
+        if program.task.styled and window and texts:
+            # The window answered again under the text computed from the history before it: this
+            # user's paired items of the population's evidence on whether such a text pays.
+            styled = program.with_persona(style_persona(program.persona, texts))
+            answered += [replace(a, candidate=True) for a in self._answer(styled, window)]
+        return answered
 
     def compile(self, student: PersonaProgram, *, trainset: list[dspy.Example], population: Combination | None = None,
-                strength: float = DEFAULT_STRENGTH, answered: list[Answered] | None = None, **_) -> PersonaProgram:
+                strength: float = DEFAULT_STRENGTH, answered: list[Answered] | None = None,
+                text_effect: TextEffect | None = None, **_) -> PersonaProgram:
         program = student.deepcopy()
         if not trainset:
             raise ValueError("alignment needs at least one past interaction with a known answer")
@@ -266,7 +336,11 @@ class PersonaAlignment(VersionedTeleprompter):
         if answered is None:
             with timings.phase("history"):
                 answered = self.answer_history(program, trainset)
-        validated, replayed = answered[:len(window)], answered[len(window):]
+        initial = [a for a in answered if not a.candidate]
+        validated, replayed = initial[:len(window)], initial[len(window):]
+        styled = [a for a in answered if a.candidate]  # the window under the computed text (`answer_history`)
+        # A computed text is judged with the population's evidence where there is some, else alone.
+        acceptance = PopulationBacked(text_effect) if task.styled and text_effect and styled else self.acceptance
         current = score_answers(task, validated, _combination(program.persona))
         versions = [self._emit(program.snapshot(note="initial persona", **_scored(current)))]
 
@@ -283,8 +357,8 @@ class PersonaAlignment(VersionedTeleprompter):
         for _ in range(self.iterations):  # 4-5. textual loss and gradient, rewrite, validate
             # No loss, no gradient; and a candidate that could not be accepted is not written: with
             # no window, or one on which even a perfect candidate would not pass the sign test.
-            if score_answers(task, replayed, _combination(program.persona)).task == 1.0 or (
-                    self.acceptance.validates and not _winnable(current, len(window))):
+            if (score_answers(task, replayed, _combination(program.persona)).task == 1.0
+                    or not acceptance.could_accept(current, len(window))):
                 break
             with timings.phase("reflection"):
                 try:
@@ -299,13 +373,12 @@ class PersonaAlignment(VersionedTeleprompter):
                 versions.append(self._emit(trial.snapshot(feedback=feedback, accepted=False, note="; ".join(problems))))
                 continue
             score = None
-            if self.acceptance.validates and window:
+            if acceptance.validates and window:
                 with timings.phase("validation"):
-                    score = score_answers(task, self._answer(trial, window), _combination(candidate))
-            accepted = self.acceptance.accept(score, current)
+                    score = score_answers(task, styled or self._answer(trial, window), _combination(candidate))
+            accepted = acceptance.accept(score, current)
             versions.append(self._emit(trial.snapshot(
-                feedback=feedback, accepted=accepted,
-                note="" if accepted else "not better on the validation window by a sign test", **_scored(score))))
+                feedback=feedback, accepted=accepted, note=acceptance.explain(accepted), **_scored(score))))
             if accepted:
                 program, current = trial, score or current
                 if self.iterations > 1:
@@ -331,7 +404,9 @@ class PersonaAlignment(VersionedTeleprompter):
         """A candidate persona and its feedback: for a short text in the user's own style (a
         headline), that style as their own history shows it (a 1.5B reflection LM described topics
         instead, on held-out LaMP-4 users); otherwise the reflection LM's rewrite."""
-        return style_rewrite(program, replayed) if program.task.styled else self._reflection_rewrite(program, replayed, older)
+        if program.task.styled:
+            return style_rewrite(program, replayed, [str(ex.answer) for ex in older])
+        return self._reflection_rewrite(program, replayed, older)
 
     def _reflection_rewrite(self, program: PersonaProgram, replayed: list[Answered],
                             older: list[dspy.Example]) -> tuple[Persona, str]:
@@ -363,29 +438,31 @@ MARK_WORDS = {"colon": "a colon", "question": "a question", "quotes": "a quotati
 HABITUAL = 0.3  # a mark in at least this share of a user's texts is a habit worth stating
 
 
-def style_rewrite(program: PersonaProgram, replayed: list[Answered]) -> tuple[Persona, str]:
-    """The user's writing style as rules computed from every text in their history: length,
-    casing and the punctuation they use habitually (no LM call, no topic, no copied text); the
-    feedback is those facts and how the replayed answers missed them."""
-    task = program.task
-    outputs = [r.output for r in program.memory.all() if r.output]
-    styles = [text_style(o) for o in outputs]
+def style_persona(persona: Persona, texts: list[str]) -> Persona:
+    """`persona` stating the writing style of `texts` (the user's, before the validation window) as
+    rules: length, casing and the punctuation they use habitually. No LM call, no topic, no copied text."""
+    styles = [text_style(t) for t in texts if t]
     if not styles:
         raise ValueError("no past texts to learn a style from")
-    lengths = sorted(st["words"] for st in styles)
+    length = sorted(st["words"] for st in styles)[len(styles) // 2]
     casing = Counter(st["casing"] for st in styles).most_common(1)[0][0]
     shares = {mark: sum(st[mark] for st in styles) / len(styles) for mark in MARK_WORDS}
     habits = [f"Often use {MARK_WORDS[m]} (in {share:.0%} of their past texts)." for m, share in shares.items()
               if share >= HABITUAL]
     avoided = [MARK_WORDS[m] for m, share in shares.items() if share == 0 and len(styles) >= 5]
-    rules = [f"Write about {lengths[len(lengths) // 2]} words.", CASING_RULES[casing], *habits]
+    rules = [f"Write about {length} words.", CASING_RULES[casing], *habits]
     if avoided:
         rules.append(f"Never use {' or '.join(avoided)}.")
-    persona = replace(program.persona, summary=f"Writes in a steady style of their own: about "
-                                               f"{lengths[len(lengths) // 2]} words, {casing}.",
-                      preferences=[], rules=rules)
+    return replace(persona, summary=f"Writes in a steady style of their own: about {length} words, {casing}.",
+                   preferences=[], rules=rules)
+
+
+def style_rewrite(program: PersonaProgram, replayed: list[Answered], texts: list[str]) -> tuple[Persona, str]:
+    """The style candidate (`style_persona` of the user's texts before the validation window) and
+    its feedback: those texts' facts and how the replayed answers missed them."""
+    task = program.task
     cases = "\n\n".join(f"Case {i}\n{miss(task, a, Combination())}" for i, a in enumerate(replayed, 1))
-    return persona, f"{task.output_stats(outputs)}\n\n{cases}"
+    return style_persona(program.persona, texts), f"{task.output_stats(texts)}\n\n{cases}"
 
 
 def miss(task, answered: Answered, combination: Combination) -> str:

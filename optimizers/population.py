@@ -19,6 +19,13 @@ estimate under a Gaussian prior centred on a starting combination:
   items the prior dominates, with 60 consistent ones the data does. `strength` is chosen on the
   population itself, by predicting each user's latest answered item from their earlier ones.
 
+For text the user writes (a headline: `TaskSpec.styled`), there is no distribution to combine, and
+what the population learns is whether a persona text computed from a user's own history (their
+style: `optimizers.persona.style_rewrite`) makes the program's answers better: every user's
+validation window is answered with it and without it, and the paired wins and losses of the task's
+score over the other users (`TextEffect`) decide, by a sign test with the evidence of all of them,
+what one user's three items cannot.
+
 Cross-fitting: users are split into `FOLDS` folds by a hash of their id, and each fold's model is
 fitted without that fold's users. A user is always adapted from the model of their own fold, so no
 answer of theirs depends on a model fitted on their interactions, whether they were in the
@@ -36,8 +43,12 @@ import numpy as np
 from ..program.agent import LM_WEIGHT as LM, floored_log
 
 FOLDS = 5
+# A computed text pays when a one-sided sign test over other users' paired window items gives p at
+# most this (a population has the items one user lacks: 50 users give about 150 pairs).
+TEXT_EFFECT_LEVEL = 0.05
 STRENGTHS = (0.3, 1.0, 3.0, 10.0, 30.0)  # candidate prior strengths for a user's adaptation
 POPULATION_STRENGTH = 1.0  # the population model's own pull toward the plain LM
+DEFAULT_STRENGTH = 3.0  # a user's pull toward the population model when no population chose one
 
 
 @dataclass
@@ -49,6 +60,7 @@ class Answered:
     answer: str
     lm_scores: dict[str, float] | None
     evidence: dict[str, dict[str, float] | None]
+    candidate: bool = False  # answered under the text computed from the user's history, not the initial state
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,40 @@ class Combination:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TextEffect:
+    """Paired items of users' validation windows where the program with a computed persona text
+    scored better (`wins`) or worse (`losses`) than without it."""
+
+    wins: int = 0
+    losses: int = 0
+
+    @property
+    def p_value(self) -> float:
+        return sign_test(self.wins, self.losses)
+
+    def pays(self) -> bool:
+        return self.wins > self.losses and self.p_value <= TEXT_EFFECT_LEVEL
+
+    def __add__(self, other: "TextEffect") -> "TextEffect":
+        return TextEffect(self.wins + other.wins, self.losses + other.losses)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided p-value of `wins` or more of `wins + losses` paired differences under no effect."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n if n else 1.0
+
+
+def text_effect(score, items: list[Answered]) -> TextEffect:
+    """One user's paired items: each window question answered without and with the computed text
+    (`score(answer, gold)` is the task's score)."""
+    initial = {a.question: a for a in items if not a.candidate}
+    pairs = [(score(initial[a.question].answer, a.gold), score(a.answer, a.gold))
+             for a in items if a.candidate and a.question in initial]
+    return TextEffect(sum(b > a for a, b in pairs), sum(b < a for a, b in pairs))
+
+
 def fold_of(user_id: str, folds: int = FOLDS) -> int:
     return zlib.crc32(user_id.encode("utf-8")) % folds
 
@@ -72,7 +118,8 @@ class _Design:
 
     def __init__(self, labels: tuple[str, ...], sources: list[str], use_bias: bool, items: list[Answered]):
         self.labels, self.sources, self.use_bias = labels, sources, use_bias
-        self.rows = [self._features(a) for a in items if a.lm_scores is not None and a.gold in labels]
+        self.rows = [self._features(a) for a in items
+                     if a.lm_scores is not None and a.gold in labels and not a.candidate]
 
     def _features(self, answered: Answered) -> tuple[np.ndarray, int]:
         columns = []
@@ -149,25 +196,50 @@ def fit(labels: tuple[str, ...], items: list[Answered], prior: Combination, stre
 
 @dataclass(frozen=True)
 class PopulationModel:
-    """One combination per fold, each fitted without that fold's users, and the strength with which
-    a user's own evidence is pulled toward it."""
+    """Per fold, fitted without that fold's users: a combination (closed-set tasks) and a computed
+    text's effect (text tasks); and the strength with which a user's own evidence is pulled toward
+    the combination."""
 
     folds: list[Combination]
     strength: float
     users: int
     items: int
+    text_effects: list[TextEffect] = field(default_factory=list)
 
-    def prior_for(self, user_id: str) -> Combination:
+    def prior_for(self, user_id: str) -> Combination | None:
         """The model that answers `user_id`: fitted without any interaction of theirs."""
-        return self.folds[fold_of(user_id, len(self.folds))]
+        return self.folds[fold_of(user_id, len(self.folds))] if self.folds else None
+
+    def text_effect_for(self, user_id: str) -> TextEffect | None:
+        """The computed text's effect on the other folds' users (none fitted: None)."""
+        return self.text_effects[fold_of(user_id, len(self.text_effects))] if self.text_effects else None
+
+    def alignment_args(self, user_id: str) -> dict:
+        """What this model gives an alignment of `user_id` (`PersonaAlignment.compile`'s keywords):
+        their fold's combination and text effect, and the strength of their pull toward it."""
+        return {"population": self.prior_for(user_id), "text_effect": self.text_effect_for(user_id),
+                "strength": self.strength}
 
     def to_dict(self) -> dict:
         return {"folds": [c.to_dict() for c in self.folds], "strength": self.strength, "users": self.users,
-                "items": self.items}
+                "items": self.items, "text_effects": [asdict(e) for e in self.text_effects]}
 
     @classmethod
     def from_dict(cls, payload: dict) -> "PopulationModel":
-        return cls([Combination(**c) for c in payload["folds"]], payload["strength"], payload["users"], payload["items"])
+        return cls([Combination(**c) for c in payload["folds"]], payload["strength"], payload["users"], payload["items"],
+                   [TextEffect(**e) for e in payload.get("text_effects", [])])
+
+
+def fit_text_effects(score, items_by_user: dict[str, list[Answered]], folds: int = FOLDS) -> PopulationModel:
+    """Cross-fitted effects of a computed persona text, from every user's window answered with and
+    without it (`score(answer, gold)`: the task's score)."""
+    per_fold = [TextEffect() for _ in range(folds)]
+    for user_id, items in items_by_user.items():
+        per_fold[fold_of(user_id, folds)] += text_effect(score, items)
+    total = sum(per_fold, TextEffect())
+    effects = [TextEffect(total.wins - f.wins, total.losses - f.losses) for f in per_fold]
+    return PopulationModel([], DEFAULT_STRENGTH, len(items_by_user),
+                           sum(len(items) for items in items_by_user.values()), effects)
 
 
 def fit_population(labels: tuple[str, ...], items_by_user: dict[str, list[Answered]], use_bias: bool = True,

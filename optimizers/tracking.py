@@ -13,7 +13,10 @@ one, and a run interrupted in-process (Ctrl-C, SIGTERM) ends as KILLED, an error
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
+import re
 import socket
 import sys
 import time
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 HOST_TAG, PID_TAG = "personaagent.host", "personaagent.pid"
+CHAMPION = "champion"  # the prompt registry's alias of the persona version in force
+PERSONA_VERSION_TAG = "persona_version"  # a registered prompt version's persona version in the store
 
 
 def offline_environment() -> None:
@@ -85,11 +90,11 @@ class Tracker:
                  attempts: int = 3, wait_s: float = 0.5):
         self.attempts, self.wait_s, self.experiment = attempts, wait_s, experiment
         self.errors: list[str] = []
-        self.mlflow = self._attempt("set up MLflow", lambda: setup_mlflow(tracking_uri, experiment, autolog))
+        self.mlflow = self.attempt("set up MLflow", lambda: setup_mlflow(tracking_uri, experiment, autolog))
         if self.mlflow is not None:
-            self._attempt("end runs of killed compiles", self._end_orphaned_runs)
+            self.attempt("end runs of killed compiles", self._end_orphaned_runs)
 
-    def _attempt(self, what: str, call: Callable[[], Any]) -> Any:
+    def attempt(self, what: str, call: Callable[[], Any]) -> Any:
         """`call()`, retried with backoff; None (and the error kept) when every attempt failed."""
         for attempt in range(self.attempts):
             try:
@@ -102,10 +107,10 @@ class Tracker:
                 time.sleep(self.wait_s * 2 ** attempt)
 
     def call(self, what: str, method: str, *args, **kwargs) -> Any:
-        """`mlflow.<method>(*args, **kwargs)`, contained."""
+        """`mlflow.<method>(*args, **kwargs)` (a dotted `method` reaches a submodule's), contained."""
         if self.mlflow is None:
             return None
-        return self._attempt(what, lambda: getattr(self.mlflow, method)(*args, **kwargs))
+        return self.attempt(what, lambda: functools.reduce(getattr, method.split("."), self.mlflow)(*args, **kwargs))
 
     @contextlib.contextmanager
     def run(self, name: str, tags: dict | None = None, parent_run_id: str | None = None) -> Iterator[Any]:
@@ -131,7 +136,7 @@ class Tracker:
         try:  # end_run leaves the active run first, then records the status: only the record is retried
             self.mlflow.end_run(status)
         except Exception:
-            self._attempt(f"end run {run_id}", lambda: self.mlflow.MlflowClient().set_terminated(run_id, status))
+            self.attempt(f"end run {run_id}", lambda: self.mlflow.MlflowClient().set_terminated(run_id, status))
 
     def _end_orphaned_runs(self) -> None:
         """Runs of this host still RUNNING whose process is gone were killed (kill -9, power loss)."""
@@ -169,13 +174,76 @@ class Observer:
         """A compile of many users ended (a `CompileReport`)."""
 
 
+def prompt_name(user_id: str) -> str:
+    """The user's prompt in MLflow's prompt registry, whose names allow letters, digits, '-', '_'
+    and '.': the id's hash keeps apart two ids that read alike there."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", user_id).strip("-.")[:64] or "user"
+    return f"persona.{readable}.{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
+
+
+class PromptRegistry:
+    """Each user's accepted persona versions as versions of one prompt in MLflow's registry (where
+    MLflow users look for a prompt's versions and diffs), with the alias `champion` on the version
+    in force: a rollback, which puts an earlier persona back in force as a new version, moves it.
+    Contained by the `Tracker`, as every MLflow call."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def publish(self, state: "ProgramState", added: list["PersonaVersion"]) -> None:
+        name = prompt_name(state.user_id)
+        registered = self._registered(name)
+        for version in [*(v for v in added if v.accepted), state.current]:
+            if version.version in registered:
+                continue
+            tags = {PERSONA_VERSION_TAG: str(version.version), "user_id": state.user_id,
+                    **{key: f"{value:.4f}" for key, value in (("validation_score", version.score),
+                                                             ("validation_likelihood", version.likelihood))
+                       if value is not None}}
+            prompt = self.tracker.call("register a persona version", "genai.register_prompt", name,
+                                       version.instructions.get("answer", ""),
+                                       commit_message=version.note or f"persona v{version.version}", tags=tags)
+            if prompt is not None:
+                registered[version.version] = prompt.version
+        if state.current.version in registered:
+            self.tracker.call("move the champion alias", "genai.set_prompt_alias", name, CHAMPION,
+                              registered[state.current.version])
+
+    def _registered(self, name: str) -> dict[int, int]:
+        """Persona version -> prompt version, for the user's versions already in the registry."""
+        client = self.tracker.call("read the prompt registry", "MlflowClient")
+        found = client and self.tracker.attempt(
+            "read the prompt registry", lambda: client.get_prompt(name) and client.search_prompt_versions(name))
+        return {int(v.tags[PERSONA_VERSION_TAG]): int(v.version) for v in found or []
+                if v.tags.get(PERSONA_VERSION_TAG, "").isdigit()}
+
+
+def registered_persona(user_id: str, alias: str = CHAMPION, tracking_uri: str | None = None) -> tuple[str, int | None]:
+    """The user's persona text under `alias` in the prompt registry, and the persona version of the
+    store it was registered from (None for a version written in the registry itself)."""
+    offline_environment()
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri_or_default(tracking_uri))
+    try:  # uncached: a moved alias is read at once
+        prompt = mlflow.genai.load_prompt(f"prompts:/{prompt_name(user_id)}@{alias}", link_to_model=False,
+                                          cache_ttl_seconds=0)
+    except Exception as exc:
+        raise KeyError(f"no {alias} persona of user {user_id!r} in the prompt registry at "
+                       f"{tracking_uri_or_default(tracking_uri)}") from exc
+    tag = prompt.tags.get(PERSONA_VERSION_TAG, "")
+    return prompt.template, int(tag) if tag.isdigit() else None
+
+
 class MlflowObserver(Observer):
     """Logs each event to the active MLflow run as it happens: a stage's time, a version's
     validation score (the run's chart fills in during the alignment), then the saved versions'
-    texts, diffs and the run's description. Every call is contained by the `Tracker`."""
+    texts, diffs and the run's description, and, with `register_prompts`, the accepted versions in
+    the prompt registry. Every call is contained by the `Tracker`."""
 
-    def __init__(self, tracker: Tracker):
+    def __init__(self, tracker: Tracker, register_prompts: bool = False):
         self.tracker, self.step = tracker, 0
+        self.prompts = PromptRegistry(tracker) if register_prompts else None
 
     def stage(self, name, seconds, ran, metrics=None):
         self.tracker.call("tag a stage", "set_tag", f"stage.{name}", "ran" if ran else "resumed")
@@ -201,6 +269,8 @@ class MlflowObserver(Observer):
                 self.tracker.call("log a persona diff", "log_text", f"```diff\n{version.diff(before)}\n```\n", f"{name}.diff.md")
         self.tracker.call("log the persona", "log_text", state.current.instructions.get("answer", ""), "persona.md")
         self.tracker.call("describe the run", "set_tag", "mlflow.note.content", describe(state))
+        if self.prompts:
+            self.prompts.publish(state, added)
 
     def finished(self, status, metrics, error=""):
         # Traces are exported in the background: stored before the user counts as done.
@@ -221,7 +291,8 @@ class MlflowObserver(Observer):
             "population_version": version, "population_users": model["users"], "population_items": model["items"],
             "population_strength": model["strength"],
             **{f"population_weight_{name}": sum(fold["weights"].get(name, 0.0) for fold in model["folds"]) / len(model["folds"])
-               for name in sorted({n for fold in model["folds"] for n in fold["weights"]})}})
+               for name in sorted({n for fold in model["folds"] for n in fold["weights"]})},
+            **_text_effect_metrics(model.get("text_effects") or [])})
 
     def reported(self, report):
         results = report.results
@@ -235,6 +306,15 @@ class MlflowObserver(Observer):
             self.tracker.call("log the means", "log_metrics", {
                 "mean_lm_calls_per_user": sum(r.lm_calls for r in done) / len(done),
                 "mean_seconds_per_user": sum(r.seconds for r in done) / len(done)})
+
+
+def _text_effect_metrics(effects: list[dict]) -> dict[str, float]:
+    """A computed text's paired wins and losses over all users' windows (each fold's effect counts
+    every user but its own fold's, so each user is in all folds' sums but one)."""
+    if len(effects) < 2:
+        return {}
+    return {f"population_text_{outcome}": sum(e[outcome] for e in effects) / (len(effects) - 1)
+            for outcome in ("wins", "losses")}
 
 
 def seconds_metrics(timings: dict[str, float]) -> dict[str, float]:
@@ -268,7 +348,8 @@ def _alive(pid: int) -> bool:
 def forget_user(user_id: str, tracking_uri: str | None = None) -> int:
     """Delete everything MLflow holds of one user: their runs (tagged `user_id`) in every experiment,
     with their metrics, parameters, artifacts and the traces recorded under them, permanently (not
-    MLflow's soft delete). Returns the number of runs deleted.
+    MLflow's soft delete), and their prompt in the registry with all its versions. Returns the
+    number of runs and prompts deleted.
 
     A SQLite tracking database is vacuumed afterwards, so no deleted text stays in its free pages.
     This reaches the tracking server and artifact store the URI names; copies elsewhere (a remote
@@ -306,9 +387,22 @@ def forget_user(user_id: str, tracking_uri: str | None = None) -> int:
             else:  # a remote server: its own garbage collection (`mlflow gc`) removes deleted runs
                 client.delete_run(run_id)
             deleted += 1
+    if _forget_prompt(client, user_id):
+        deleted += 1
     if deleted and uri.startswith("sqlite:///"):
         import sqlite3
 
         with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"))) as db:
             db.execute("VACUUM")
     return deleted
+
+
+def _forget_prompt(client, user_id: str) -> bool:
+    """Delete the user's prompt and every version of it (its aliases go with them)."""
+    name = prompt_name(user_id)
+    if client.get_prompt(name) is None:
+        return False
+    for version in client.search_prompt_versions(name):
+        client.delete_prompt_version(name, str(version.version))
+    client.delete_prompt(name)
+    return True

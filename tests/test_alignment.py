@@ -4,7 +4,7 @@ import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
 from personaagent.optimizers.persona import ACCEPTANCE, PersonaAlignment, Score, past_interaction, sign_test
-from personaagent.optimizers.population import Combination
+from personaagent.optimizers.population import Combination, TextEffect
 from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Cutoff, Profile
 from personaagent.program.persona import Persona
@@ -196,27 +196,40 @@ def test_student_is_not_modified_and_bad_settings_are_refused(program):
 
 HEADLINES = ["Senate Passes Budget: What Comes Next", "Mayor Quits Amid Scandal: Five Questions", "Storm Hits Coast: Towns Brace",
              "Court Blocks Rule: Who Wins Now", "Team Wins Title: A Look Back", "Star Returns Home: Fans Rejoice",
-             "Market Falls Again: Why It Matters"]
+             "Market Falls Again: Why It Matters", "Bridge Reopens Downtown: Traffic Eases",
+             "School Board Votes: Parents React", "Factory Closes Doors: Jobs Lost", "Festival Draws Crowds: Streets Fill"]
+ARTICLES = [f"Generate a headline for the following article: story number {i} about events" for i in range(len(HEADLINES))]
+WINDOW = ARTICLES[-6:-3]  # with 3 replays and a window of 3: the 5 headlines before it teach the style
 
 
-def test_a_generation_rewrite_states_the_users_style_from_their_history(tmp_path, embedder):
-    """The assistant writes short lower-case headlines; the user writes Title Case with a colon. The
-    rewrite states that style (computed from every past headline), copies none, names no topic,
-    and is kept only because its headlines are better on the validation window."""
-    task = LAMP_TASKS["LaMP-4"]
+@pytest.fixture
+def headlines(tmp_path, embedder):
+    """A LaMP-4 user who writes Title Case headlines with a colon, and their program."""
     store = UserStore(tmp_path, embedder)
-    articles = [f"Generate a headline for the following article: story number {i} about events" for i in range(7)]
-    store.memory("hana").add([Interaction(a, h, float(i)) for i, (a, h) in enumerate(zip(articles, HEADLINES))])
-    program = store.build("hana", task)
+    store.memory("hana").add([Interaction(a, h, float(i)) for i, (a, h) in enumerate(zip(ARTICLES, HEADLINES))])
     trainset = [past_interaction(a, h, Cutoff(Interaction(a, h, float(i)).key, float(i)))
-                for i, (a, h) in enumerate(zip(articles, HEADLINES))]
-    gold = dict(zip(articles, HEADLINES))
+                for i, (a, h) in enumerate(zip(ARTICLES, HEADLINES))]
+    yield store.build("hana", LAMP_TASKS["LaMP-4"]), trainset
+    store.close()
+
+
+def _headline_lm(styled, plain="events happen"):
+    """An LM writing `styled(article)` under a persona that states Title Case, else `plain(article)`."""
+    gold = dict(zip(ARTICLES, HEADLINES))
 
     def headline(prompt: str) -> str:
         article = _field(prompt, "question").strip()
-        return gold[article] if "Title Case" in prompt else "events happen"
+        write = styled if "Title Case" in prompt else plain
+        return write(article, gold[article]) if callable(write) else write
+    return fake_lm({"answer": headline})
 
-    lm = fake_lm({"answer": headline})
+
+def test_a_generation_rewrite_states_the_users_style_from_their_history(headlines):
+    """The assistant writes short lower-case headlines; the user writes Title Case with a colon. The
+    rewrite states that style (computed from the headlines before the validation window), copies
+    none, names no topic, and is kept only because its headlines are better on the window."""
+    program, trainset = headlines
+    lm = _headline_lm(lambda article, gold: gold)
     with use_lm(lm), UsageMeter(lm) as usage:
         aligned = PersonaAlignment(n_recent=3).compile(program, trainset=trainset)
     rewrite = aligned.alignment[-1]
@@ -226,8 +239,34 @@ def test_a_generation_rewrite_states_the_users_style_from_their_history(tmp_path
     assert any("colon" in r and "100%" in r for r in rules) and any("Never use" in r and "a question" in r for r in rules)
     assert "length: the assistant wrote 2 words, the user" in rewrite.feedback
     assert not any(h.lower() in aligned.instructions.lower() for h in HEADLINES)
-    assert usage.calls == 3 + 3 + 3  # the history, then the candidate's validation: no reflection LM call
-    store.close()
+    # The history (window and replays), then the window under the computed text: no reflection LM
+    # call, and no second validation of the same text.
+    assert usage.calls == 3 + 3 + 3
+
+
+def _align_styled(headlines, lm, effect):
+    program, trainset = headlines
+    with use_lm(lm):
+        return PersonaAlignment(n_recent=3).compile(program, trainset=trainset, text_effect=effect)
+
+
+def test_a_computed_text_is_kept_on_the_populations_evidence_when_one_users_window_cannot_show_it(headlines):
+    # Better on one window item, the same on the others: a sign test on three items cannot pass.
+    lm = _headline_lm(lambda article, gold: gold if article == WINDOW[0] else "events happen")
+    alone = _align_styled(headlines, lm, None).alignment[-1]
+    assert not alone.accepted and "sign test" in alone.note
+    backed = _align_styled(headlines, lm, TextEffect(wins=40, losses=15)).alignment[-1]
+    assert backed.accepted and "won 40 and lost 15" in backed.note and "Title Case" in backed.instructions["answer"]
+    # A population where such texts do not pay: no text is written at all.
+    unpaid = _align_styled(headlines, lm, TextEffect(wins=20, losses=20)).alignment
+    assert all("Title Case" not in v.instructions["answer"] for v in unpaid)
+
+
+def test_a_users_own_window_vetoes_a_computed_text_the_population_backs(headlines):
+    # Right on the window without the text, wrong with it: worse on every window item.
+    worse = _headline_lm("events happen", plain=lambda article, gold: gold if article in WINDOW else "events happen")
+    vetoed = _align_styled(headlines, worse, TextEffect(wins=40, losses=15)).alignment[-1]
+    assert not vetoed.accepted and "worse on this user's window" in vetoed.note
 
 
 def test_a_rewrite_that_copies_a_past_headline_is_rejected():

@@ -89,6 +89,15 @@ def test_compile_saves_versions_logs_runs_and_skips_unchanged_users(tmp_path, da
     assert recompiled[:3] == varied.versions and len(recompiled) > 3  # earlier versions are kept
 
 
+def test_a_setting_no_stage_reads_recompiles_no_one(tmp_path, data):
+    uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "store"
+    compile_users(data, store, CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))
+    # max_versions only bounds the history kept at the next save; a persona carries its own k.
+    again = compile_users(data, store, CompileConfig(max_versions=5, k=2), tracking_uri=uri, progress=False,
+                          lm=fake_lm(fail=True))
+    assert again.counts["skipped"] == 2 and all(r.stages_run == [] for r in again.results)
+
+
 def test_a_rerun_resumes_at_the_first_stage_whose_inputs_changed(tmp_path, data, monkeypatch):
     uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "store"
 
@@ -174,7 +183,7 @@ def test_bad_config_is_refused():
         CompileConfig(n_recent=0)
     with pytest.raises(ValueError, match="at least 1"):
         CompileConfig(max_lm_calls=0)
-    with pytest.raises(ValueError, match="validation at least 0"):
+    with pytest.raises(ValueError, match="validation must be at least 0"):
         CompileConfig(validation=-1)
 
 

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from personaagent.optimizers.population import (Answered, Combination, adapt, fit, fit_population, fold_of)
+from personaagent.optimizers.population import (Answered, Combination, PopulationModel, TextEffect, adapt, fit,
+                                                fit_population, fit_text_effects, fold_of, text_effect)
 
 LABELS = ("a", "b", "c")
 
@@ -71,3 +72,30 @@ def test_a_cross_fitted_model_never_answers_a_user_with_a_model_fitted_on_their_
         changed = {**users, user_id: habitual_user(8, label="a", seed=123)}
         assert fit_population(LABELS, changed, use_bias=False).prior_for(user_id) == model.prior_for(user_id)
     assert model.strength in (0.3, 1.0, 3.0, 10.0, 30.0) and model.users == 20 and model.items == 160
+
+
+def window(better: int, worse: int, same: int) -> list[Answered]:
+    """A user's window answered without a computed text ("plain") and with it (`candidate`)."""
+    outcomes = ["better"] * better + ["worse"] * worse + ["same"] * same
+    items = []
+    for i, outcome in enumerate(outcomes):
+        plain = {"better": "miss", "worse": "gold", "same": "gold"}[outcome]
+        styled = {"better": "gold", "worse": "miss", "same": "gold"}[outcome]
+        items += [Answered(f"q{i}", "gold", plain, None, {}), Answered(f"q{i}", "gold", styled, None, {}, candidate=True)]
+    return items
+
+
+def exact(answer: str, gold: str) -> float:
+    return float(answer == gold)
+
+
+def test_a_computed_text_pays_by_the_other_users_evidence_never_by_the_users_own():
+    assert text_effect(exact, window(2, 0, 1)) == TextEffect(2, 0)
+    users = {f"user{i}": window(2, 1, 0) for i in range(30)}  # each user: one net win, unprovable alone
+    model = fit_text_effects(exact, users)
+    assert all(model.text_effect_for(u).pays() for u in users) and not TextEffect(2, 1).pays()
+    # A user's own items never enter their fold's evidence: making them all losses changes nothing of it.
+    changed = fit_text_effects(exact, {**users, "user0": window(0, 3, 0)})
+    assert changed.text_effect_for("user0") == model.text_effect_for("user0")
+    assert PopulationModel.from_dict(model.to_dict()).text_effects == model.text_effects
+    assert not fit_text_effects(exact, {f"user{i}": window(1, 1, 1) for i in range(30)}).text_effect_for("user0").pays()

@@ -3,6 +3,7 @@ a user leaves none of their text in anything the project wrote (the store, MLflo
 artifacts)."""
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import pytest
 
 from personaagent.data.loaders import load
 from personaagent.optimizers.compile import CompileConfig, compile_users
-from personaagent.optimizers.tracking import HOST_TAG, PID_TAG, Tracker
+from personaagent.optimizers.tracking import HOST_TAG, PID_TAG, Tracker, prompt_name, registered_persona
 from personaagent.app.cli import main
 from personaagent.program.lm import make_lm
 from personaagent.app.service import PersonaService
@@ -125,3 +126,39 @@ def test_two_compiles_of_one_user_at_once_lose_no_version_on_a_fresh_mlflow_stor
 def test_lms_are_uncached_unless_asked():
     # DSPy's cache would keep users' prompts on disk after they are forgotten.
     assert make_lm("openai/any-model").cache is False and make_lm("openai/any-model", cache=True).cache is True
+
+
+def test_registered_personas_load_by_alias_follow_a_rollback_and_are_forgotten(tmp_path, log):
+    uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "store"
+    compile_users(log, store, CompileConfig(acceptance="always", register_prompts=True), tracking_uri=uri,
+                  progress=False, lm=_fake())
+    state = UserStore(store).load_state("alice")
+    client = mlflow.MlflowClient(uri)
+    registered = {int(v.tags["persona_version"]): v for v in client.search_prompt_versions(prompt_name("alice"))}
+    assert set(registered) == {v.version for v in state.versions if v.accepted}
+    assert all(registered[v.version].tags.get("validation_score") == f"{v.score:.4f}"
+               for v in state.versions if v.accepted and v.score is not None)
+    assert registered_persona("alice", tracking_uri=uri) == (state.current.instructions["answer"], state.current.version)
+
+    first = state.versions[0]
+    with PersonaService(store, lm=_fake(), tracking_uri=uri, register_prompts=True, persona_alias="champion") as service:
+        assert service.program("alice").instructions == state.current.instructions["answer"]
+        restored = service.rollback("alice", first.version)["current_version"]
+        assert registered_persona("alice", tracking_uri=uri) == (first.instructions["answer"], restored)  # the alias moved
+    # A text written in the registry itself (as in MLflow's UI) and put in force by the alias.
+    mlflow.set_tracking_uri(uri)
+    edited = mlflow.genai.register_prompt(prompt_name("alice"), "Answer as Alice would: generously.")
+    mlflow.genai.set_prompt_alias(prompt_name("alice"), "champion", edited.version)
+    with PersonaService(store, lm=_fake(), tracking_uri=uri, persona_alias="champion") as service:
+        assert service.program("alice").instructions == "Answer as Alice would: generously."
+        assert service.answer("alice", "review: strings held up well").persona_version == restored
+        service.delete("alice")
+    assert client.get_prompt(prompt_name("alice")) is None
+    assert client.get_prompt(prompt_name("bob")) is not None  # only alice was forgotten
+    with pytest.raises(KeyError, match="no champion persona"):
+        registered_persona("alice", tracking_uri=uri)
+
+
+def test_prompt_names_are_valid_and_distinct_for_ids_that_read_alike():
+    names = {prompt_name(u) for u in ("Tsujii, Jun'ichi", "Tsujii  Jun ichi", "a/b", "a-b")}
+    assert len(names) == 4 and all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)
