@@ -6,7 +6,8 @@ Every /v1 request carries `Authorization: Bearer <token>`. Errors are JSON,
 `{"error": "<kind>", "message": "<what went wrong>"}`, with a 4xx status for a bad request and
 503 with `Retry-After` when the language model fails, the answer queue is full or slow, or the
 store cannot be written (then /healthz is 503 too, saying why). Every status a route can return is
-in the OpenAPI description. An answer whose caller disconnected is dropped before the LM. On
+in the OpenAPI description. An answer whose caller disconnected is dropped before the LM, and a
+streamed chat reply whose caller disconnects stops the LM at its next token. On
 SIGTERM the server stops accepting work, cancels what is queued and exits within a few seconds.
 """
 
@@ -17,14 +18,13 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 import uuid
 from dataclasses import fields
 from http import HTTPStatus
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
@@ -108,7 +108,7 @@ class InteractionAdded(BaseModel):
 
 # The settings an align request may choose (`PersonaService.align`'s), and the most one request may
 # ask for: the settings' own bounds would let one request start an alignment of any cost.
-ALIGN_SETTINGS = ("n_recent", "iterations", "acceptance")
+ALIGN_SETTINGS = ("n_recent", "iterations", "acceptance", "optimizer")
 ALIGN_MAX = {"n_recent": 20, "iterations": 5}
 
 
@@ -259,13 +259,13 @@ class InternalErrors:
                          path=scope["path"])(scope, receive, send)
 
 
-async def _unless_disconnected(future, request: Request):
-    """The queued work's result; if the caller disconnects first, it is cancelled (never reaching
-    the LM if it had not started) and nothing is sent."""
+async def _unless_disconnected(future, request: Request, cancel: Callable[[], Any] | None = None):
+    """The queued work's result; if the caller disconnects first, it is cancelled (by `cancel`, else
+    the future's own: never reaching the LM if it had not started) and nothing is sent."""
     waiting = asyncio.wrap_future(future)
     while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
         if await request.is_disconnected():
-            future.cancel()
+            (cancel or future.cancel)()
             raise Unavailable("the caller disconnected", 1)
     return waiting.result()
 
@@ -357,14 +357,15 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
     async def chat(body: ChatRequest, request: Request,
                    x_personaagent_user: str | None = Header(None, description="the user, when the body has no `user`")):
         """OpenAI-compatible chat: the `user` field (or the X-PersonaAgent-User header) selects whose
-        persona answers; their memory is searched into the context and the turn is added to it."""
+        persona answers; their memory is searched into the context and the turn is added to it. With
+        `stream`, the reply's tokens are sent as the LM generates them."""
         user_id = body.user or x_personaagent_user
         if not user_id:
             raise InvalidRequest("name the user: the `user` field or the X-PersonaAgent-User header")
-        future = service.submit_chat(user_id, [{"role": m.role, "content": m.text} for m in body.messages])
-        reply = await _unless_disconnected(future, request)
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
+            reply = await _unless_disconnected(service.submit_chat(user_id, messages), request)
             return ChatCompletion(id=completion_id, created=created, model=body.model,
                                   choices=[{"index": 0, "message": {"role": "assistant", "content": reply.reply},
                                             "finish_reason": "stop"}])
@@ -374,12 +375,28 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(payload)}\n\n"
 
-        def events() -> Iterator[str]:
-            # The reply is generated whole (one LM call, like an answer), then sent word by word.
-            yield chunk({"role": "assistant", "content": ""})
-            for piece in re.findall(r"\S+\s*|\s+", reply.reply):
-                yield chunk({"content": piece})
-            yield chunk({}, "stop")
+        stream = service.stream_chat(user_id, messages)
+        try:  # the first piece before the response starts: until then a failure is still a 503
+            first = await _unless_disconnected(asyncio.ensure_future(anext(stream, None)), request, stream.close)
+        except BaseException:
+            stream.close()
+            raise
+
+        async def events() -> AsyncIterator[str]:
+            """Each piece as the LM generates it. A caller who disconnects cancels this (Starlette
+            listens for it), and closing the stream stops the LM."""
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                piece = first
+                while piece is not None:
+                    yield chunk({"content": piece})
+                    piece = await anext(stream, None)
+                yield chunk({}, "stop")
+            except ServiceError as exc:  # the status is sent already: the error is OpenAI's error event
+                error = {"message": str(exc), "type": OPENAI_ERROR_TYPES[503], "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+            finally:
+                stream.close()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -12,6 +12,8 @@
   a bounded FIFO queue. Every queued answer has a deadline: a caller is told to retry (with a
   hint) when the queue is full or would not reach them in time, an answer that waited past its
   deadline is dropped before the LM, and so is one whose caller gave up (`Future.cancel`).
+- A chat turn can be streamed (`stream_chat`): the reply's pieces as the LM generates them, queued
+  like an answer; closing the stream stops the LM.
 - Closing cancels what is queued, lets running answers finish, and abandons a running alignment
   (nothing of it is saved: a version is written only at its end, atomically).
 - Test-time alignment runs in the background on the user's latest interactions with a known
@@ -21,6 +23,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -30,7 +33,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,16 +41,16 @@ import dspy
 import faiss
 from dspy.utils.exceptions import AdapterParseError, LMError
 
+from ..data.loaders import UserData, memory_replays
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
+from ..optimizers import compile as stages
 from ..optimizers.compile import CompileConfig
-from ..optimizers.persona import PersonaAlignment, past_interaction
 from ..optimizers.population import PopulationModel
 from ..optimizers.tracking import (MlflowObserver, Observer, PromptRegistry, Tracker, forget_user, registered_persona,
                                    seconds_metrics)
 from ..program.agent import PersonaProgram
 from ..program.persona import Persona
-from ..program.lm import LOCAL_PREFIX, make_lm, use_lm
-from ..program.memory import Cutoff
+from ..program.lm import LOCAL_PREFIX, make_lm, stream_reply, use_lm
 from ..program.storage import validate_user_id
 from ..program.store import ProgramState, UserStore
 
@@ -113,12 +116,71 @@ class ChatReply:
     persona_version: int | None
 
 
+class ReplyStream:
+    """A chat reply as the LM generates it: iterate it (blocking) or `async for` it (no thread waits)
+    for its text pieces; an error of the LM is raised where the reply stopped. `close` stops the
+    generation (one still queued never reaches the LM)."""
+
+    def __init__(self):
+        self._next: Future = Future()  # the next piece: (piece, the future after it), or None at the end
+        self._tail = self._next  # where the LM's work puts the next piece
+        self._closed = threading.Event()
+        self.work: Future | None = None  # the queued work that generates it
+
+    def __iter__(self) -> "ReplyStream":
+        return self
+
+    def __next__(self) -> str:
+        piece = self._take(self._next.result())
+        if piece is None:
+            raise StopIteration
+        return piece
+
+    def __aiter__(self) -> "ReplyStream":
+        return self
+
+    async def __anext__(self) -> str:
+        # Shielded: a consumer cancelled while it waits must not cancel the future the LM's work fills.
+        piece = self._take(await asyncio.shield(asyncio.wrap_future(self._next)))
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
+
+    def _take(self, link: tuple | None) -> str | None:
+        if link is None:
+            return None
+        piece, self._next = link
+        return piece
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self.work is not None:
+            self.work.cancel()
+
+    def _put(self, piece: str) -> None:
+        link, self._tail = self._tail, Future()
+        link.set_result((piece, self._tail))
+
+    def _end(self, work: Future) -> None:
+        """When the work is done: the end of the reply, or its error."""
+        error = None if work.cancelled() else work.exception()
+        if error is None:
+            self._tail.set_result(None)
+        else:
+            self._tail.set_exception(error)
+
+
 @dataclass
 class AlignJob:
     id: str
     user_id: str
     n_recent: int
     iterations: int
+    optimizer: str = CompileConfig.optimizer
     trigger: str = "align request"  # or "online: N new interactions with known outcomes"
     status: JobStatus = "queued"
     error: str = ""
@@ -168,6 +230,9 @@ class PersonaService:
         self.register_prompts, self.persona_alias = register_prompts, persona_alias
         self.lm = make_lm(lm) if isinstance(lm, str) else lm
         self.reflection_lm = reflection_lm
+        # The settings of an alignment: `CompileConfig`'s defaults, an align request overriding its own.
+        self.config = CompileConfig(lm=self.lm.model, max_versions=self.store.max_versions,
+                                    register_prompts=register_prompts)
         self.default_task = default_task or generic_task("generation")
         self.max_loaded, self.max_queued, self.lm_retry_after = max_loaded, max_queued, lm_retry_after
         self.answer_deadline = answer_deadline  # seconds an answer may wait in the queue
@@ -296,12 +361,25 @@ class PersonaService:
         """Queue one chat turn (OpenAI-style `messages`, the last from the user); the future gives a
         `ChatReply`. The user's persona is the system prompt, their past interactions most like the
         message are in it, and the turn is appended to their memory. A new user is created."""
+        self._chat_user(user_id, messages)
+        return self._enqueue(self._chat, user_id, messages)
+
+    def stream_chat(self, user_id: str, messages: list[dict]) -> ReplyStream:
+        """Queue one chat turn as `submit_chat` does; its reply comes as the LM generates it (see
+        `ReplyStream`). The turn is appended to the user's memory once the reply is complete, before
+        the stream ends; a stream closed before then appends nothing."""
+        self._chat_user(user_id, messages)
+        stream = ReplyStream()
+        stream.work = self._enqueue(self._stream_chat, user_id, messages, stream)
+        stream.work.add_done_callback(stream._end)
+        return stream
+
+    def _chat_user(self, user_id: str, messages: list[dict]) -> None:
         self._valid(user_id)
         if not messages or messages[-1].get("role") != "user" or not str(messages[-1].get("content") or "").strip():
             raise InvalidRequest("the last message must be the user's, with content")
         with self._user_lock(user_id):
             self.store.memory(user_id)  # a new user gets their directory, as an appended interaction would
-        return self._enqueue(self._chat, user_id, messages)
 
     def _enqueue(self, work, user_id: str, *args) -> Future:
         with self._lock:
@@ -343,18 +421,35 @@ class PersonaService:
         return Answer(user_id, str(pred.answer), loaded.version, [step["tool"] for step in pred.trajectory],
                       pred.get("label_scores"), pred.get("confidence"), pred.get("scoring"))
 
-    def _chat(self, user_id: str, messages: list[dict]) -> ChatReply:
-        loaded = self._loaded(user_id)
-        program, message = loaded.program, str(messages[-1]["content"])
+    @staticmethod
+    def _chat_turns(program: PersonaProgram, messages: list[dict]) -> list[dict]:
+        """The LM's messages for a chat turn: the persona and the user's past interactions most like
+        their message as the system prompt, then the conversation."""
         system = (f"{program.instructions}\n\nThis user's past interactions most like their message:\n"
-                  f"{program.tools['search_memory'](query=message)}")
+                  f"{program.tools['search_memory'](query=str(messages[-1]['content']))}")
         # OpenAI's "developer" messages are system instructions; tool messages have no place here.
         roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-        turns = [{"role": "system", "content": system}] + [
+        return [{"role": "system", "content": system}] + [
             {"role": roles[m["role"]], "content": str(m.get("content") or "")} for m in messages if m.get("role") in roles]
-        output = self.lm(messages=turns)[0]
+
+    def _chat(self, user_id: str, messages: list[dict]) -> ChatReply:
+        loaded = self._loaded(user_id)
+        output = self.lm(messages=self._chat_turns(loaded.program, messages))[0]
         reply = output if isinstance(output, str) else str(output.get("text", ""))
-        self.add_interaction(user_id, message, metadata={"source": "chat", "reply": reply})
+        self.add_interaction(user_id, str(messages[-1]["content"]), metadata={"source": "chat", "reply": reply})
+        return ChatReply(user_id, reply, loaded.version)
+
+    def _stream_chat(self, user_id: str, messages: list[dict], stream: ReplyStream) -> ChatReply | None:
+        loaded = self._loaded(user_id)
+        pieces = []
+        with contextlib.closing(stream_reply(self.lm, self._chat_turns(loaded.program, messages))) as generated:
+            for piece in generated:
+                if stream.closed:  # its consumer is gone: closing `generated` stops the LM
+                    return None
+                stream._put(piece)
+                pieces.append(piece)
+        reply = "".join(pieces)
+        self.add_interaction(user_id, str(messages[-1]["content"]), metadata={"source": "chat", "reply": reply})
         return ChatReply(user_id, reply, loaded.version)
 
     @property
@@ -454,34 +549,34 @@ class PersonaService:
     # ------------------------------------------------------------------ test-time alignment
 
     def align(self, user_id: str, n_recent: int = CompileConfig.n_recent, iterations: int = CompileConfig.iterations,
-              acceptance: str = CompileConfig.acceptance, trigger: str = "align request") -> AlignJob:
-        """Start aligning the persona on the latest `n_recent` interactions with a known answer;
-        returns at once with the job (see `job`). One alignment per user at a time."""
+              acceptance: str = CompileConfig.acceptance, optimizer: str = CompileConfig.optimizer,
+              trigger: str = "align request") -> AlignJob:
+        """Start aligning the persona as a compile aligns it, on the latest `n_recent` interactions
+        with a known answer, with these settings over the service's (`config`); returns at once with
+        the job (see `job`). One alignment per user at a time."""
         user_id = self._existing(user_id)
         try:
-            teleprompter = PersonaAlignment(n_recent, iterations, acceptance, self.reflection_lm)
+            config = replace(self.config, n_recent=n_recent, iterations=iterations, acceptance=acceptance,
+                             optimizer=optimizer)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        if not any(r.output is not None for r in self.store.memory(user_id).all()):
-            raise InvalidRequest("alignment needs at least one interaction with a known output")
+        if not memory_replays(self._loaded(user_id).program.task, self.store.memory(user_id).all()):
+            raise InvalidRequest("alignment needs at least one interaction with a known output to replay")
         with self._lock:
             running = next((j for j in self._jobs.values()
                             if j.user_id == user_id and j.status in ("queued", "running")), None)
             if running is not None:
                 raise AlignmentRunning(running.id)
-            job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations, trigger)
+            job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations, optimizer, trigger)
             self._jobs[job.id] = job
             deletions = self._deletions.get(user_id, 0)
-        self._align_queue.put((job, teleprompter, deletions))
+        self._align_queue.put((job, config, deletions))
         return job
 
-    def _population_prior(self, user_id: str) -> dict:
-        """What the store's population model (if a compile fitted one) gives an alignment of this
-        user: the fold fitted without them."""
+    def _population(self) -> PopulationModel | None:
+        """The store's latest population model, if a compile fitted one."""
         saved = self.store.load_population()
-        if saved is None:
-            return {}
-        return PopulationModel.from_dict(saved["model"]).alignment_args(user_id)
+        return PopulationModel.from_dict(saved["model"]) if saved else None
 
     def job(self, user_id: str, job_id: str) -> AlignJob:
         job = self._jobs.get(job_id)
@@ -494,35 +589,40 @@ class PersonaService:
         while (item := self._align_queue.get()) is not None:
             self._run_align(*item)
 
-    def _run_align(self, job: AlignJob, teleprompter: PersonaAlignment, deletions: int) -> None:
+    def _run_align(self, job: AlignJob, config: CompileConfig, deletions: int) -> None:
+        """The compile's stages after the profile (history, align, save) for one user, on the replays
+        their memory gives (`memory_replays`, as a compile's data gives them) and with the store's
+        latest population model; the versions are recorded as made by `job.trigger`."""
         job.status = "running"
         try:
             loaded = self._loaded(job.user_id)
-            program, previous = loaded.program, loaded.state
-            # Each record is replayed as of its own time: memory then shows only what came before it.
-            examples = [past_interaction(r.input, r.output, Cutoff.of(r)) for r in program.memory.all() if r.output is not None]
+            task, previous = loaded.program.task, loaded.state
+            user = UserData(job.user_id, replays=memory_replays(task, loaded.program.memory.all()))
             # Tracked like a compile, in a run tagged with the user (so forgetting finds it).
             tracker = Tracker(self.tracking_uri, "personaagent-align") if self.tracking_uri else None
             observer = MlflowObserver(tracker, self.register_prompts) if tracker else Observer()
-            teleprompter.on_version = observer.version
             with (tracker.run(f"align {job.user_id}", {"user_id": job.user_id, "trigger": job.trigger})
                   if tracker else contextlib.nullcontext()), use_lm(self.lm), dspy.context(disable_history=True):
-                aligned = teleprompter.compile(program, trainset=examples, **self._population_prior(job.user_id))
+                started = time.perf_counter()
+                history = stages.answer_history(self.store, user, task, config, previous)
+                seconds = {"history": time.perf_counter() - started}
+                aligned = stages.align(self.store, user, task, config, previous, self.lm, observer, history,
+                                       self._population(), self.reflection_lm)
                 # The store's lock first (a compile in another process may hold it for minutes), then
-                # this process's: appends of the user wait only for the save itself.
+                # this process's: appends of the user wait only for the save itself (observed after).
                 with self.store.lock(job.user_id, create=False), self._user_lock(job.user_id):
                     if self._deletions.get(job.user_id, 0) != deletions:
                         raise NotFound("the user was deleted during alignment")
                     on_disk = self.store.load_state(job.user_id)
                     if (on_disk and on_disk.updated_at) != (previous and previous.updated_at):
                         raise RuntimeError("the program was recompiled during alignment; start the alignment again")
-                    state = ProgramState.continuing(previous, job.user_id, task_to_dict(program.task),
-                                                    previous.lm if previous else self.lm.model,
-                                                    previous.compile_key if previous else "")
-                    added = state.record(aligned.alignment, job.trigger)
-                    self.store.save_state(state)
+                    # What the program was compiled from and with stays: its compile's key and LM.
+                    kept = replace(config, lm=previous.lm) if previous else config
+                    state = stages.save(self.store, job.user_id, task, kept, previous, aligned,
+                                        previous.compile_key if previous else "", Observer(), job.trigger)
+                added = [v for v in state.versions if v.version >= (previous.next_version if previous else 1)]
                 observer.saved(state, added)
-                observer.finished("succeeded", seconds_metrics(aligned.timings))
+                observer.finished("succeeded", seconds_metrics({**seconds, **aligned.timings}))
             job.new_versions = [v.version for v in added]
             job.current_version = state.current.version
             job.status = "succeeded"

@@ -86,14 +86,20 @@ def _interaction(row: dict) -> Interaction:
     return Interaction(row["input"], row["output"], row["timestamp"], json.loads(row["metadata"]))
 
 
-def _replays(spec: TaskSpec, items: list[dict]) -> list[Interaction]:
-    """Replayable interactions, each tagged with the identity of its record in memory and its time:
-    when it is replayed, memory hides that record and everything not strictly before it."""
+def memory_replays(spec: TaskSpec, records: list) -> list[Interaction]:
+    """A user's replayable interactions from their memory records, oldest first (`UserData.memories`,
+    or a store's `EpisodicMemory.all()`: the compile and the service replay the same), each tagged
+    with the identity of its record and its time: when it is replayed, memory hides that record and
+    everything not strictly before it. A record made from an item (`TaskSpec.from_memory`) replays as
+    the task converts that item; one added as it is, a question and the user's answer, as it is."""
+    items = [spec.from_memory(r) for r in records]
     found = []
-    for position, item in enumerate(items):
-        replay = spec.to_interaction(item, items[:position] + items[position + 1:])
+    for position, (item, record) in enumerate(zip(items, records)):
+        if item is None:
+            replay = Interaction(record.input, record.output, metadata=record.metadata) if record.output else None
+        else:
+            replay = spec.to_interaction(item, [i for i in items[:position] + items[position + 1:] if i is not None])
         if replay is not None:
-            record = spec.to_memory(item)
             found.append(replace(replay, timestamp=record.timestamp,
                                  metadata={**replay.metadata, "memory_key": record.key}))
     return found
@@ -199,7 +205,7 @@ def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
         items = [p for p in profiles.get(user_id, {}).values() if not _is_asked(spec, p, asked)]
         items.sort(key=lambda p: (spec.to_memory(p).timestamp or 0))  # stable: file order breaks ties
         data.memories = [spec.to_memory(p) for p in items]
-        data.replays = _replays(spec, items)
+        data.replays = memory_replays(spec, data.memories)
     return TaskData(spec, users, str(questions_path))
 
 
@@ -261,7 +267,7 @@ def interaction_log(path: Path, records: Iterable[tuple[str, Any]], kind: Kind =
         history = [r for i, r in enumerate(items) if i not in held]
         data = UserData(user_id)
         data.memories = [spec.to_memory(r) for r in history]
-        data.replays = _replays(spec, history)
+        data.replays = memory_replays(spec, data.memories)
         data.questions = [_example(f"{user_id}/{i}", items[i]["input"], str(items[i]["output"])) for i in sorted(held)]
         users[user_id] = data
     return TaskData(spec, users, str(path))

@@ -150,6 +150,28 @@ class TaskSpec:
         return Interaction(" | ".join(parts), None if output in (None, "") else str(output),
                            _time(item), {"id": item.get("id")})
 
+    def from_memory(self, record) -> dict | None:
+        """The item `to_memory` made `record` (an `Interaction` or a memory record) from, as far as
+        memory keeps it (LaMP-1: up to 20 of a paper's references); None for a record `to_memory`
+        did not make (added as it is: a question and what the user answered)."""
+        item: dict[str, Any] = {}
+        for part in record.input.split(" | "):
+            name = next((n for n in self.content_fields if n not in item and part.startswith(f"{n}: ")), None)
+            if name:
+                item[name] = part[len(name) + 2:]
+            elif item:  # a value that holds the separator itself
+                item[list(item)[-1]] += f" | {part}"
+            else:
+                return None
+        if self.output_field and record.output is not None:
+            # A list of references is kept as its titles (`to_memory`).
+            item[self.output_field] = record.output.split("; ") if self.output_field == "references" else record.output
+        if record.timestamp is not None:
+            item["time"] = record.timestamp
+        if record.metadata.get("id") is not None:
+            item["id"] = record.metadata["id"]
+        return item if self.to_memory(item).key == record.key else None
+
     def subject(self, question: str) -> str:
         """What memory is searched by: the item the question is about, without the task's wording.
         That wording is the same in every question (LaMP-2N's lists 29 categories), so searched
@@ -287,18 +309,30 @@ def compare_texts(generated: str, real: str, source: str) -> str:
 
 # ---------------------------------------------------------------- LaMP tasks
 
+def _content_words(text: str) -> set[str]:
+    """Words of four letters or more: what says what a title is about ("parsing", not "for")."""
+    return {w for w in _tokens(text) if len(w) > 3}
+
+
 def _stable_choice(key: str, options: list[str]) -> str:
     return options[zlib.crc32(key.encode()) % len(options)]
 
 
 def _citation_interaction(item: dict, profile: list[dict]) -> Interaction | None:
     """A past paper becomes a two-choice citation question: one of its own references against a
-    title the author had not cited by then (they cite it only in this paper's time or later).
+    title the author had not cited by then (they cite it only in this paper's time or later), the
+    one of those that shares the fewest words with the paper's title.
 
     Replayed as of the paper's time, the question then looks like the real task's, whose other
     candidate is a paper the author has not cited: a title already cited in earlier work would be
-    the one the author's history points to, and would teach the user's program to distrust it. Both
-    titles come from the same user's history, so no other user's data enters the question."""
+    the one the author's history points to, and would teach the user's program to distrust it. And
+    the real task's other candidate is an unrelated paper (in the shared LaMP-1 data it is never
+    among the author's references, while the cited one is in 130 of 414 questions): a later
+    reference on the paper's own topic would be a harder question than any the user is asked, on
+    which the LM's judgment of topic is worth nothing (on 12 users the LM was right on 53% of such
+    replays and on 71% of the real questions), so the evidence weights learned from the replays
+    would not hold for the questions. Both titles come from the same user's history, so no other
+    user's data enters the question."""
     cited = _reference_titles(item)
     if not cited:
         return None
@@ -310,7 +344,10 @@ def _citation_interaction(item: dict, profile: list[dict]) -> Interaction | None
     if not elsewhere:
         return None
     key = str(item.get("id", item.get("title")))
-    positive, negative = _stable_choice(key, cited), _stable_choice(key + "/neg", elsewhere)
+    shared = lambda title: len(_content_words(item["title"]) & _content_words(title))  # noqa: E731
+    fewest = min(map(shared, elsewhere))
+    positive = _stable_choice(key, cited)
+    negative = _stable_choice(key + "/neg", [t for t in elsewhere if shared(t) == fewest])
     first_is_positive = zlib.crc32(key.encode()) % 2 == 0
     a, b = (positive, negative) if first_is_positive else (negative, positive)
     question = (f'For an author who has written the paper with the title "{item["title"]}", which '

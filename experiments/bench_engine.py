@@ -10,7 +10,11 @@ costs per answer.
   serves and restarts (`IsolatedEngine`), on the same questions, each asked once cold and then again;
 - the isolation's own cost: the p50 of scoring one short prompt again (its prefix reused, so
   llama.cpp does almost nothing) on each engine; the difference is the pipe and pickling.
-  The fake LM answers in-process with no engine, so isolation costs it nothing.
+  The fake LM answers in-process with no engine, so isolation costs it nothing;
+- users asked in turns: one answer's p50 when users take turns, each with a persona of their own
+  (their past reviews) in the system message, with each user's prompt prefix kept
+  (`PERSONAAGENT_PREFIX_CACHE_MB`) and without (`--interleaved-users`, 0 skips it); the scores
+  must be identical.
 
 Each row names the CPU's relevant flags and the llama.cpp build in use. Run it alone on the machine
 (llama.cpp slows about tenfold when its threads outnumber free cores). Results go to
@@ -75,6 +79,25 @@ def answer_seconds(engine, model: str, questions: list[str]) -> list[float]:
     return seconds
 
 
+def interleaved_answers(engine, model: str, users: list) -> tuple[list[float], list[dict]]:
+    """Seconds per answer and the label scores, the users asked in turns (their question, then three
+    later reviews of theirs as questions): the context never holds the prefix of the user asked next,
+    only a kept one can spare evaluating it."""
+    task = load(SAMPLE_DIR / "LaMP-3-amazon").task
+    personas = [answer_module(task, f"{BASE_INSTRUCTION}\nThis user's past reviews: "
+                                    + " | ".join(m.input[-300:] for m in user.memories[:3])) for user in users]
+    asked = [[user.questions[0].question] + [m.input for m in user.memories[3:6]] for user in users]
+    lm = dspy.LM(f"local/{model}", engine=engine, cache=False, temperature=0.0)
+    seconds, scores = [], []
+    with use_lm(lm):
+        for questions in zip(*asked):
+            for predict, question in zip(personas, questions):
+                started = time.perf_counter()
+                scores.append(predict(question=question, context="(nothing)").label_scores)
+                seconds.append(time.perf_counter() - started)
+    return seconds, scores
+
+
 def repeated_score_seconds(engine, repeats: int = 20) -> float:
     """p50 seconds of scoring the same short prompt again (its prefix reused: almost no llama.cpp
     work), so the difference between engines is the cost of the call itself."""
@@ -92,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--answers", type=int, default=12, help="questions, each answered twice")
+    parser.add_argument("--interleaved-users", type=int, default=3, help="users asked in turns (0: skip)")
     args = parser.parse_args(argv)
     data = load(SAMPLE_DIR / "LaMP-3-amazon")
     questions = [q.question for u in data.users.values() for q in u.questions][:args.answers]
@@ -101,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     in_process = answer_seconds(engine, args.model, questions)
     call_in_process = repeated_score_seconds(engine)
     engine.close()
+    interleaved = {}
+    if args.interleaved_users:
+        users, runs = list(data.users.values())[:args.interleaved_users], {}
+        for name, megabytes in (("kept", None), ("not_kept", 0)):
+            engine = LlamaCppEngine(args.model, prefix_cache_mb=megabytes)
+            runs[name] = interleaved_answers(engine, args.model, users)
+            engine.close()
+        interleaved = {f"interleaved_answer_p50_s_prefix_{name}": round(statistics.median(seconds), 3)
+                       for name, (seconds, _) in runs.items()}
+        interleaved["interleaved_scores_identical"] = runs["kept"][1] == runs["not_kept"][1]
+        interleaved["interleaved_answers"] = len(runs["kept"][0])
     started = time.perf_counter()
     isolated_engine = IsolatedEngine(args.model)
     start_seconds = time.perf_counter() - started  # spawn, load, self-test: what a restart costs
@@ -119,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeated_score_p50_ms_in_process": round(1000 * call_in_process, 2),
         "repeated_score_p50_ms_isolated": round(1000 * call_isolated, 2),
         "isolation_cost_ms_per_call": round(1000 * (call_isolated - call_in_process), 2),
-        "engine_start_s": round(start_seconds, 2), "answers": len(in_process),
+        "engine_start_s": round(start_seconds, 2), "answers": len(in_process), **interleaved,
         "command": "python -m personaagent.experiments.bench_engine " + " ".join(argv or sys.argv[1:]),
     }
     table = ["| what | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in row.items()]

@@ -5,7 +5,8 @@ Methods:
 - `user_majority`: the user's most frequent past label, or their rounded mean rating (no LLM);
 - `word_overlap` (tasks with candidates, LaMP-1): the candidate sharing more words with the author's
   past titles and citations, one more if they cited it before (no LLM);
-- `none`, `icl`, `rag`, `membank`, `react`: the baselines of `program.agent`;
+- `none`, `icl`, `rag`, `membank`, `react`: the baselines, every method of `program.agent.STRATEGIES` that
+  follows no persona;
 - `persona_noalign`: PersonaAgent with its initial persona (the task's text, the default tools), not aligned;
 - `persona`: PersonaAgent after test-time alignment (the paper's method);
 - `persona_nopersona`, `persona_nomemory`, `persona_noaction`: the paper's ablations of the aligned
@@ -42,18 +43,17 @@ from ..data.loaders import TaskData, UserData, load
 from ..data.tasks import METRICS, TaskSpec
 from ..optimizers.compile import CompileConfig, compile_users
 from ..optimizers.tracking import setup_mlflow
-from ..program.agent import ABLATIONS
+from ..program.agent import ABLATIONS, STRATEGIES
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
 from ..program.memory import SemanticMemory
 from ..program.store import UserStore
 from ..program.tools import author_history, candidate_scores
 
 NON_LLM = ("global_majority", "user_majority", "word_overlap")
-BASELINES = ("none", "icl", "rag", "membank", "react")
-COMPILED = {"persona_noalign": "none", "persona": "persona", "gepa": "gepa"}  # method -> optimizer
+BASELINES = tuple(name for name, strategy in STRATEGIES.items() if not strategy.follows_persona)
+COMPILED = {"persona_noalign": "unaligned", "persona": "persona", "gepa": "gepa"}  # method -> optimizer
 ABLATED = {f"persona_{name}": name for name in ABLATIONS}  # method -> ablation of the aligned program
 METHODS = NON_LLM + BASELINES + ("persona_noalign", "persona", *ABLATED, "gepa")
-READS_PROFILE = ("membank", "react")  # baselines whose context can show the semantic profile
 REFERENCE = "persona"  # every other method's difference to it gets an interval
 BOOTSTRAP_ROUNDS = 2000
 
@@ -191,7 +191,7 @@ class Evaluation:
     def _prepare(self, method: str, user: UserData) -> tuple[UserStore, dict | None]:
         """The store the method answers from (compiled methods: their own, compiled by `_compile`),
         and what compiling the user cost."""
-        base = self._base(user, with_profile=method in READS_PROFILE or method in COMPILED)
+        base = self._base(user, with_profile=method in COMPILED or STRATEGIES[method].reads_profile)
         if method not in COMPILED:
             return base, None
         base.close()

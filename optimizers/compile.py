@@ -22,7 +22,9 @@ nothing changed, nothing runs (the user is skipped); a new `n_recent` re-aligns 
 re-ingesting or re-profiling; a compile killed after `align` only saves. A user whose compile
 fails is reported and the others go on; a crash leaves the last good persona in place (every
 file is replaced atomically). The optimizer emits the versions it ran, and `ProgramState.record`
-numbers them into the history: the one path, for the compile, the service and `eval`.
+numbers them into the history: the one path, for the compile, the service and `eval`. The service
+aligns a user with the same `answer_history`, `align` and `save`, on the replays their memory gives
+(`data.loaders.memory_replays`, which makes a dataset's replays too) and the store's population model.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ OPTIMIZERS: dict[str, Callable[[CompileConfig, dspy.LM, Observer], VersionedTele
         config.max_lm_calls, on_version=observer.version),
     "gepa": lambda config, reflection_lm, observer: GepaAlignment(
         reflection_lm, config.gepa_budget, config.n_recent, config.validation, on_version=observer.version),
-    "none": lambda config, reflection_lm, observer: Unaligned(on_version=observer.version),
+    "unaligned": lambda config, reflection_lm, observer: Unaligned(on_version=observer.version),
 }
 
 
@@ -161,11 +163,13 @@ def answer_history(store: UserStore, user: UserData, task: TaskSpec, config: Com
 
 
 def align(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfig, previous: ProgramState | None,
-          lm: dspy.LM, observer: Observer, history: list[Answered], population: PopulationModel | None) -> Aligned:
+          lm: dspy.LM, observer: Observer, history: list[Answered], population: PopulationModel | None,
+          reflection_lm: dspy.LM | None = None) -> Aligned:
     """The user's program aligned by the configured optimizer on their replayable interactions,
-    from their answered history and the population model's fold that excludes them."""
+    from their answered history and the population model's fold that excludes them. `reflection_lm`
+    overrides `config.reflection_lm` with an LM object (default: `lm`)."""
     program = _student(store, user, task, config, previous)
-    reflection_lm = make_lm(config.reflection_lm) if config.reflection_lm else lm
+    reflection_lm = reflection_lm or (make_lm(config.reflection_lm) if config.reflection_lm else lm)
     teleprompter = OPTIMIZERS[config.optimizer](config, reflection_lm, observer)
     aligned = teleprompter.compile(program, trainset=examples(user), answered=history,
                                    **(population.alignment_args(user.user_id) if population else {}))
@@ -173,11 +177,11 @@ def align(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfi
 
 
 def save(store: UserStore, user_id: str, task: TaskSpec, config: CompileConfig, previous: ProgramState | None,
-         aligned: Aligned, key: str, observer: Observer) -> ProgramState:
-    """The aligned versions recorded into the user's history and saved under `key` (a rerun with
-    the same key skips the user, so they are never recorded twice)."""
+         aligned: Aligned, key: str, observer: Observer, trigger: str = "compile") -> ProgramState:
+    """The aligned versions recorded into the user's history, as made by `trigger`, and saved under
+    `key` (a rerun of the compile with the same key skips the user, so they are never recorded twice)."""
     state = ProgramState.continuing(previous, user_id, task_to_dict(task), config.lm, key)
-    added = state.record(aligned.versions, trigger="compile")
+    added = state.record(aligned.versions, trigger=trigger)
     store.save_state(state)
     observer.saved(state, added)
     return state

@@ -1,6 +1,6 @@
 """Answering: the PersonaAgent and the baselines, as one DSPy module over the same parts.
 
-Methods (what differs is where the context comes from and which instruction is used):
+Methods (`STRATEGIES`: what differs is where the context comes from and which instruction is used):
 - `none`: non-personalized, no context.
 - `icl`: the user's k most recent interactions in context.
 - `rag`: the user's k interactions most similar to the question.
@@ -17,7 +17,7 @@ decoded the same way; the persona then weighs the LM's distribution against its 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import dspy
@@ -28,7 +28,6 @@ from .memory import Cutoff, EpisodicMemory, Profile
 from .persona import BASE_INSTRUCTION, Persona, PersonaVersion, gist
 from .tools import build_evidence, build_tools, similar_records
 
-METHODS = ("none", "icl", "rag", "membank", "react", "persona")
 LM_WEIGHT = "lm"
 FEATURE_FLOOR = -20.0  # log-probabilities below this say "impossible" equally loudly
 MAX_QUESTION_CHARS = 1200
@@ -92,12 +91,13 @@ class PersonaProgram(dspy.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-        if method == "persona" and persona is None:
+        self.strategy = STRATEGIES[method]
+        if self.strategy.follows_persona and persona is None:
             persona = Persona.initial(default_sources(task))
-        self.task, self.memory, self.profile, self.method = task, memory, profile, method
+        self.task, self.memory, self.profile = task, memory, profile
         self._use_k(k)
         self.answer = answer_module(task, BASE_INSTRUCTION)
-        self.plan = dspy.Predict(plan_signature(list(self.tools), BASE_INSTRUCTION)) if method == "react" else None
+        self.plan = dspy.Predict(plan_signature(list(self.tools), BASE_INSTRUCTION)) if self.strategy.plans else None
         self.persona = None
         if persona is not None:
             self.set_persona(persona)
@@ -141,7 +141,7 @@ class PersonaProgram(dspy.Module):
         """Answer `question`; `as_of` (replays only) shows memory as it was before that interaction."""
         trajectory: list[dict] = []
         with self.memory.as_of(as_of):
-            context = self._context(question, trajectory)
+            context = self.strategy.context(self, question, trajectory)
         evidence = self.evidence(question, as_of)
         # A very long input (a 6,000-character review) costs minutes on a small CPU model and adds
         # little: the answer sees its head and most of its tail.
@@ -164,22 +164,9 @@ class PersonaProgram(dspy.Module):
         with self.memory.as_of(as_of):
             return {name: tool(question) for name, tool in build_evidence(self.task, self.memory, self.k).items()}
 
-    def _context(self, question: str, trajectory: list[dict]) -> str:
-        if self.method == "none":
-            return ""
-        if self.method == "icl":
-            return "\n".join(f"- {r.render()}" for r in self.memory.recent(self.k))
-        if self.method in ("rag", "membank"):
-            found = "\n".join(f"- {r.render()}" for r in similar_records(self.task, self.memory, question, self.k))
-            return f"Profile: {self.profile.render()}\nSimilar past interactions:\n{found}" if self.method == "membank" else found
-        if self.method == "persona":
-            return self._call_tools(self.persona.sources, question, trajectory)
-        described = "\n".join(f"{name}: {tool.desc}" for name, tool in self.tools.items())
-        # The plan needs the gist of the question, not all of it: a shorter prompt is a faster call.
-        plan = self.plan(question=gist(question, 400), available_tools=described)
-        return self._call_tools(plan.tools, question, trajectory, plan.memory_query)
-
-    def _call_tools(self, names, question: str, trajectory: list[dict], query: str | None = None) -> str:
+    def call_tools(self, names, question: str, trajectory: list[dict], query: str | None = None) -> str:
+        """The named tools' results, each under its name, each call recorded in `trajectory`
+        (`query`: what memory search looks up instead of the question)."""
         parts = []
         for name in dict.fromkeys(names):  # each tool once, in the order given
             if name not in self.tools:
@@ -190,6 +177,65 @@ class PersonaProgram(dspy.Module):
             trajectory.append({"tool": name, "args": args, "result": result})
             parts.append(f"[{name}]\n{result}")
         return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- the methods
+
+@dataclass(frozen=True)
+class Strategy:
+    """A method: what it shows the LM beside the question (`context(program, question, trajectory)`,
+    which records each tool it calls in `trajectory`), whether an LM call first plans which tools to
+    call (`plans`), whether that context can show the semantic profile (`reads_profile`), and
+    whether it follows a persona: the persona's text is the instruction, its sources the context and
+    its weights combine the tools' evidence with the LM's label distribution (`follows_persona`)."""
+
+    name: str
+    context: Callable[[PersonaProgram, str, list[dict]], str]
+    plans: bool = False
+    reads_profile: bool = False
+    follows_persona: bool = False
+
+
+def _listed(records) -> str:
+    return "\n".join(f"- {r.render()}" for r in records)
+
+
+def _nothing(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
+    return ""
+
+
+def _recent(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
+    return _listed(program.memory.recent(program.k))
+
+
+def _similar(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
+    return _listed(similar_records(program.task, program.memory, question, program.k))
+
+
+def _profile_and_similar(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
+    return f"Profile: {program.profile.render()}\nSimilar past interactions:\n{_similar(program, question, trajectory)}"
+
+
+def _planned_tools(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
+    described = "\n".join(f"{name}: {tool.desc}" for name, tool in program.tools.items())
+    # The plan needs the gist of the question, not all of it: a shorter prompt is a faster call.
+    plan = program.plan(question=gist(question, 400), available_tools=described)
+    return program.call_tools(plan.tools, question, trajectory, plan.memory_query)
+
+
+def _persona_sources(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
+    return program.call_tools(program.persona.sources, question, trajectory)
+
+
+STRATEGIES: dict[str, Strategy] = {strategy.name: strategy for strategy in (
+    Strategy("none", _nothing),
+    Strategy("icl", _recent),
+    Strategy("rag", _similar),
+    Strategy("membank", _profile_and_similar, reads_profile=True),
+    Strategy("react", _planned_tools, plans=True, reads_profile=True),
+    Strategy("persona", _persona_sources, follows_persona=True),
+)}
+METHODS = tuple(STRATEGIES)
 
 
 def default_sources(task: TaskSpec) -> list[str]:

@@ -1,7 +1,8 @@
 """The embedded engine in a child process, so a native crash of llama.cpp never takes its caller down.
 
 `IsolatedEngine` has the engine interface of `LlamaCppEngine` (`complete`, `score`, `stream`,
-`close`) and forwards each call over a pipe to a child process that owns the llama.cpp context.
+`close`) and forwards each call over a pipe to a child process that owns the llama.cpp context. A
+stream comes back event by event as the child generates it; closing it early cancels the generation.
 When the child dies (a segmentation fault, an illegal instruction, an abort), the call that was
 running fails with `EngineCrashed` (DSPy reports it as an LM error: the service answers 503 with
 `Retry-After`, a compile reports that user and goes on), a fresh child starts at once in the
@@ -18,6 +19,7 @@ dump: a crash is reported once, by the parent.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -28,6 +30,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from typing import Iterator
 
 from .native_build import RELEVANT_FLAGS, cpu_flags, installed_build
 
@@ -104,15 +107,32 @@ def _serve(conn: Connection, model_name: str, options: dict) -> None:
             break
         if method == "close":
             break
+        if method == "cancel":  # it came after its stream had ended
+            continue
         crash_if_asked(args)
         try:
-            conn.send(("ok", getattr(engine, method)(*args)))
+            if method == "stream":
+                _send_stream(conn, engine.stream(*args))
+            else:
+                conn.send(("ok", getattr(engine, method)(*args)))
         except Exception as exc:  # an ordinary error is the caller's, as it would be in-process
             try:
                 conn.send(("error", exc))
             except Exception:  # not picklable: its text is enough
                 conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
     engine.close()
+
+
+def _send_stream(conn: Connection, events) -> None:
+    """Each event as the engine makes it, then ("ok", None). Mid-stream the parent sends nothing but a
+    cancel: it closes the engine's stream, which stops the generation at its next token."""
+    with contextlib.closing(events):
+        for event in events:
+            if conn.poll():
+                conn.recv()
+                break
+            conn.send(("event", event))
+    conn.send(("ok", None))
 
 
 def _exit_with_parent(parent: int, every: float = 0.5) -> None:
@@ -173,7 +193,10 @@ class IsolatedEngine:
         self.state = "restarting"
         threading.Thread(target=restart, name="personaagent-engine-restart", daemon=True).start()
 
-    def _call(self, method: str, *args):
+    @contextlib.contextmanager
+    def _child(self) -> Iterator[Connection]:
+        """The child's connection, held for one call; a child that dies during the call makes it raise
+        `EngineCrashed`, and a fresh child starts."""
         with self._lock:
             if self.state == "restarting":
                 self._restarted.wait()
@@ -181,8 +204,7 @@ class IsolatedEngine:
                 self._start()
             conn, process = self._conn, self._process
             try:
-                conn.send((method, args))
-                status, value = conn.recv()
+                yield conn
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 exitcode = process.wait(10)
                 conn.close()
@@ -193,6 +215,11 @@ class IsolatedEngine:
                 self._conn = self._process = None
                 self._restart_in_background()
                 raise EngineCrashed(self.last_crash) from None
+
+    def _call(self, method: str, *args):
+        with self._child() as conn:
+            conn.send((method, args))
+            status, value = conn.recv()
         if status == "error":
             raise value
         return value
@@ -207,10 +234,24 @@ class IsolatedEngine:
     def score(self, messages: list[dict], continuations: list[str]) -> tuple[list[float], int]:
         return self._call("score", messages, continuations)
 
-    def stream(self, request):
-        from dspy.lm15 import response_to_events
-
-        return response_to_events(self.complete(request))
+    def stream(self, request) -> Iterator:
+        """The reply's events as the child generates them (messages ("event", e)..., then the call's
+        ("ok", None) or ("error", exc)). Closing the stream early sends the child ("cancel", ()), which
+        stops the generation at its next token, and reads what the child sent meanwhile up to its end,
+        so the next call starts in step. The child is held until then."""
+        with self._child() as conn:
+            conn.send(("stream", (request,)))
+            try:
+                while (message := conn.recv())[0] == "event":
+                    yield message[1]
+            except GeneratorExit:
+                conn.send(("cancel", ()))
+                while conn.recv()[0] == "event":
+                    pass
+                raise
+        status, value = message
+        if status == "error":
+            raise value
 
     def close(self) -> None:
         """Stop the child: at once if it is busy (a running answer is cancelled), else when it has closed."""

@@ -8,17 +8,24 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import os
 import threading
 import time
 import uuid
-from typing import Literal, get_origin
+from collections import OrderedDict
+from typing import Iterator, Literal, get_origin
 
 import dspy
 import json_repair
 import jsonschema
+import llama_cpp
 import numpy as np
-from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+from dspy.clients.engines import LiteLLMEngine
+from dspy.lm15 import (Message, Response, StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta, TextPart,
+                       Usage, request_from_openai_chat, response_to_events)
+from dspy.utils.exceptions import LMError
 from llama_cpp import LLAMA_TOKEN_ATTR_CONTROL, Llama, LlamaRAMCache
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -28,6 +35,8 @@ from .isolated import IsolatedEngine
 LOCAL_PREFIX = "local/"
 FAKE_LM = "testing/fake"  # the fake LM by name, for processes that cannot be handed an LM object
 DEFAULT_LM = LOCAL_PREFIX + models.DEFAULT_MODEL
+# Bytes of kept scored-prompt prefixes (`_PrefixStates`) per engine, in MB.
+PREFIX_CACHE_ENV, DEFAULT_PREFIX_CACHE_MB = "PERSONAAGENT_PREFIX_CACHE_MB", 256
 # Batch sizes of a scored prompt (`LlamaCppEngine._batch_starts`): here batches of 96 tokens
 # evaluate about as fast as one batch, 64 a tenth slower, 32 a quarter slower.
 MIN_BATCH, MAX_BATCH = 16, 96
@@ -46,19 +55,23 @@ class LlamaCppEngine:
     supported_params = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed", "response_format"})
 
     def __init__(self, model_name: str, n_ctx: int | None = None, n_threads: int | None = None, seed: int = 0,
-                 max_string_chars: int = 300, max_items: int = 6, prefix_states: int = 4):
+                 max_string_chars: int = 300, max_items: int = 6, prefix_states: int = 4,
+                 prefix_cache_mb: float | None = None):
         spec = models.get_model(model_name)
         # prepare() verifies the checksum (and rebuilds if needed): a corrupted file is never loaded.
         path = models.prepare(model_name, progress=False)
         self.model_name = model_name
         self.max_string_chars, self.max_items = max_string_chars, max_items
         self._lock = threading.Lock()
+        # llama.cpp slows down sharply when its threads outnumber free cores: set PERSONAAGENT_THREADS
+        # when other work shares the machine. Prompts too (batch threads default to every core: with
+        # one core taken, a 60-token prompt stalled 4 to 8 s before its first token).
+        threads = n_threads or int(os.environ.get("PERSONAAGENT_THREADS") or os.cpu_count() or 1)
         self._llama = Llama(
             model_path=str(path),
             n_ctx=n_ctx or spec.context_window,
-            # llama.cpp slows down sharply when its threads outnumber free cores: set
-            # PERSONAAGENT_THREADS when other work shares the machine.
-            n_threads=n_threads or int(os.environ.get("PERSONAAGENT_THREADS") or os.cpu_count() or 1),
+            n_threads=threads,
+            n_threads_batch=threads,
             seed=seed,
             verbose=False,
         )
@@ -67,10 +80,17 @@ class LlamaCppEngine:
         # so the next call with the same signature starts from the longest shared prefix.
         self._llama.set_cache(_RecentStates(prefix_states))
         self._scored_tokens = 0  # the context's first tokens, as `score` evaluated them
+        # Scoring interleaves users: each one's fixed prefix (the persona's system message, their
+        # demonstrations) is kept apart from the context too, bounded in bytes.
+        if prefix_cache_mb is None:
+            prefix_cache_mb = float(os.environ.get(PREFIX_CACHE_ENV) or DEFAULT_PREFIX_CACHE_MB)
+        self._prefixes = _PrefixStates(int(prefix_cache_mb * 2**20))
         llama = self._llama
         token_text = lambda token: llama._model.token_get_text(token) if token != -1 else ""  # noqa: E731
-        self._chat = Jinja2ChatFormatter(llama.metadata["tokenizer.chat_template"], token_text(llama.token_eos()),
-                                         token_text(llama.token_bos()))
+        chat_template = (llama.metadata["tokenizer.chat_template"], token_text(llama.token_eos()),
+                         token_text(llama.token_bos()))
+        self._chat = Jinja2ChatFormatter(*chat_template)
+        self._chat_before_reply = Jinja2ChatFormatter(*chat_template, add_generation_prompt=False)
 
     @staticmethod
     def _messages(request) -> list[dict]:
@@ -86,17 +106,7 @@ class LlamaCppEngine:
         of free text is about ten times slower than plain decoding here, so a schema with free-text
         fields is first tried unconstrained and constrained only if that output does not validate."""
         config = request.config
-        kwargs = {
-            "messages": self._messages(request),
-            "temperature": 0.0 if config.temperature is None else config.temperature,
-            "max_tokens": config.max_tokens or 512,
-        }
-        if config.top_p is not None:
-            kwargs["top_p"] = config.top_p
-        if config.stop:
-            kwargs["stop"] = list(config.stop)
-        if config.seed is not None:
-            kwargs["seed"] = config.seed
+        kwargs = self._settings(request)
         schema = (config.response_format or {}).get("schema")
         attempts = []
         if not config.response_format or (schema is not None and _has_free_text(schema)):
@@ -114,10 +124,51 @@ class LlamaCppEngine:
                         output_tokens=sum(a["usage"]["completion_tokens"] for a in attempts)),
         )
 
+    def _settings(self, request) -> dict:
+        """llama.cpp's chat completion arguments for a request, beside its response format."""
+        config = request.config
+        kwargs = {
+            "messages": self._messages(request),
+            "temperature": 0.0 if config.temperature is None else config.temperature,
+            "max_tokens": config.max_tokens or 512,
+        }
+        if config.top_p is not None:
+            kwargs["top_p"] = config.top_p
+        if config.stop:
+            kwargs["stop"] = list(config.stop)
+        if config.seed is not None:
+            kwargs["seed"] = config.seed
+        return kwargs
+
+    def stream(self, request) -> Iterator:
+        """The reply's events as llama.cpp generates it, a text delta per token. Closing the stream
+        stops the generation at the next token (llama.cpp's stream is a lazy generator). A request
+        with a response format is answered whole first: its JSON is checked whole (see `complete`)."""
+        if request.config.response_format:
+            yield from response_to_events(self.complete(request))
+            return
+        with self._lock:
+            self._scored_tokens = 0  # as in `_generate`
+            chunks = self._llama.create_chat_completion(**self._settings(request), stream=True)
+            with contextlib.closing(chunks):
+                yield StreamStartEvent(id=uuid.uuid4().hex, model=LOCAL_PREFIX + self.model_name)
+                finish, generated = "stop", 0
+                for chunk in chunks:
+                    choice = chunk["choices"][0]
+                    if choice["delta"].get("content"):
+                        generated += 1
+                        yield StreamDeltaEvent(delta=TextDelta(text=choice["delta"]["content"]))
+                    if choice.get("finish_reason") == "length":
+                        finish = "length"
+        # llama.cpp's stream reports no usage: a text delta is about a token, the context holds prompt and reply.
+        yield StreamEndEvent(finish_reason=finish, usage=Usage(input_tokens=max(0, self._llama.n_tokens - generated),
+                                                               output_tokens=generated))
+
     def score(self, messages: list[dict], continuations: list[str]) -> tuple[list[float], int]:
         """The log-probability of each continuation as the assistant's reply to `messages`, and
         the number of tokens evaluated. The prompt is evaluated once (resuming from a prefix
-        already in the context, at a batch start: see `_batch_starts`); the continuations are
+        already in the context, or kept from an earlier call, at a batch start: see `_batch_starts`;
+        each prompt's fixed prefix is kept, see `_fixed_prefix`); the continuations are
         then scored as a tree from that shared state: at every token where they part, by the LM's
         distribution there. What follows the last parting is taken as given (a label's later
         tokens are its spelling), so a label is not penalized for being spelled in more tokens,
@@ -128,21 +179,56 @@ class LlamaCppEngine:
         # Continuations share their first tokens (the reply's opening): evaluated once, with the prompt.
         shared = min(len(os.path.commonprefix(full)), *(len(f) - 1 for f in full))
         tokens = full[0][:shared]
+        fixed = self._fixed_prefix(messages, prompt)
         with self._lock:
             starts = self._batch_starts(tokens)
             cached = llama.input_ids[:self._scored_tokens].tolist()
             common = min(len(os.path.commonprefix([cached, tokens])), shared - 1)
             reuse = max(start for start in starts if start <= common)
+            saved = self._prefixes.longest(tokens, [start for start in starts if start > reuse])
+            if saved is not None:
+                reuse = self._restore(tokens, *saved)
+            keep = max(start for start in starts if start <= fixed)  # where this prompt's fixed prefix ends
             llama.n_tokens = reuse
+            llama._ctx.kv_cache_seq_rm(-1, reuse, -1)
             for begin, end in zip(starts, [*starts[1:], shared]):
-                if begin >= reuse:
-                    llama.eval(tokens[begin:end])
+                if begin < reuse:
+                    continue
+                if begin == keep > 0 and tuple(tokens[:keep]) not in self._prefixes:
+                    self._keep(tokens[:keep])  # the context holds exactly that prefix now
+                llama.eval(tokens[begin:end])
             self._evaluated = shared - reuse
             scores = self._tree([f[shared:] for f in full], shared, _log_softmax(self._logits()))
             # The context holds the shared prefix again, as the next call's prefix search expects.
             llama._ctx.kv_cache_seq_rm(-1, shared, -1)
             llama.n_tokens = self._scored_tokens = shared
         return scores, self._evaluated
+
+    def _fixed_prefix(self, messages: list[dict], prompt: str) -> int:
+        """How many of the prompt's tokens come before its last message: a user's fixed prefix (the
+        system message with the persona, the demonstrations), shared by all their questions."""
+        before = self._chat_before_reply(messages=messages[:-1]).prompt if len(messages) > 1 else ""
+        if not prompt.startswith(before):
+            return 0
+        return len(self._llama.tokenize(before.encode(), add_bos=False, special=True))
+
+    def _keep(self, prefix: list[int]) -> None:
+        """Keep the KV cells of `prefix`, all the context holds now (llama.cpp's state of one
+        sequence: without the logits a whole-context state copies)."""
+        ctx = self._llama._ctx.ctx
+        state = (ctypes.c_uint8 * llama_cpp.llama_state_seq_get_size(ctx, 0))()
+        llama_cpp.llama_state_seq_get_data(ctx, state, len(state), 0)
+        self._prefixes.add(tuple(prefix), state)
+
+    def _restore(self, tokens: list[int], length: int, state) -> int:
+        """The context holds the first `length` tokens again, from their kept KV cells."""
+        llama = self._llama
+        self._scored_tokens = 0  # until this call has evaluated its prompt
+        llama._ctx.kv_cache_clear()
+        if llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, state, len(state), 0) != len(state):
+            raise RuntimeError(f"llama.cpp could not restore a kept prompt prefix of {length} tokens")
+        llama.input_ids[:length] = tokens[:length]
+        return length
 
     def _batch_starts(self, tokens: list[int]) -> list[int]:
         """Where a scored prompt's batches start: at every turn marker (a control token such as
@@ -215,9 +301,6 @@ class LlamaCppEngine:
         return _text(self._generate({"messages": [{"role": "user", "content": prompt}], "max_tokens": 2,
                                      "temperature": 0.0}))
 
-    def stream(self, request):
-        return response_to_events(self.complete(request))
-
     def close(self) -> None:
         self._llama.close()
 
@@ -236,6 +319,35 @@ class _RecentStates(LlamaRAMCache):
         super().__setitem__(key, value)
         while len(self.cache_state) > self.states:
             self.cache_state.popitem(last=False)
+
+
+class _PrefixStates:
+    """Kept KV cells of scored prompts' prefixes, by their tokens, the least recently used dropped
+    past `capacity` bytes (about 28 KB a token on the 1.5B model)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.size = capacity, 0
+        self._states: OrderedDict[tuple[int, ...], ctypes.Array] = OrderedDict()
+
+    def __contains__(self, prefix: tuple[int, ...]) -> bool:
+        return prefix in self._states
+
+    def longest(self, tokens: list[int], ends: list[int]) -> tuple[int, ctypes.Array] | None:
+        """The longest kept prefix of `tokens` that ends at one of `ends`: (its length, its state)."""
+        for end in reversed(ends):
+            prefix = tuple(tokens[:end])
+            if prefix in self._states:
+                self._states.move_to_end(prefix)
+                return end, self._states[prefix]
+        return None
+
+    def add(self, prefix: tuple[int, ...], state: ctypes.Array) -> None:
+        if len(state) > self.capacity:
+            return
+        self._states[prefix] = state
+        self.size += len(state)
+        while self.size > self.capacity:
+            self.size -= len(self._states.popitem(last=False)[1])
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -316,6 +428,31 @@ def make_lm(spec: str = DEFAULT_LM, *, cache: bool = False, **kwargs) -> dspy.LM
             + " or a DSPy model string 'provider/model' (e.g. openai/gpt-4o-mini, ollama_chat/llama3)"
         )
     return dspy.LM(spec, cache=cache, **kwargs)
+
+
+GENERATION_SETTINGS = ("temperature", "max_tokens", "top_p", "stop", "seed")
+
+
+def stream_reply(lm: dspy.LM, messages: list[dict]) -> Iterator[str]:
+    """`lm`'s reply to OpenAI-style chat `messages`, in text pieces as it generates them, with the LM's
+    generation settings: from its engine's stream (the embedded engine, the fake), or, for a served LM,
+    from LiteLLM's stream of the server's reply. Closing it closes the engine's stream, which stops the
+    generation (the embedded engine's child, at its next token; a server sees its connection closed).
+    An engine's failure is an `LMError`, as in a DSPy call."""
+    settings = {k: v for k, v in lm.kwargs.items() if k in GENERATION_SETTINGS and v is not None}
+    request = request_from_openai_chat({"model": lm.model, "messages": messages, **settings})
+    engine = lm.engine
+    if isinstance(engine, str):  # a served LM (DSPy picks its engine per call): the rest of its settings reach it
+        engine = LiteLLMEngine(**{k: v for k, v in lm.kwargs.items() if k not in GENERATION_SETTINGS})
+    events = engine.stream(request)
+    try:
+        for event in events:
+            if event.type == "delta" and event.delta.type == "text" and event.delta.text:
+                yield event.delta.text
+    except Exception as exc:
+        raise LMError(f"{type(exc).__name__}: {exc}", model=lm.model) from exc
+    finally:
+        events.close()
 
 
 class CompactJSONAdapter(dspy.JSONAdapter):

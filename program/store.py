@@ -250,7 +250,7 @@ class UserStore:
         if state is None:
             raise KeyError(f"no compiled program for user {user_id!r} in {self.root}")
         program = self.build(user_id, task_from_dict(state.task), state.persona, method)
-        if method == "persona":
+        if program.strategy.follows_persona:  # the instructions compiled for the persona (GEPA may write each)
             program.load_instructions(state.current.instructions)
         return program
 

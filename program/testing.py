@@ -8,11 +8,13 @@ every code path that answers from label likelihoods runs on it too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import threading
 
 import dspy
-from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+from dspy.lm15 import Message, Response, StreamDeltaEvent, TextPart, Usage, response_to_events
 
 
 class FakeEngine:
@@ -71,7 +73,13 @@ class FakeEngine:
         return [0.0 if label == chosen else -5.0 for label in labels], len(prompt) // 4
 
     def stream(self, request):
-        return response_to_events(self.complete(request))
+        """The reply's events, its text word by word, as a model streams it."""
+        for event in response_to_events(self.complete(request)):
+            if event.type == "delta" and event.delta.type == "text":
+                for word in re.findall(r"\S+\s*|\s+", event.delta.text):
+                    yield StreamDeltaEvent(delta=dataclasses.replace(event.delta, text=word))
+            else:
+                yield event
 
     def close(self):
         pass

@@ -11,7 +11,7 @@ from personaagent.app.http import create_app, running
 from personaagent.app.service import PersonaService
 from personaagent.data.tasks import Interaction
 from personaagent.program.store import UserStore
-from personaagent.program.testing import FakeEngine
+from personaagent.program.testing import FakeEngine, fake_lm
 
 from test_service import save_persona
 
@@ -86,3 +86,28 @@ def test_a_new_user_is_created_by_their_first_turn(client, server):
     reply = client.chat.completions.create(model="persona", user="carol", messages=[{"role": "user", "content": "hello"}])
     assert reply.choices[0].message.content == "I saw: nothing"  # nobody else's memory or persona
     assert [r.input for r in server[1].memory("carol").all()] == ["hello"]
+
+
+def test_a_served_lm_streams_its_reply_and_the_turn_is_remembered(server, tmp_path, embedder):
+    """The LM is a server (this endpoint itself, answering as Bob), reached through LiteLLM's stream."""
+    lm = dspy.LM("openai/persona", api_base=server[0] + "/v1", api_key=TOKEN, cache=False,
+                 extra_headers={"X-PersonaAgent-User": "bob"})
+    service = PersonaService(UserStore(tmp_path / "store", embedder), lm)
+    try:
+        pieces = list(service.stream_chat("erin", [{"role": "user", "content": "A lipstick?"}]))
+        assert "".join(pieces) == "I saw: BOB-SECRET, BOB-PERSONA" and len(pieces) == 4
+        assert [r.metadata["reply"] for r in service.store.memory("erin").all()] == ["I saw: BOB-SECRET, BOB-PERSONA"]
+    finally:
+        service.close()
+
+
+def test_a_stream_whose_lm_fails_before_its_first_token_is_a_503(tmp_path, embedder):
+    service = PersonaService(UserStore(tmp_path / "store", embedder), fake_lm(fail=True), lm_retry_after=2)
+    try:
+        with running(create_app(service, TOKEN)) as url, pytest.raises(openai.InternalServerError) as failed:
+            openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0).chat.completions.create(
+                model="persona", user="erin", stream=True, messages=[{"role": "user", "content": "hi"}])
+        assert failed.value.status_code == 503 and failed.value.response.headers["Retry-After"] == "2"
+        assert "fake LM is unreachable" in failed.value.body["message"]
+    finally:
+        service.close()

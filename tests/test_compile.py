@@ -170,10 +170,10 @@ def test_gepa_and_no_optimizer(tmp_path, data):
     assert gepa.counts["compiled"] == 2, [r.error for r in gepa.results]
     state = UserStore(tmp_path / "gepa").load_state(gepa.results[0].user_id)
     assert state.current.note == "gepa" and state.current.instructions
-    plain = compile_users(data, tmp_path / "none", CompileConfig(optimizer="none"), tracking_uri=uri, progress=False,
-                          lm=fake_lm(answers(data)))
+    plain = compile_users(data, tmp_path / "unaligned", CompileConfig(optimizer="unaligned"), tracking_uri=uri,
+                          progress=False, lm=fake_lm(answers(data)))
     assert all(r.lm_calls == 1 for r in plain.results)  # the profile only
-    assert len(UserStore(tmp_path / "none").load_state(plain.results[0].user_id).versions) == 1
+    assert len(UserStore(tmp_path / "unaligned").load_state(plain.results[0].user_id).versions) == 1
 
 
 def test_bad_config_is_refused():

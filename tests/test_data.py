@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 
 from personaagent.data import SAMPLE_DIR
-from personaagent.data.loaders import DataError, UserData, load, load_jsonl, load_lamp
-from personaagent.data.tasks import CANDIDATES, LAMP_TASKS, resolve_task, rouge_1, rouge_l, task_from_dict, task_to_dict
+from personaagent.data.loaders import DataError, UserData, load, load_jsonl, load_lamp, memory_replays
+from personaagent.data.tasks import (CANDIDATES, LAMP_TASKS, Interaction, resolve_task, rouge_1, rouge_l,
+                                     task_from_dict, task_to_dict)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamp"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not beside this checkout")
@@ -84,6 +85,20 @@ def test_replays_carry_their_memory_records_key_and_time():
                                     for r in user.replays)
 
 
+def test_a_memory_record_replays_as_the_task_phrases_its_item_or_as_it_was_added():
+    # A store's records are what a loader made from items, or what the service added as it was.
+    task = LAMP_TASKS["LaMP-3"]
+    item = {"id": "p1", "summary": "Sings", "text": "Bright | clear strings", "score": 5, "time": 3}
+    made = task.to_memory(item)
+    added = Interaction("What is the score of this review? review: dull strings", "2", 4.0)
+    assert task.from_memory(made) == {"summary": "Sings", "text": "Bright | clear strings", "score": "5", "time": 3.0,
+                                      "id": "p1"}
+    assert task.from_memory(added) is None
+    replays = memory_replays(task, [made, added])
+    assert [(r.input, r.output) for r in replays] == [(task.to_interaction(item, []).input, "5"), (added.input, "2")]
+    assert [r.metadata["memory_key"] for r in replays] == [made.key, added.key]
+
+
 def test_a_citation_replays_other_candidate_was_not_yet_cited_by_the_author():
     # Its real question's other candidate is a paper the author has not cited; a replay's must look
     # the same as of its time, or the author's history would point to the wrong candidate.
@@ -96,6 +111,18 @@ def test_a_citation_replays_other_candidate_was_not_yet_cited_by_the_author():
     other = candidates["[2]" if replay.output == "[1]" else "[1]"]
     assert other == "Neural nets"  # cited later, never before 2003
     assert task.to_interaction(papers[2], papers[:2]) is None  # everything else it could offer was cited before
+
+
+def test_a_citation_replays_other_candidate_is_the_later_reference_least_like_the_paper():
+    # The real question's other candidate is an unrelated paper: of the titles the author cites
+    # only later, the replay offers the one sharing the fewest words with the paper's title.
+    later = {"id": "p9", "title": "Dependency parsing revisited", "year": 2010,
+             "references": ["Dependency parsing with graphs", "Parsing morphology jointly", "Czech dependency treebank",
+                            "Morphology for Czech parsing", "Speech recognition lattices", "Dependency parsing in Czech"]}
+    paper = {"id": "p5", "title": "Dependency parsing for Czech morphology", "year": 2003, "references": ["Old parser"]}
+    replay = resolve_task("LaMP-1").to_interaction(paper, [later])
+    candidates = {f"[{number}]": title for number, title in CANDIDATES.findall(replay.input)}
+    assert candidates["[2]" if replay.output == "[1]" else "[1]"] == "Speech recognition lattices"
 
 
 def test_malformed_lamp_names_file_record_and_field(tmp_path):

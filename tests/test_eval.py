@@ -6,9 +6,9 @@ import pytest
 from personaagent.data import SAMPLE_DIR
 from personaagent.data.loaders import TaskData, UserData, load
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.experiments.eval import (Evaluation, bootstrap_interval, compare_to_reference, markdown_table, plot,
-                                           summarize)
-from personaagent.optimizers.compile import CompileConfig
+from personaagent.experiments.eval import (BASELINES, COMPILED, Evaluation, bootstrap_interval, compare_to_reference,
+                                           markdown_table, plot, summarize)
+from personaagent.optimizers.compile import OPTIMIZERS, CompileConfig
 
 
 def _user(user_id: str, labels: list[str], gold: str) -> UserData:
@@ -17,6 +17,11 @@ def _user(user_id: str, labels: list[str], gold: str) -> UserData:
     replays = [Interaction(f"which paper would {user_id} cite? {i}", label, float(i)) for i, label in enumerate(labels)]
     question = dspy.Example(id=f"{user_id}-q", question="which paper?", answer=gold).with_inputs("question")
     return UserData(user_id, memories, replays, [question])
+
+
+def test_the_baselines_are_the_methods_that_follow_no_persona_and_each_compiled_row_names_an_optimizer():
+    assert BASELINES == ("none", "icl", "rag", "membank", "react")  # "none": no context, the paper's baseline name
+    assert COMPILED["persona_noalign"] == "unaligned" and set(COMPILED.values()) <= set(OPTIMIZERS)
 
 
 def test_majority_baselines_answer_with_labels_from_the_users_past_answers(tmp_path):

@@ -1,4 +1,4 @@
-from personaagent.program.lm import _has_free_text, _valid_json
+from personaagent.program.lm import _PrefixStates, _has_free_text, _valid_json
 
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["1", "2"]}}, "required": ["answer"]}
 PLAN = {"type": "object", "properties": {"tools": {"type": "array", "items": {"enum": ["a", "b"]}},
@@ -16,3 +16,14 @@ def test_output_is_valid_only_when_the_adapter_will_parse_it_into_the_schema():
     assert not _valid_json('{"answer": "3"}', ANSWER)  # not one of the labels
     assert not _valid_json('{"tools": ["c"], "query": "x"}', PLAN)
     assert not _valid_json("I think the answer is 2", ANSWER)
+
+
+def test_kept_prefixes_stay_within_their_bytes_and_the_least_recently_used_go_first():
+    states = _PrefixStates(capacity=10)
+    states.add((1, 2), bytearray(4))
+    states.add((3, 4), bytearray(4))
+    assert states.longest([1, 2, 9], ends=[1, 2]) == (2, bytearray(4))  # (1, 2) is now the most recent
+    states.add((5,), bytearray(4))
+    assert (1, 2) in states and (5,) in states and (3, 4) not in states and states.size == 8
+    states.add((6,), bytearray(11))  # over the capacity alone: not kept
+    assert (6,) not in states and states.longest([3, 4], ends=[2]) is None

@@ -117,6 +117,45 @@ def test_every_method_answers_in_the_task_type_within_two_calls(store, method):
     assert abs(sum(pred.label_scores.values()) - 1) < 1e-9
 
 
+# Carol's history, oldest first: what each method may show of it.
+HISTORY = [("review: these guitar strings sound bright", "5"), ("review: the strap broke after a week", "2"),
+           ("review: a tuner that holds pitch", "4"), ("review: nylon guitar strings, warm and soft", "5"),
+           ("review: a capo that slips", "1")]
+PROFILE = "Carol plays guitar and rates gear generously.\n- likes Fender"
+HABITS = "5 past ratings, mean 3.40; count per rating: 5: 2, 4: 1, 2: 1, 1: 1."
+
+
+def _shown(*positions: int) -> str:
+    return "\n".join(f"- {HISTORY[i][0]}\n  -> the user's answer: {HISTORY[i][1]}" for i in positions)
+
+
+@pytest.mark.parametrize("method,context", [
+    ("none", "(nothing)"),
+    ("icl", _shown(3, 4)),  # the k most recent
+    ("rag", _shown(0, 3)),  # the k most similar to the question
+    ("membank", f"Profile: {PROFILE}\nSimilar past interactions:\n{_shown(0, 3)}"),
+    ("react", f"[search_memory]\n{_shown(0, 3)}\n\n[answer_habits]\n{HABITS}"),  # the tools its plan chose
+    ("persona", f"[read_profile]\n{PROFILE}\n\n[search_memory]\n{_shown(0, 3)}"),  # the persona's sources
+])
+def test_each_method_shows_the_lm_its_own_context(store, method, context):
+    store.memory("carol").add([Interaction(text, answer, float(i)) for i, (text, answer) in enumerate(HISTORY)])
+    store.save_profile("carol", Profile("Carol plays guitar and rates gear generously.", ["likes Fender"], 5))
+    persona = Persona("Carol is generous.", sources=["read_profile", "search_memory"], k=2)
+    program = (store.build("carol", TASK, persona) if method == "persona"
+               else store.build("carol", TASK, method=method, k=2))
+    lm = fake_lm({"tools": ["search_memory", "answer_habits"], "memory_query": "guitar strings", "answer": "4"})
+    with use_lm(lm):
+        pred = program(question="review: bright new guitar strings")
+    *plan, answer = lm.engine.requests
+    assert answer.split("[[ ## context ## ]]\n")[-1].split("\n\nRespond with")[0] == context
+    assert "review: bright new guitar strings" in answer and pred.answer == "4"
+    assert ("Carol is generous." in answer) == (method == "persona")
+    # Only ReAct plans: one call that sees the question and every tool, before the answer.
+    assert len(plan) == (method == "react")
+    assert not plan or ("review: bright new guitar strings" in plan[0] and "compare_candidates" not in plan[0]
+                        and all(f"{tool}:" in plan[0] for tool in ("search_memory", "read_profile", "answer_habits")))
+
+
 def test_one_users_data_never_reaches_another_users_prompt(store):
     engine_lm = fake_lm({"tools": ["search_memory", "read_profile", "answer_habits"], "memory_query": "lipstick", "answer": "3"})
     for method in METHODS:
@@ -146,7 +185,7 @@ def test_memory_is_searched_by_what_the_question_is_about_not_by_the_tasks_wordi
                                     "text": "He punched a flight attendant."}, []).input
     program = store.build("carol", task, method="rag", k=1)
     assert task.subject(question) == "Airline Flyer Banned For Life. He punched a flight attendant."
-    assert program._context(question, []).startswith("- title: Passenger Punches")
+    assert program.strategy.context(program, question, []).startswith("- title: Passenger Punches")
     search = program.tools["search_memory"]
     assert search(query=question).startswith("- title: Passenger Punches")
     found = store.build("carol", task, Persona(sources=["search_memory"], k=1)).evidence(question)["search_memory"]

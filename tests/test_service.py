@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import dspy
 import pytest
 
+from personaagent.data import SAMPLE_DIR, TaskData, load
 from personaagent.data.tasks import LAMP_TASKS, Interaction, task_to_dict
+from personaagent.optimizers.compile import CompileConfig, compile_users
 from personaagent.program.memory import Profile
 from personaagent.app.service import (AlignmentRunning, InvalidRequest, LMUnavailable, NotFound, PersonaService,
                                           ServiceBusy)
@@ -360,3 +364,49 @@ def test_online_alignment_starts_after_n_outcomes_and_never_twice_at_once(store,
         while len([j for j in service._jobs.values() if j.user_id == "alice"]) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len([j for j in service._jobs.values() if j.user_id == "alice"]) == 2
+
+
+def _citing_authors(folder) -> TaskData:
+    """LaMP-1 files of two authors with eight papers each. In memory a paper's output is its list of
+    references; replayed, it is a choice between two titles, answered with a label."""
+    titles = [f"A study of topic {i}" for i in range(12)]
+    question = ('For an author who has written the paper with the title "Last", which reference is related? '
+                'Just answer with [1] or [2] without explanation. [1]: "One" [2]: "Two"')
+    questions = [{"id": f"{author}-q", "user_id": author, "input": question, "profile": [
+        {"id": f"{author}{i}", "title": f"Paper {i} of {author}", "abstract": f"We study topic {i}.", "year": 2000 + i,
+         "references": titles[i:i + 3]} for i in range(8)]} for author in ("ada", "bo")]
+    (folder / "questions.json").write_text(json.dumps(questions))
+    (folder / "outputs.json").write_text(json.dumps({"task": "LaMP_1", "golds": [
+        {"id": q["id"], "output": "[1]"} for q in questions]}))
+    return load(folder)
+
+
+def _ran(state: ProgramState) -> list[PersonaVersion]:
+    """The versions an alignment ran, whenever and by whatever trigger they were recorded."""
+    return [replace(v, created_at=0.0, trigger="") for v in state.versions]
+
+
+@pytest.mark.parametrize("task,optimizer", [("LaMP-3", "persona"), ("LaMP-1", "persona"), ("LaMP-3", "gepa")])
+def test_the_service_aligns_a_user_as_the_compile_does(tmp_path, embedder, task, optimizer):
+    # The same stages on the same replays, with the store's population model: for LaMP-1 the
+    # replays are not the memory records themselves, whose outputs are reference lists.
+    data = _citing_authors(tmp_path) if task == "LaMP-1" else load(SAMPLE_DIR / "LaMP-3-amazon").select(2)
+    labels = data.task.labels
+    answers = {**REWRITE, "new_instruction": "Answer as this user would.",
+               "answer": lambda prompt: labels[-1] if REWRITE["summary"] in prompt else labels[0]}
+    compile_users(data, tmp_path / "store", CompileConfig(optimizer=optimizer), progress=False,
+                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", lm=local_lm(FakeEngine(answers)))
+    store = UserStore(tmp_path / "store", embedder)
+    user_id = next(iter(data.users))
+    compiled = store.load_state(user_id)
+    store.program_path(user_id).unlink()  # the user as the service knows them: memory and profile
+    with PersonaService(store, local_lm(FakeEngine(answers)), default_task=data.task) as service:
+        job = wait_for(service.align(user_id, optimizer=optimizer))
+    assert job.status == "succeeded", job.error
+    aligned = store.load_state(user_id)
+    assert _ran(aligned) == _ran(compiled) and len(aligned.versions) > 1
+    assert {v.trigger for v in aligned.versions} == {"align request"}
+    if optimizer == "gepa":
+        assert aligned.current.note == "gepa"
+    else:
+        assert aligned.versions[1].note.startswith("evidence weights and label offsets: the population model (fitted")
