@@ -246,9 +246,13 @@ def default_sources(task: TaskSpec) -> list[str]:
     LaMP-1 users, showing that comparison took accuracy from 0.81 to 0.56; showing rating habits
     took the first LaMP-3 users' MAE from 0.25 to 0.75). Such signals enter as evidence instead,
     whose weight alignment fits on the user's own history (`combine`). Free text: also their
-    profile (semantic memory), which has no label to be biased towards."""
+    profile (semantic memory), which has no label to be biased towards, except for a text in the
+    user's own style (a headline), whose persona text states that style: there the profile, a
+    summary of topics, is copied into the text (on the first LaMP-4 users, ROUGE-L 0.091 with it
+    against 0.121 for the same similar past interactions without it, 32 questions; 0.110 against
+    0.121 on 16)."""
     if not task.labels:
-        return ["read_profile", "search_memory"]
+        return ["search_memory"] if task.styled else ["read_profile", "search_memory"]
     return [] if task.kind == "rating" or task.has_candidates else ["search_memory"]
 
 

@@ -191,3 +191,11 @@ def test_memory_is_searched_by_what_the_question_is_about_not_by_the_tasks_wordi
     found = store.build("carol", task, Persona(sources=["search_memory"], k=1)).evidence(question)["search_memory"]
     assert max(found, key=found.get) == "crime"
     store.close()
+
+
+def test_a_styled_text_is_not_shown_the_topic_profile_but_other_free_text_is():
+    from personaagent.data.tasks import LAMP_TASKS, generic_task
+    from personaagent.program.agent import default_sources
+
+    assert default_sources(LAMP_TASKS["LaMP-4"]) == ["search_memory"]  # the persona text states the style
+    assert default_sources(generic_task("generation")) == ["read_profile", "search_memory"]
