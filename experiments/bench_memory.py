@@ -45,7 +45,7 @@ import torch
 from ..data.locomo import load_locomo
 from ..data.tasks import Interaction
 from ..program.embedder import default_embedder
-from ..program.memory import IVF_THRESHOLD, LEXICAL_MAX_RECORDS, EpisodicMemory
+from ..program.memory import LEXICAL_MAX_RECORDS, EpisodicMemory
 from .locomo import DEFAULT_LOCOMO_DIR
 
 K = 10
