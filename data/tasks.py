@@ -344,10 +344,11 @@ def _citation_interaction(item: dict, profile: list[dict]) -> Interaction | None
     if not elsewhere:
         return None
     key = str(item.get("id", item.get("title")))
-    shared = lambda title: len(_content_words(item["title"]) & _content_words(title))  # noqa: E731
-    fewest = min(map(shared, elsewhere))
+    words = _content_words(item["title"])
+    shared = {title: len(words & _content_words(title)) for title in elsewhere}
+    fewest = min(shared.values())
     positive = _stable_choice(key, cited)
-    negative = _stable_choice(key + "/neg", [t for t in elsewhere if shared(t) == fewest])
+    negative = _stable_choice(key + "/neg", [t for t in elsewhere if shared[t] == fewest])
     first_is_positive = zlib.crc32(key.encode()) % 2 == 0
     a, b = (positive, negative) if first_is_positive else (negative, positive)
     question = (f'For an author who has written the paper with the title "{item["title"]}", which '

@@ -178,7 +178,7 @@ def prompt_name(user_id: str) -> str:
     """The user's prompt in MLflow's prompt registry, whose names allow letters, digits, '-', '_'
     and '.': the id's hash keeps apart two ids that read alike there."""
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", user_id).strip("-.")[:64] or "user"
-    return f"persona.{readable}.{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
+    return f"persona.{readable}.{hashlib.sha256(user_id.encode()).hexdigest()[:16]}"
 
 
 class PromptRegistry:
@@ -231,6 +231,8 @@ def registered_persona(user_id: str, alias: str = CHAMPION, tracking_uri: str | 
     except Exception as exc:
         raise KeyError(f"no {alias} persona of user {user_id!r} in the prompt registry at "
                        f"{tracking_uri_or_default(tracking_uri)}") from exc
+    if prompt.tags.get("user_id", user_id) != user_id:  # two ids whose names and hashes collide
+        raise KeyError(f"the prompt {prompt_name(user_id)!r} belongs to another user")
     tag = prompt.tags.get(PERSONA_VERSION_TAG, "")
     return prompt.template, int(tag) if tag.isdigit() else None
 

@@ -160,9 +160,10 @@ class LlamaCppEngine:
                         yield StreamDeltaEvent(delta=TextDelta(text=choice["delta"]["content"]))
                     if choice.get("finish_reason") == "length":
                         finish = "length"
-        # llama.cpp's stream reports no usage: a text delta is about a token, the context holds prompt and reply.
-        yield StreamEndEvent(finish_reason=finish, usage=Usage(input_tokens=max(0, self._llama.n_tokens - generated),
-                                                               output_tokens=generated))
+            # llama.cpp's stream reports no usage: a text delta is about a token, the context holds
+            # prompt and reply (read under the lock: another call may reuse the context after it).
+            prompt_tokens = max(0, self._llama.n_tokens - generated)
+        yield StreamEndEvent(finish_reason=finish, usage=Usage(input_tokens=prompt_tokens, output_tokens=generated))
 
     def score(self, messages: list[dict], continuations: list[str]) -> tuple[list[float], int]:
         """The log-probability of each continuation as the assistant's reply to `messages`, and

@@ -154,9 +154,10 @@ class EpisodicMemory:
     def _adopt_log(self) -> None:
         """Makes the log's vectors this embedder's (`_reembed_log`); one read when they already are."""
         with self._lock:
-            if self._recorded_embedder() == self.embedder.name:
+            recorded = self._recorded_embedder()
+            if recorded == self.embedder.name:
                 return
-            recorded = self._recorded_embedder() or MiniLMEmbedder.name
+            recorded = recorded or MiniLMEmbedder.name
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -178,7 +179,7 @@ class EpisodicMemory:
             return
         recorded = recorded or MiniLMEmbedder.name  # logs from before the name was recorded hold MiniLM's
         rows = self._db.execute("SELECT id, input FROM records ORDER BY id").fetchall()
-        if rows and recorded != self.embedder.name:
+        if rows and recorded != self.embedder.name:  # a log with no name that is this embedder's: only name it
             log.warning("memory %s: embedded with %s, opened with %s: re-embedding its %d records from the log",
                         self.directory, recorded, self.embedder.name, len(rows))
             vectors = self.embedder.embed([r[1] for r in rows])

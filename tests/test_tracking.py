@@ -157,6 +157,11 @@ def test_registered_personas_load_by_alias_follow_a_rollback_and_are_forgotten(t
     assert client.get_prompt(prompt_name("bob")) is not None  # only alice was forgotten
     with pytest.raises(KeyError, match="no champion persona"):
         registered_persona("alice", tracking_uri=uri)
+    # No version under an alias (or no registry in reach): the store's persona in force, not an error.
+    with PersonaService(store, lm=_fake(), tracking_uri=uri, persona_alias="staging") as service:
+        bob = UserStore(store).load_state("bob").current
+        assert (service.program("bob").instructions, service.persona("bob")["current_version"]) == (
+            bob.instructions["answer"], bob.version)
 
 
 def test_prompt_names_are_valid_and_distinct_for_ids_that_read_alike():
