@@ -15,7 +15,7 @@ from ..optimizers.tracking import DEFAULT_TRACKING_URI, offline_environment, tra
 def add_settings(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
     """An option per `CompileConfig` field in `names` (`n_recent`: --n-recent), with the field's
     default (unless `defaults` overrides it), help and choices: the settings are declared only there."""
-    from ..optimizers.compile import CompileConfig
+    from ..optimizers.pipeline import CompileConfig
 
     settings = {setting.name: setting for setting in fields(CompileConfig)}
     for name in names:
@@ -36,9 +36,31 @@ def add_lm(parser: argparse.ArgumentParser, **defaults) -> None:
 
 def config_from(args):
     """The `CompileConfig` of the settings the command has options for; the others keep their defaults."""
-    from ..optimizers.compile import CompileConfig
+    from ..optimizers.pipeline import CompileConfig
 
     return CompileConfig(**{s.name: getattr(args, s.name) for s in fields(CompileConfig) if hasattr(args, s.name)})
+
+
+def add_engine(parser: argparse.ArgumentParser) -> None:
+    """Where a command runs its users' compiles (`optimizers.engines`): `engine_from` reads these options."""
+    parser.add_argument("--workers", type=int, default=1, help="worker processes or Ray actors (each loads its own model)")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: this machine's processes; ray: actors on a Ray cluster (pip install personaagent[ray])")
+    parser.add_argument("--address", default=None, help="Ray cluster address for --engine ray (default: start a local one)")
+
+
+def engine_from(args):
+    """The engine `add_engine`'s options name; None for one local worker: this process, where
+    `compile_users` may use the caller's LM object."""
+    if args.engine == "ray":
+        from ..optimizers.engines import RayEngine
+
+        return RayEngine(args.address, max(1, args.workers))
+    if args.workers > 1:
+        from ..optimizers.engines import LocalEngine
+
+        return LocalEngine(args.workers)
+    return None
 
 
 def _require_store(path: str) -> None:
@@ -145,15 +167,7 @@ def cmd_compile(args) -> int:
     config = config_from(args)
     # SIGTERM stops a compile as Ctrl-C does: MLflow runs end KILLED, every user keeps their last good persona.
     signal.signal(signal.SIGTERM, _interrupt)
-    if args.engine == "ray":
-        from ..optimizers.engines import RayEngine
-
-        engine = RayEngine(args.address, max(1, args.workers))
-    else:
-        from ..optimizers.engines import LocalEngine
-
-        engine = LocalEngine(args.workers)
-    report = compile_users(data, args.store, config, tracking_uri=args.tracking_uri, engine=engine)
+    report = compile_users(data, args.store, config, tracking_uri=args.tracking_uri, engine=engine_from(args))
     for r in report.results:
         scores = " -> ".join("-" if s is None else f"{s:.2f}" for s in r.scores)
         line = f"{r.status:<8} {r.user_id:<30} validation score {scores or '-'}"
@@ -226,9 +240,9 @@ def cmd_demo(args) -> int:
                   f" (likelihood {_score(v.likelihood)}): {v.note or 'rewritten from feedback'}; "
                   f"feedback: {v.feedback.splitlines()[0] if v.feedback else '-'}")
         persona = current.persona
-        print(f"--- persona after (v{current.version}): shown {', '.join(persona.get('sources', [])) or 'no tools'}, "
-              f"{len(persona.get('demos', []))} demos, evidence weights {_rounded(persona.get('weights'))}, "
-              f"label offsets {_rounded(persona.get('bias'))}\n"
+        print(f"--- persona after (v{current.version}): shown {', '.join(persona.sources) or 'no tools'}, "
+              f"{len(persona.demos)} demos, evidence weights {_rounded(persona.weights)}, "
+              f"label offsets {_rounded(persona.bias)}\n"
               f"{current.instructions['answer']}\n")
     compiled = [r.user_id for r in report.results if r.status != "failed"]
     if not compiled:
@@ -240,7 +254,8 @@ def cmd_demo(args) -> int:
     saved = store.load_population()
     prior = PopulationModel.from_dict(saved["model"]).prior_for(user.user_id) if saved else None
     state = store.load_state(user.user_id)
-    print(f"User {user.user_id}'s persona text: " + (state.persona.text.replace("\n", " / ") if state.persona.text.strip()
+    text = state.current.persona.text
+    print(f"User {user.user_id}'s persona text: " + (text.replace("\n", " / ") if text.strip()
           else "none: " + next((v.note for v in reversed(state.versions) if not v.accepted),
                                "no rewrite was tried (every replayed answer was right)")))
     with use_lm(make_lm(config.lm)):
@@ -315,10 +330,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     when_named(p, add_lm)
     when_named(p, add_settings, "reflection_lm", "optimizer", "n_recent", "iterations", "acceptance", "validation",
                "max_lm_calls", "gepa_budget")
-    p.add_argument("--workers", type=int, default=1, help="worker processes or Ray actors (each loads its own model)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: this machine's processes; ray: actors on a Ray cluster (pip install personaagent[ray])")
-    p.add_argument("--address", default=None, help="Ray cluster address for --engine ray (default: start a local one)")
+    add_engine(p)
     when_named(p, add_settings, "max_versions", "register_prompts")
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_compile)

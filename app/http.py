@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from ..optimizers.compile import CompileConfig
+from ..optimizers.pipeline import CompileConfig
 from ..program.persona import PersonaVersion
 from .service import (AlignJob, AlignmentRunning, Answer, InvalidRequest, NotFound, PersonaService, ServiceError,
                       Unavailable)

@@ -44,17 +44,17 @@ from dspy.utils.exceptions import AdapterParseError, LMError
 
 from ..data.loaders import UserData, memory_replays
 from ..data.tasks import Interaction, TaskSpec, generic_task, task_from_dict, task_to_dict
-from ..optimizers import compile as stages
-from ..optimizers.compile import CompileConfig
+from ..optimizers import pipeline
+from ..optimizers.pipeline import CompileConfig
 from ..optimizers.population import PopulationModel
 from ..optimizers.tracking import (MlflowObserver, Observer, PromptRegistry, Tracker, forget_user, registered_persona,
                                    seconds_metrics)
 from ..program.agent import PersonaProgram
 from ..program.embedder import MiniLMEmbedder
-from ..program.persona import Persona
 from ..program.lm import LOCAL_PREFIX, make_lm, stream_reply, use_lm
 from ..program.storage import validate_user_id
 from ..program.store import ProgramState, UserStore
+from ..program.tools import render_records, similar_records
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -342,7 +342,7 @@ class PersonaService:
         state = self.store.load_state(user_id)
         if state is None:
             return _Loaded(self.store.build(user_id, self.default_task), None, stamp)
-        version, instructions = state.current, state.current.instructions
+        version = state.current
         if self.persona_alias:
             # The registry's text, over the compiled choices of the version it was registered from
             # (the one in force for a text written in the registry itself). A user with no version
@@ -353,11 +353,9 @@ class PersonaService:
             except KeyError as exc:
                 log.warning("%s; serving the store's persona v%d", exc.args[0], state.current.version)
             else:
-                version = next((v for v in state.versions if v.version == number), state.current)
-                instructions = {**version.instructions, "answer": text}
-        program = self.store.build(user_id, task_from_dict(state.task), Persona(**version.persona))
-        program.load_instructions(instructions)
-        return _Loaded(program, state, stamp, version.version)
+                registered = next((v for v in state.versions if v.version == number), state.current)
+                version = replace(registered, instructions={**registered.instructions, "answer": text})
+        return _Loaded(self.store.restore(user_id, task_from_dict(state.task), version), state, stamp, version.version)
 
     # ------------------------------------------------------------------ answering
 
@@ -439,9 +437,19 @@ class PersonaService:
     @staticmethod
     def _chat_turns(program: PersonaProgram, messages: list[dict]) -> list[dict]:
         """The LM's messages for a chat turn: the persona and the user's past interactions most like
-        their message as the system prompt, then the conversation."""
+        the conversation's opening message as the system prompt, then the conversation. Retrieved
+        for the opening message, not the latest: then every turn's prompt extends the one before
+        it (and its reply), so the engine resumes from the previous turn's evaluated state and
+        evaluates only the new message, instead of the whole conversation behind a changed system
+        prompt."""
+        said = ([str(m.get("content") or "") for m in messages if m.get("role") == "user"]
+                or [str(messages[-1].get("content") or "")])
+        # This conversation's own messages, recorded after each turn, are not its past: hidden, so
+        # every turn is shown what its first turn was.
+        found = similar_records(program.task, program.memory, said[0], program.k + len(said))
+        past = [r for r in found if not (r.metadata.get("source") == "chat" and r.input in said)][:program.k]
         system = (f"{program.instructions}\n\nThis user's past interactions most like their message:\n"
-                  f"{program.tools['search_memory'](query=str(messages[-1]['content']))}")
+                  f"{render_records(past)}")
         # OpenAI's "developer" messages are system instructions; tool messages have no place here.
         roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
         return [{"role": "system", "content": system}] + [
@@ -575,7 +583,8 @@ class PersonaService:
                              optimizer=optimizer)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        if not memory_replays(self._loaded(user_id).program.task, self.store.memory(user_id).all()):
+        replays = memory_replays(self._loaded(user_id).program.task, self.store.memory(user_id).all())
+        if not replays:
             raise InvalidRequest("alignment needs at least one interaction with a known output to replay")
         with self._lock:
             running = next((j for j in self._jobs.values()
@@ -585,7 +594,7 @@ class PersonaService:
             job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations, optimizer, trigger)
             self._jobs[job.id] = job
             deletions = self._deletions.get(user_id, 0)
-        self._align_queue.put((job, config, deletions))
+        self._align_queue.put((job, config, deletions, replays))
         return job
 
     def _population(self) -> PopulationModel | None:
@@ -604,25 +613,23 @@ class PersonaService:
         while (item := self._align_queue.get()) is not None:
             self._run_align(*item)
 
-    def _run_align(self, job: AlignJob, config: CompileConfig, deletions: int) -> None:
-        """The compile's stages after the profile (history, align, save) for one user, on the replays
-        their memory gives (`memory_replays`, as a compile's data gives them) and with the store's
-        latest population model; the versions are recorded as made by `job.trigger`."""
+    def _run_align(self, job: AlignJob, config: CompileConfig, deletions: int, replays: list[Interaction]) -> None:
+        """The compile's alignment (`pipeline.realign`, then `pipeline.save`) for one user, on the
+        replays their memory gave when the job was made (`memory_replays`, as a compile's data gives
+        them) and with the store's latest population model; the versions are recorded as made by
+        `job.trigger`."""
         job.status = "running"
         try:
             loaded = self._loaded(job.user_id)
             task, previous = loaded.program.task, loaded.state
-            user = UserData(job.user_id, replays=memory_replays(task, loaded.program.memory.all()))
+            user = UserData(job.user_id, replays=replays)
             # Tracked like a compile, in a run tagged with the user (so forgetting finds it).
             tracker = Tracker(self.tracking_uri, "personaagent-align") if self.tracking_uri else None
             observer = MlflowObserver(tracker, self.register_prompts) if tracker else Observer()
             with (tracker.run(f"align {job.user_id}", {"user_id": job.user_id, "trigger": job.trigger})
                   if tracker else contextlib.nullcontext()), use_lm(self.lm), dspy.context(disable_history=True):
-                started = time.perf_counter()
-                history = stages.answer_history(self.store, user, task, config, previous)
-                seconds = {"history": time.perf_counter() - started}
-                aligned = stages.align(self.store, user, task, config, previous, self.lm, observer, history,
-                                       self._population(), self.reflection_lm)
+                aligned = pipeline.realign(self.store, user, task, config, previous, self.lm, observer,
+                                           self._population(), self.reflection_lm)
                 # The store's lock first (a compile in another process may hold it for minutes), then
                 # this process's: appends of the user wait only for the save itself (observed after).
                 with self.store.lock(job.user_id, create=False), self._user_lock(job.user_id):
@@ -633,11 +640,10 @@ class PersonaService:
                         raise RuntimeError("the program was recompiled during alignment; start the alignment again")
                     # What the program was compiled from and with stays: its compile's key and LM.
                     kept = replace(config, lm=previous.lm) if previous else config
-                    state = stages.save(self.store, job.user_id, task, kept, previous, aligned,
-                                        previous.compile_key if previous else "", Observer(), job.trigger)
-                added = [v for v in state.versions if v.version >= (previous.next_version if previous else 1)]
+                    state, added = pipeline.save(self.store, job.user_id, task, kept, previous, aligned,
+                                                 previous.compile_key if previous else "", Observer(), job.trigger)
                 observer.saved(state, added)
-                observer.finished("succeeded", seconds_metrics({**seconds, **aligned.timings}))
+                observer.finished("succeeded", seconds_metrics(aligned.timings))
             job.new_versions = [v.version for v in added]
             job.current_version = state.current.version
             job.status = "succeeded"

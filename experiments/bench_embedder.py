@@ -37,7 +37,7 @@ from ..data.locomo import evidence_recall, load_locomo
 from ..program.embedder import EMBEDDERS, Embedder
 from ..program.memory import EpisodicMemory
 from ..program.native_build import RELEVANT_FLAGS, build_tag, cpu_flags, enabled_options
-from ..optimizers.compile import examples
+from ..optimizers.pipeline import examples
 from .bench_retrieval import SEARCHES, majority
 from .locomo import DEFAULT_LOCOMO_DIR
 

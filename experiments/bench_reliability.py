@@ -57,7 +57,8 @@ SERVER = textwrap.dedent("""
 """)
 COMPILE = textwrap.dedent("""
     from personaagent.data import load
-    from personaagent.optimizers.compile import CompileConfig, compile_users
+    from personaagent.optimizers.compile import compile_users
+    from personaagent.optimizers.pipeline import CompileConfig
     from personaagent.program.testing import fake_lm
 
     data = load({data!r})
@@ -183,7 +184,8 @@ def compiles_under_kill(root: Path, rounds: int, rng: random.Random) -> dict:
 
 def forgetting(root: Path) -> dict:
     from ..data.loaders import load
-    from ..optimizers.compile import CompileConfig, compile_users
+    from ..optimizers.compile import compile_users
+    from ..optimizers.pipeline import CompileConfig
     from ..app.cli import main
     from ..program.testing import fake_lm
 

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..data.loaders import load
-from ..optimizers.compile import examples
+from ..optimizers.pipeline import examples
 from ..program.memory import EpisodicMemory
 from ..program.store import UserStore
 

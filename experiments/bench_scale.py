@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..data import SAMPLE_DIR, load
 from ..data.loaders import TaskData
-from ..optimizers.compile import CompileConfig, compile_users
+from ..optimizers.compile import compile_users
+from ..optimizers.pipeline import CompileConfig
 from ..optimizers.engines import LocalEngine, RayEngine
 from ..program.lm import FAKE_LM
 

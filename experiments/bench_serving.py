@@ -76,7 +76,7 @@ def make_store(data_path: str, n_users: int, root: Path) -> tuple[list[str], lis
         memory.add(user.memories)
         program = store.build(user_id, data.task)
         store.save_state(ProgramState(user_id, task_to_dict(data.task), "bench", [
-            PersonaVersion(1, program.persona.to_dict(), program.instructions_by_predictor(), note="initial persona")]))
+            PersonaVersion(1, program.persona, program.instructions_by_predictor(), note="initial persona")]))
     store.close()
     questions = [(u, ex.question) for u, user in data.users.items() for ex in user.questions]
     return list(data.users), questions

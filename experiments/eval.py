@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
 import time
 from collections import Counter
@@ -38,14 +37,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..app.cli import add_lm, add_settings, config_from
+from ..app.cli import add_engine, add_lm, add_settings, config_from, engine_from
 from ..data.loaders import TaskData, UserData, load
 from ..data.tasks import METRICS, TaskSpec
-from ..optimizers.compile import CompileConfig, compile_users
+from ..optimizers import pipeline
+from ..optimizers.compile import compile_users
+from ..optimizers.engines import Engine
+from ..optimizers.pipeline import CompileConfig
 from ..optimizers.tracking import setup_mlflow
 from ..program.agent import ABLATIONS, STRATEGIES
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
-from ..program.memory import SemanticMemory
 from ..program.store import UserStore
 from ..program.tools import author_history, candidate_scores
 
@@ -81,10 +82,11 @@ def _past_answers(task: TaskSpec, user: UserData) -> list[str]:
 
 class Evaluation:
     def __init__(self, data: TaskData, out: Path, lm_spec: str, config: CompileConfig, questions_per_user: int | None,
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, engine: Engine | None = None):
         self.data, self.out, self.lm_spec, self.config = data, out, lm_spec, config
         self.questions_per_user = questions_per_user
         self.tracking_uri = tracking_uri
+        self.engine = engine  # where the compiled methods' users are compiled (None: in this process)
         self.compiles: dict[str, dict] = {}  # method -> user -> UserResult of this run's compile
         self.lm = None
 
@@ -160,32 +162,30 @@ class Evaluation:
         return {"user_id": user.user_id, "answers": answers, "compile": compile_cost}
 
     def _base(self, user: UserData, with_profile: bool = True) -> UserStore:
-        """The store every method shares: the user's memory, and their profile (one generation,
-        made once) for the methods that read it."""
+        """The store every method shares, made by the compile's own `ingest` and `profile` stages:
+        the user's memory, and their profile (one generation, made once) for the methods that read it."""
         base = UserStore(self.out / "stores" / "base")
-        memory = base.memory(user.user_id)
-        if len(memory) < len(user.memories):
-            memory.add(user.memories)
-            memory.flush()
+        if len(base.memory(user.user_id)) < len(user.memories):
+            pipeline.ingest(base, user)
         if with_profile and not (base.user_dir(user.user_id) / "profile.json").exists():
             with use_lm(self._lm()):
-                profile = SemanticMemory()(task=self.data.task, records=memory.all(), previous=base.profile(user.user_id))
-                base.save_profile(user.user_id, profile.profile)
+                pipeline.write_profile(base, user.user_id, self.data.task)
         return base
 
     def _compile(self, method: str, users: list[UserData]) -> None:
         """Compile `users` with the method's optimizer through the compile's own pipeline
-        (`compile_users`: histories, the population model, alignment), starting from the shared
-        profile so that compiling does not pay for writing it again."""
+        (`compile_users`: histories, the population model, alignment) on the evaluation's engine,
+        starting from the shared profile so that compiling does not pay for writing it again."""
         root = self.out / "stores" / method
+        compiled = UserStore(root)
         for user in tqdm(users, desc="profiles", unit="user"):
-            self._base(user).close()
-            target = UserStore(root).user_dir(user.user_id)
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copy(self.out / "stores" / "base" / "users" / user.user_id / "profile.json", target / "profile.json")
+            base = self._base(user)
+            compiled.save_profile(user.user_id, base.profile(user.user_id))
+            base.close()
+        compiled.close()
         config = CompileConfig(**{**asdict(self.config), "lm": self.lm_spec, "optimizer": COMPILED[method]})
         report = compile_users(self.data.select(user_ids=[u.user_id for u in users]), root, config,
-                               tracking_uri=self.tracking_uri, lm=self._lm())
+                               tracking_uri=self.tracking_uri, lm=self._lm(), engine=self.engine)
         self.compiles[method] = {r.user_id: r for r in report.results}
 
     def _prepare(self, method: str, user: UserData) -> tuple[UserStore, dict | None]:
@@ -200,7 +200,7 @@ class Evaluation:
         state = store.load_state(user.user_id)
         return store, {"status": result.status, "error": result.error, "lm_calls": result.lm_calls,
                        "tokens": result.tokens, "seconds": result.seconds, "scores": result.scores,
-                       "text_kept": bool(state and state.persona.text.strip())}
+                       "text_kept": bool(state and state.current.persona.text.strip())}
 
 
 def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
@@ -339,14 +339,14 @@ def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
 
 def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | None = None, users: int | None = 30,
              lm: str = DEFAULT_LM, questions_per_user: int | None = 1, config: CompileConfig | None = None,
-             tracking_uri: str | None = None, name: str = "results") -> list[dict]:
+             tracking_uri: str | None = None, name: str = "results", engine: Engine | None = None) -> list[dict]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
     data = load(data_path, task).select(users)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluation = Evaluation(data, out, lm, config or CompileConfig(lm=lm), questions_per_user, tracking_uri)
+    evaluation = Evaluation(data, out, lm, config or CompileConfig(lm=lm), questions_per_user, tracking_uri, engine)
     summaries, rows_by_method = [], {}
     mlflow = setup_mlflow(tracking_uri, "personaagent-eval", autolog=False)
     # Named, not taken from the active experiment: the compiles in between set their own.
@@ -387,6 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="each user's latest N questions, or 'all'")
     parser.add_argument("--out", required=True, help="results directory (resumable)")
     add_settings(parser, "gepa_budget")
+    add_engine(parser)
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--name", default="results", help="file name of this run's summary in --out")
     add_lm(parser)
@@ -403,5 +404,5 @@ def _questions_per_user(value: str) -> int | None:
 
 def run(args) -> int:
     evaluate(args.data, args.out, [m.strip() for m in args.methods.split(",") if m.strip()], args.task, args.users,
-             args.lm, args.questions_per_user, config_from(args), args.tracking_uri, args.name)
+             args.lm, args.questions_per_user, config_from(args), args.tracking_uri, args.name, engine_from(args))
     return 0

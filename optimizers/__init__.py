@@ -4,7 +4,7 @@ Names are imported on first use (`optimizers.tracking` stays light for the CLI).
 
 from importlib import import_module
 
-_HOMES = {"CompileConfig": "compile", "compile_users": "compile", "PersonaAlignment": "persona"}
+_HOMES = {"CompileConfig": "pipeline", "compile_users": "compile", "PersonaAlignment": "persona"}
 __all__ = sorted(_HOMES)
 
 

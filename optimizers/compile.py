@@ -1,91 +1,39 @@
 """Offline compile: per-user programs from per-user data, tracked in MLflow.
 
-Compiling one user is a pure function of (that user's data, the config) -> persona artifact, so
-users map onto worker processes or a Ray cluster (`engines`). It runs as named stages, each a
-function with typed inputs and output that is saved, as STORM's engine runs and saves its stages:
+Compiling one user is a pure function of (that user's data, the config) -> persona artifact: the
+stages of `optimizers.pipeline`, resumed where their inputs are unchanged. So users map onto worker
+processes or a Ray cluster (`engines`), and `compile_users` passes over them twice, each time through
+the engine: every user up to `history`; then the population model is fitted on all of their answered
+histories and saved as a new version in the store (`population/vNNN.json`) and in the compile's
+MLflow run; then, with it, every user through the rest.
 
-    ingest   the user's interactions -> their episodic memory     (episodic.sqlite, .faiss)
-    profile  their memory -> the semantic profile (one LM call)    (profile.json)
-    history  their latest interactions, answered as of their times (stages.json)
-    align    history, the population model, config -> the versions the optimizer ran (stages.json)
-    save     those versions -> the user's program history          (program.json)
-
-Between `history` and `align`, one step looks at every user: the population model
-(`optimizers.population`) is fitted on all users' answered histories, cross-fitted by folds of
-users, and saved as a new version in the store (`population/vNNN.json`) and in the compile's MLflow
-run. So `compile_users` runs in two passes over the users, each through the engine: up to
-`history`, then, with the population model, the rest.
-
-Each stage has a key of its inputs (the previous stage's key included), kept in the user's
-`stages.json` once its output is saved. A rerun resumes at the first stage whose key changed:
-nothing changed, nothing runs (the user is skipped); a new `n_recent` re-aligns without
-re-ingesting or re-profiling; a compile killed after `align` only saves. A user whose compile
-fails is reported and the others go on; a crash leaves the last good persona in place (every
-file is replaced atomically). The optimizer emits the versions it ran, and `ProgramState.record`
-numbers them into the history: the one path, for the compile, the service and `eval`. The service
-aligns a user with the same `answer_history`, `align` and `save`, on the replays their memory gives
-(`data.loaders.memory_replays`, which makes a dataset's replays too) and the store's population model.
+Each user's compile is tracked in an MLflow run of its own, nested under the compile's; tracking
+only observes. A user whose compile fails is reported and the others go on; a crash leaves the last
+good persona in place (every file is replaced atomically).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Literal
 
 import dspy
 from tqdm import tqdm
 
 from ..data.loaders import TaskData, UserData
 from ..data.tasks import TaskSpec, task_from_dict, task_to_dict
-from ..program.agent import PersonaProgram, default_sources
-from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
-from ..program.memory import Cutoff, Profile, SemanticMemory
-from ..program.persona import Persona, PersonaVersion
-from ..program.storage import MAX_VERSIONS
+from ..program.lm import UsageMeter, make_lm, use_lm
 from ..program.store import ProgramState, UserStore
 from .engines import Engine, LocalEngine
-from .gepa import GepaAlignment
-from .persona import AlignmentConfig, PersonaAlignment, Unaligned, VersionedTeleprompter, past_interaction
-from .population import Answered, PopulationModel, fit_population, fit_text_effects
-from .tracking import MlflowObserver, Observer, Tracker, seconds_metrics, tracking_uri_or_default, untraced
-
-# The optimizers, by name: each makes a teleprompter that emits the versions it ran.
-OPTIMIZERS: dict[str, Callable[[CompileConfig, dspy.LM, Observer], VersionedTeleprompter]] = {
-    "persona": lambda config, reflection_lm, observer: PersonaAlignment(
-        config.n_recent, config.iterations, config.acceptance, reflection_lm, config.validation,
-        config.max_lm_calls, on_version=observer.version),
-    "gepa": lambda config, reflection_lm, observer: GepaAlignment(
-        reflection_lm, config.gepa_budget, config.n_recent, config.validation, on_version=observer.version),
-    "unaligned": lambda config, reflection_lm, observer: Unaligned(on_version=observer.version),
-}
-
-
-@dataclass
-class CompileConfig(AlignmentConfig):
-    """A compile's settings: the persona alignment's (`AlignmentConfig`, whose checks apply to
-    these fields too) and the compile's own. `STAGE_SETTINGS` says which stage reads which."""
-
-    lm: str = field(default=DEFAULT_LM, metadata={
-        "help": f"local/<embedded model> (default {DEFAULT_LM}) or any DSPy model string, "
-                "e.g. openai/<model> with --api-base for vLLM, Ollama or llama.cpp's server"})
-    reflection_lm: str | None = field(default=None, metadata={
-        "help": "LM that critiques and rewrites personas (default: --lm)"})
-    optimizer: str = field(default="persona", metadata={
-        "help": "the teleprompter that aligns each user's program", "choices": tuple(OPTIMIZERS)})
-    gepa_budget: int = field(default=15, metadata={"help": "metric calls per user for the gepa optimizer"})
-    k: int = field(default=4, metadata={
-        "help": "past interactions the baselines' tools return (a persona carries its own k)", "min": 1})
-    max_versions: int = field(default=MAX_VERSIONS, metadata={
-        "help": "persona versions kept per user: the initial, the best, the current, then the latest"})
-    register_prompts: bool = field(default=False, metadata={
-        "help": "also register each accepted persona version in MLflow's prompt registry, as a version of "
-                "the user's prompt, with the alias 'champion' on the one in force"})
+from .persona import Aligned
+from .pipeline import (CompileConfig, Ingested, Stage, align, answer_history, ingest, population_model, run_stages,
+                       save, stage_keys, write_profile)
+from .population import Answered, PopulationModel
+from .tracking import MlflowObserver, Observer, Tracker, tracking_uri_or_default, untraced
 
 
 @dataclass
@@ -104,160 +52,6 @@ class UserResult:
     tracking_errors: list[str] = field(default_factory=list)  # MLflow calls that failed; the compile went on
     score_after: float | None = None  # the validation score of the persona in force after the compile
     stages_run: list[str] = field(default_factory=list)  # the stages that ran (the others resumed)
-
-
-# ---------------------------------------------------------------- the stages
-
-@dataclass
-class Ingested:
-    """The ingest stage's output: how many records the user's memory holds."""
-
-    records: int
-
-
-@dataclass
-class Aligned:
-    """The align stage's output: the versions the optimizer ran (unnumbered, the starting state
-    first) and where its time went."""
-
-    versions: list[PersonaVersion]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, payload: dict) -> "Aligned":
-        return cls([PersonaVersion(**v) for v in payload["versions"]], payload.get("timings", {}))
-
-
-def ingest(store: UserStore, user: UserData) -> Ingested:
-    memory = store.memory(user.user_id)
-    memory.add(user.memories)  # interactions already in memory are skipped
-    memory.flush()
-    return Ingested(len(memory.all()))
-
-
-def write_profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
-    """The semantic profile, updated from the records it does not cover yet (one LM call)."""
-    profile = SemanticMemory()(task=task, records=store.memory(user_id).all(), previous=store.profile(user_id)).profile
-    store.save_profile(user_id, profile)
-    return profile
-
-
-def _student(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfig,
-             previous: ProgramState | None) -> PersonaProgram:
-    """The program alignment starts from: the persona in force, or a new one."""
-    start = previous.persona if previous else Persona.initial(default_sources(task))
-    program = store.build(user.user_id, task, start)  # the persona carries its own k, not config.k
-    if previous:
-        program.load_instructions(previous.current.instructions)
-    return program
-
-
-def answer_history(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfig,
-                   previous: ProgramState | None) -> list[Answered]:
-    """The user's latest interactions answered as of their own times by the program alignment
-    starts from (only the persona optimizer learns from them; the others need none)."""
-    if config.optimizer != "persona":
-        return []
-    teleprompter = OPTIMIZERS[config.optimizer](config, None, Observer())
-    return teleprompter.answer_history(_student(store, user, task, config, previous), examples(user))
-
-
-def align(store: UserStore, user: UserData, task: TaskSpec, config: CompileConfig, previous: ProgramState | None,
-          lm: dspy.LM, observer: Observer, history: list[Answered], population: PopulationModel | None,
-          reflection_lm: dspy.LM | None = None) -> Aligned:
-    """The user's program aligned by the configured optimizer on their replayable interactions,
-    from their answered history and the population model's fold that excludes them. `reflection_lm`
-    overrides `config.reflection_lm` with an LM object (default: `lm`)."""
-    program = _student(store, user, task, config, previous)
-    reflection_lm = reflection_lm or (make_lm(config.reflection_lm) if config.reflection_lm else lm)
-    teleprompter = OPTIMIZERS[config.optimizer](config, reflection_lm, observer)
-    aligned = teleprompter.compile(program, trainset=examples(user), answered=history,
-                                   **(population.alignment_args(user.user_id) if population else {}))
-    return Aligned(aligned.alignment, getattr(aligned, "timings", {}))
-
-
-def save(store: UserStore, user_id: str, task: TaskSpec, config: CompileConfig, previous: ProgramState | None,
-         aligned: Aligned, key: str, observer: Observer, trigger: str = "compile") -> ProgramState:
-    """The aligned versions recorded into the user's history, as made by `trigger`, and saved under
-    `key` (a rerun of the compile with the same key skips the user, so they are never recorded twice)."""
-    state = ProgramState.continuing(previous, user_id, task_to_dict(task), config.lm, key)
-    added = state.record(aligned.versions, trigger=trigger)
-    store.save_state(state)
-    observer.saved(state, added)
-    return state
-
-
-def examples(user: UserData) -> list[dspy.Example]:
-    """The user's replayable interactions, oldest first, each replayed as of its own record."""
-    return [past_interaction(r.input, r.output, Cutoff(r.metadata.get("memory_key"), r.timestamp)) for r in user.replays]
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
-
-
-# The settings each stage reads first: a later stage reads them through that stage's key, which its
-# own key includes (history: which interactions are answered, and by which program). `save` reads none
-# of its own: re-saving the same aligned versions would record them twice, so its key is align's.
-# `k`, `max_versions` and `register_prompts` are in no key: a persona carries its own k, `max_versions`
-# only trims the kept history at the user's next save, and `register_prompts` only tells the tracker
-# what to record; a change of them alone recompiles no one.
-STAGE_SETTINGS = {
-    "profile": ("lm",),
-    "history": ("optimizer", "n_recent", "iterations", "acceptance", "validation", "max_lm_calls"),
-    "align": ("reflection_lm", "gepa_budget"),
-}
-
-
-def _settings(config: CompileConfig, stage: str) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in STAGE_SETTINGS[stage]}
-
-
-def stage_keys(config: CompileConfig, task: TaskSpec, user: UserData, population: str = "") -> dict[str, str]:
-    """Each stage's key: its own inputs and the key of the stage before it (`population`: the
-    fingerprint of the population model the user is aligned with)."""
-    ingest_key = _key([[m.input, m.output, m.timestamp] for m in user.memories])
-    profile_key = _key(ingest_key, task_to_dict(task), _settings(config, "profile"))
-    history_key = _key(profile_key, _settings(config, "history"), [[r.input, r.output] for r in user.replays])
-    align_key = _key(history_key, _settings(config, "align"), population)
-    return {"ingest": ingest_key, "profile": profile_key, "history": history_key, "align": align_key,
-            "save": align_key}
-
-
-@dataclass
-class Stage:
-    """A named stage of a user's compile: `run`, given the outputs of the stages before it, makes
-    its output and saves it; `load` reads the saved output back when the stage is resumed. An
-    output that is not one of the store's own files is kept in the stage log, as `to_log` writes it."""
-
-    name: str
-    run: Callable[[dict[str, Any]], Any]
-    load: Callable[[Any], Any]
-    to_log: Callable[[Any], Any] = lambda output: None
-
-
-def run_stages(store: UserStore, user_id: str, stages: list[Stage], keys: dict[str, str],
-               observer: Observer) -> tuple[dict[str, Any], list[str]]:
-    """Run `stages` in order, resuming: up to the first stage whose key differs from its last
-    completed run, each is loaded from its saved output; from there on, each runs, and its key and
-    output are logged as soon as it is saved. Returns the outputs by stage and the stages that ran."""
-    log = store.stage_log(user_id)
-    outputs: dict[str, Any] = {}
-    ran: list[str] = []
-    for stage in stages:
-        entry = log.get(stage.name)
-        if not ran and entry and entry.get("key") == keys[stage.name]:
-            outputs[stage.name] = stage.load(entry.get("output"))
-            observer.stage(stage.name, 0.0, ran=False)
-            continue
-        started = time.perf_counter()
-        outputs[stage.name] = output = stage.run(outputs)
-        ran.append(stage.name)
-        log[stage.name] = {"key": keys[stage.name], "output": stage.to_log(output)}
-        store.save_stage_log(user_id, log)
-        observer.stage(stage.name, time.perf_counter() - started, ran=True,
-                       metrics=seconds_metrics(getattr(output, "timings", None) or {}))
-    return outputs, ran
 
 
 # ---------------------------------------------------------------- one user
@@ -282,7 +76,7 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
     model = PopulationModel.from_dict(population) if population else None
     try:
         with store.lock(user.user_id):
-            keys = stage_keys(config, task, user, _key(population) if population else "")
+            keys = stage_keys(config, task, user, population)
             if until:  # untracked: this user's run is the next pass's
                 with untraced():
                     return _compile(store, task, user, config, keys, lm, Observer(), model, until=until)
@@ -321,9 +115,9 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
                 Stage("history", lambda _: answer_history(store, user, task, config, previous),
                       lambda logged: [Answered(**a) for a in logged], lambda out: [asdict(a) for a in out]),
                 Stage("align", lambda done: align(store, user, task, config, previous, lm, observer, done["history"],
-                                                  population), Aligned.from_dict, asdict),
-                Stage("save", lambda done: save(store, uid, task, config, previous, done["align"], keys["save"], observer),
-                      lambda _: store.load_state(uid)),
+                                                  population), Aligned.from_dict, asdict, lambda out: out.timings),
+                Stage("save", lambda done: save(store, uid, task, config, previous, done["align"], keys["save"],
+                                                observer)[0], lambda _: store.load_state(uid)),  # the saved state
             ]
             if until:
                 stages = stages[:[stage.name for stage in stages].index(until) + 1]
@@ -416,16 +210,3 @@ def _each(engine: Engine, compile_one, jobs: list[tuple], stage: str, progress: 
         yield result
     bar.close()
 
-
-def population_model(store: str | Path, task: TaskSpec, user_ids: list[str]) -> dict | None:
-    """The population model fitted on these users' answered histories, as their `history` stage
-    saved them (None when no user has one)."""
-    users = UserStore(store, embedder=object())
-    histories = {uid: [Answered(**a) for a in (users.stage_log(uid).get("history") or {}).get("output") or []]
-                 for uid in user_ids}
-    histories = {uid: items for uid, items in histories.items() if items}
-    if not histories:
-        return None
-    if not task.labels:  # a styled text: whether the text computed from a user's history pays
-        return fit_text_effects(task.score, histories).to_dict()
-    return fit_population(task.labels, histories, use_bias=not task.has_candidates).to_dict()

@@ -8,7 +8,7 @@ import dspy
 
 from ..data.tasks import TaskSpec
 from ..program.persona import PersonaVersion
-from .persona import VersionedTeleprompter
+from .persona import Aligned, VersionedTeleprompter
 
 
 def feedback_metric(task: TaskSpec):
@@ -27,7 +27,8 @@ class GepaAlignment(VersionedTeleprompter):
     """`dspy.GEPA` learning from the user's latest `n_recent` interactions and validating on the
     `validation` interactions before them, the split `PersonaAlignment` uses (on the replays
     themselves only when the user has nothing earlier); it emits the versions it ran like
-    `PersonaAlignment`: the starting state, then GEPA's program (its instructions, unscored here)."""
+    `PersonaAlignment`: the starting state, then GEPA's program (its instructions, unscored here).
+    It records no timings."""
 
     def __init__(self, reflection_lm: dspy.LM, max_metric_calls: int = 15, n_recent: int = 3, validation: int = 3,
                  seed: int = 0, on_version: Callable[[PersonaVersion], None] | None = None):
@@ -35,7 +36,7 @@ class GepaAlignment(VersionedTeleprompter):
         self.validation = validation
         self.on_version = on_version
 
-    def compile(self, student, *, trainset: list[dspy.Example], **_):
+    def align(self, student, *, trainset: list[dspy.Example], **_) -> Aligned:
         versions = [self._emit(student.snapshot(note="initial persona"))]
         recent = trainset[-self.n_recent:]
         earlier = trainset[:len(trainset) - len(recent)]
@@ -43,7 +44,6 @@ class GepaAlignment(VersionedTeleprompter):
         gepa = dspy.GEPA(metric=feedback_metric(student.task), reflection_lm=self.reflection_lm,
                          max_metric_calls=self.max_metric_calls, reflection_minibatch_size=3, track_stats=False,
                          seed=self.seed)
-        aligned = gepa.compile(student, trainset=recent, valset=window or recent)
-        versions.append(self._emit(aligned.snapshot(note="gepa")))
-        aligned.alignment = versions
-        return aligned
+        optimized = gepa.compile(student, trainset=recent, valset=window or recent)
+        versions.append(self._emit(optimized.snapshot(note="gepa")))
+        return Aligned(versions)

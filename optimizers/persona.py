@@ -222,12 +222,38 @@ class Timings:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
+@dataclass
+class Aligned:
+    """What an alignment returns: the versions it ran (unnumbered `PersonaVersion`s, the starting
+    state first) and where its time went, in seconds. The align stage saves it."""
+
+    versions: list[PersonaVersion]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def current(self) -> PersonaVersion:
+        """The version the alignment ends in: its last accepted one."""
+        return next(v for v in reversed(self.versions) if v.accepted)
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> "Aligned":
+        return cls([PersonaVersion.from_dict(v) for v in payload["versions"]], payload.get("timings", {}))
+
+
 class VersionedTeleprompter(Teleprompter):
-    """A teleprompter whose compiled program lists the states it ran (`alignment`, unnumbered
-    `PersonaVersion`s, the starting state first), each told to `on_version` (an observer, such as
-    a tracker) as it is made."""
+    """A teleprompter that returns the states it ran (`align`), each told to `on_version` (an
+    observer, such as a tracker) as it is made; `compile`, DSPy's interface, returns the program in
+    the state the alignment ends in."""
 
     on_version: Callable[[PersonaVersion], None] | None = None
+
+    def align(self, student: PersonaProgram, *, trainset: list[dspy.Example], **kwargs) -> Aligned:
+        raise NotImplementedError
+
+    def compile(self, student: PersonaProgram, *, trainset: list[dspy.Example], **kwargs) -> PersonaProgram:
+        program = student.deepcopy()
+        program.load_version(self.align(student, trainset=trainset, **kwargs).current)
+        return program
 
     def _emit(self, version: PersonaVersion) -> PersonaVersion:
         if self.on_version:
@@ -241,10 +267,8 @@ class Unaligned(VersionedTeleprompter):
     def __init__(self, on_version: Callable[[PersonaVersion], None] | None = None):
         self.on_version = on_version
 
-    def compile(self, student: PersonaProgram, **_) -> PersonaProgram:
-        program = student.deepcopy()
-        program.alignment, program.timings = [self._emit(program.snapshot(note="initial persona"))], {}
-        return program
+    def align(self, student: PersonaProgram, **_) -> Aligned:
+        return Aligned([self._emit(student.snapshot(note="initial persona"))])
 
 
 @dataclass
@@ -277,13 +301,13 @@ class AlignmentConfig:
 class PersonaAlignment(VersionedTeleprompter):
     """Aligns a `PersonaProgram`'s persona with its user from their past interactions.
 
-    `compile(student, trainset=..., population=..., strength=..., answered=...)` takes the user's
+    `align(student, trainset=..., population=..., strength=..., answered=...)` takes the user's
     interactions, oldest first, as `past_interaction`s; `population` is the combination the user's
     evidence is shrunk toward (default: the plain LM) with `strength`; `answered` is the user's
     history as `answer_history` answered it, when a compile stage already did (else it is answered
-    here). It returns an aligned copy whose `alignment` lists every state tried (the one it started
-    from first) as unnumbered `PersonaVersion`s with their scores and feedback, and whose `timings`
-    say where the time went. `on_version` observes each version as it is made.
+    here). It returns every state tried (the one it started from first) as unnumbered
+    `PersonaVersion`s with their scores and feedback, and where the time went (`Aligned`); `compile`
+    returns the aligned program. `on_version` observes each version as it is made.
     """
 
     def __init__(self, n_recent: int = AlignmentConfig.n_recent, iterations: int = AlignmentConfig.iterations,
@@ -323,9 +347,9 @@ class PersonaAlignment(VersionedTeleprompter):
             answered += [replace(a, candidate=True) for a in self._answer(styled, window)]
         return answered
 
-    def compile(self, student: PersonaProgram, *, trainset: list[dspy.Example], population: Combination | None = None,
-                strength: float = DEFAULT_STRENGTH, answered: list[Answered] | None = None,
-                text_effect: TextEffect | None = None, **_) -> PersonaProgram:
+    def align(self, student: PersonaProgram, *, trainset: list[dspy.Example], population: Combination | None = None,
+              strength: float = DEFAULT_STRENGTH, answered: list[Answered] | None = None,
+              text_effect: TextEffect | None = None, **_) -> Aligned:
         program = student.deepcopy()
         if not trainset:
             raise ValueError("alignment needs at least one past interaction with a known answer")
@@ -384,9 +408,7 @@ class PersonaAlignment(VersionedTeleprompter):
                 if self.iterations > 1:
                     with timings.phase("replay"):
                         replayed = self._answer(program, replays)
-        program.alignment = versions
-        program.timings = timings.seconds
-        return program
+        return Aligned(versions, timings.seconds)
 
     # ------------------------------------------------------------------ steps
 

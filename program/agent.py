@@ -16,6 +16,7 @@ decoded the same way; the persona then weighs the LM's distribution against its 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
@@ -117,7 +118,7 @@ class PersonaProgram(dspy.Module):
 
     def snapshot(self, **fields) -> PersonaVersion:
         """This program's state as a version, not yet numbered (`fields`: its score, note...)."""
-        return PersonaVersion(0, self.persona.to_dict(), self.instructions_by_predictor(), **fields)
+        return PersonaVersion(0, copy.deepcopy(self.persona), self.instructions_by_predictor(), **fields)
 
     def _use_k(self, k: int) -> None:
         """The tools (bound to this user's memory) return k past interactions."""
@@ -131,11 +132,15 @@ class PersonaProgram(dspy.Module):
     def instructions_by_predictor(self) -> dict[str, str]:
         return {name: p.signature.instructions for name, p in self.named_predictors()}
 
-    def load_instructions(self, instructions: dict[str, str]) -> None:
-        """Restore saved instructions (an optimizer such as GEPA may have written each one)."""
-        for name, predictor in self.named_predictors():
-            if name in instructions:
-                predictor.signature = predictor.signature.with_instructions(instructions[name])
+    def load_version(self, version: PersonaVersion) -> None:
+        """Restore a state `snapshot` made (as DSPy's `load_state`): its persona, and for a strategy
+        that follows the persona the instructions compiled for it (an optimizer such as GEPA may
+        have written each one)."""
+        self.set_persona(version.persona)
+        if self.strategy.follows_persona:
+            for name, predictor in self.named_predictors():
+                if name in version.instructions:
+                    predictor.signature = predictor.signature.with_instructions(version.instructions[name])
 
     def forward(self, question: str, as_of: Cutoff | None = None) -> dspy.Prediction:
         """Answer `question`; `as_of` (replays only) shows memory as it was before that interaction."""

@@ -167,12 +167,13 @@ class Persona:
 
 @dataclass
 class PersonaVersion:
-    """One state of a user's program, as an optimizer ran it and the history keeps it. Optimizers
-    emit it unnumbered (0); `ProgramState.record` numbers it."""
+    """One state of a user's program, as an optimizer ran it and the history keeps it: all that
+    restores the program (`PersonaProgram.load_version`). Optimizers emit it unnumbered (0);
+    `ProgramState.record` numbers it."""
 
     version: int
-    persona: dict
-    instructions: dict[str, str]  # per predictor: what the program actually runs with
+    persona: Persona
+    instructions: dict[str, str]  # per predictor: what the program actually runs with (GEPA may rewrite each)
     score: float | None = None  # the task's mean score on the user's validation window
     feedback: str = ""
     accepted: bool = True
@@ -181,6 +182,11 @@ class PersonaVersion:
     likelihood: float | None = None  # mean log-likelihood of the user's real answers on that window
     trigger: str = ""  # what made it: "compile", "align request", "online: ...", "rollback"
 
+    @classmethod
+    def from_dict(cls, payload: dict) -> "PersonaVersion":
+        """A version as `asdict` wrote it (in `program.json`, in the stage log)."""
+        return cls(**{**payload, "persona": Persona(**payload["persona"])})
+
     def diff(self, previous: "PersonaVersion") -> str:
         """What changed since `previous`: the instruction as a unified diff, then the compiled
         choices (tools shown, k, evidence weights, demonstrations) that differ."""
@@ -188,7 +194,7 @@ class PersonaVersion:
                                           self.instructions.get("answer", "").splitlines(),
                                           f"v{previous.version}", f"v{self.version}", lineterm=""))
         for choice in ("sources", "k", "weights", "bias", "demos"):
-            before, after = previous.persona.get(choice), self.persona.get(choice)
+            before, after = getattr(previous.persona, choice), getattr(self.persona, choice)
             if before != after:
                 shown = (lambda v: f"{len(v or [])} demonstrations") if choice == "demos" else repr
                 lines.append(f"{choice}: {shown(before)} -> {shown(after)}")

@@ -52,10 +52,6 @@ class ProgramState:
         return next(v for v in reversed(self.versions) if v.accepted)
 
     @property
-    def persona(self) -> Persona:
-        return Persona(**self.current.persona)
-
-    @property
     def next_version(self) -> int:
         return self.versions[-1].version + 1 if self.versions else 1
 
@@ -109,7 +105,7 @@ class ProgramState:
         if version != FORMAT_VERSION:
             raise ValueError(f"{source}: program format version {version!r}, this PersonaAgent reads {FORMAT_VERSION}")
         payload = dict(payload)
-        payload["versions"] = [PersonaVersion(**v) for v in payload["versions"]]
+        payload["versions"] = [PersonaVersion.from_dict(v) for v in payload["versions"]]
         return cls(**payload)
 
 
@@ -191,7 +187,7 @@ class UserStore:
         save_profile(self.user_dir(user_id) / "profile.json", profile)
 
     def stage_log(self, user_id: str) -> dict:
-        """What each stage of the user's last compile ran on and gave (see `optimizers.compile`)."""
+        """What each stage of the user's last compile ran on and gave (see `optimizers.pipeline`)."""
         path = self.user_dir(user_id) / "stages.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
@@ -244,15 +240,20 @@ class UserStore:
         memory, profile = self.memory(user_id), self.profile(user_id)
         return PersonaProgram(task, memory, profile, persona, method, k)
 
+    def restore(self, user_id: str, task: TaskSpec, version: PersonaVersion, method: str = "persona") -> PersonaProgram:
+        """The user's program as `version` saved it: the one way a saved program is restored (the
+        compile's and the service's alike), with its persona and, for a method that follows the
+        persona, the instructions compiled for it (`PersonaProgram.load_version`)."""
+        program = self.build(user_id, task, method=method)
+        program.load_version(version)
+        return program
+
     def load_program(self, user_id: str, method: str = "persona") -> PersonaProgram:
         """The user's compiled program, with the persona in force."""
         state = self.load_state(user_id)
         if state is None:
             raise KeyError(f"no compiled program for user {user_id!r} in {self.root}")
-        program = self.build(user_id, task_from_dict(state.task), state.persona, method)
-        if program.strategy.follows_persona:  # the instructions compiled for the persona (GEPA may write each)
-            program.load_instructions(state.current.instructions)
-        return program
+        return self.restore(user_id, task_from_dict(state.task), state.current, method)
 
     def delete_user(self, user_id: str) -> bool:
         """Forget the user completely: memory, profile, persona and its versions."""

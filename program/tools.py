@@ -31,13 +31,17 @@ def similar_records(task: TaskSpec, memory: EpisodicMemory, query: str, k: int) 
     return memory.search(task.subject(query), k)
 
 
+def render_records(records: list[MemoryRecord]) -> str:
+    """Past interactions as the LM is shown them, one a line."""
+    return "\n".join(f"- {r.render()}" for r in records) or "No past interactions."
+
+
 def build_tools(task: TaskSpec, memory: EpisodicMemory, profile: Profile, k: int = 4) -> list[dspy.Tool]:
     """The tools of one user: memory search, profile look-up, answer habits, and task tools."""
 
     def search_memory(query: str) -> str:
         """Find the user's past interactions most similar to the query, with the user's own answers."""
-        records = similar_records(task, memory, query, k)
-        return "\n".join(f"- {r.render()}" for r in records) or "No past interactions."
+        return render_records(similar_records(task, memory, query, k))
 
     def read_profile() -> str:
         """Read the summary of this user's profile and stable preferences."""

@@ -3,7 +3,8 @@ from dataclasses import replace
 import pytest
 
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.optimizers.persona import ACCEPTANCE, PersonaAlignment, Score, past_interaction, sign_test
+from personaagent.optimizers.persona import (ACCEPTANCE, Aligned, PersonaAlignment, Score, Unaligned, past_interaction,
+                                             sign_test)
 from personaagent.optimizers.population import Combination, TextEffect
 from personaagent.program.lm import UsageMeter, use_lm
 from personaagent.program.memory import Cutoff, Profile
@@ -49,7 +50,7 @@ def _align(program, answer, acceptance="validated", strength=FIXED, **reflection
     """Aligns on the fixture's history (the user always gave 2)."""
     lm = fake_lm({**_reflection(**reflection), "answer": answer})
     with use_lm(lm), UsageMeter(lm) as usage:
-        aligned = PersonaAlignment(n_recent=3, acceptance=acceptance).compile(
+        aligned = PersonaAlignment(n_recent=3, acceptance=acceptance).align(
             program, trainset=_trainset(), strength=strength)
     return aligned, usage, lm
 
@@ -58,14 +59,30 @@ def test_one_iteration_stays_within_ten_calls_and_every_candidate_has_a_validati
     # Wrong ("5") under the initial persona, right ("2") once rewritten: the rewrite is kept.
     aligned, usage, _ = _align(program, lambda p: "2" if "strict reviewer" in p else "5")
     assert usage.calls == 3 + 3 + 1 + 3 <= 10
-    initial, adapted, rewrite = aligned.alignment
+    initial, adapted, rewrite = aligned.versions
     assert initial.score == adapted.score == 0.25 and rewrite.score == 1.0 and rewrite.accepted
-    weights = adapted.persona["weights"]  # the plain LM, as fixed
+    weights = adapted.persona.weights  # the plain LM, as fixed
     assert weights["lm"] == pytest.approx(1.0) and all(abs(w) < 1e-6 for name, w in weights.items() if name != "lm")
     assert rewrite.likelihood > initial.likelihood
-    assert "strict reviewer" in aligned.instructions and "strict reviewer" not in program.instructions
-    assert aligned.persona.demos == [{"question": QUESTIONS[0], "answer": "2"}]  # older than the window
+    assert "strict reviewer" in aligned.current.instructions["answer"] and "strict reviewer" not in program.instructions
+    assert aligned.current.persona.demos == [{"question": QUESTIONS[0], "answer": "2"}]  # older than the window
     assert set(aligned.timings) == {"history", "adaptation", "reflection", "validation"}
+
+
+def test_the_optimizer_returns_its_versions_and_timings_and_compile_the_program_they_end_in(program):
+    # What an alignment ran and where its time went are returned, not set on the program; DSPy's
+    # `compile` gives the program restored to the last accepted version.
+    lm = fake_lm({**_reflection(), "answer": lambda p: "2" if "strict reviewer" in p else "5"})
+    teleprompter = PersonaAlignment(n_recent=3)
+    with use_lm(lm):
+        aligned = teleprompter.align(program, trainset=_trainset(), strength=FIXED)
+        compiled = teleprompter.compile(program, trainset=_trainset(), strength=FIXED)
+    assert isinstance(aligned, Aligned) and aligned.current is aligned.versions[-1] and aligned.timings
+    assert not hasattr(compiled, "alignment") and not hasattr(compiled, "timings")
+    assert compiled.persona == aligned.current.persona
+    assert compiled.instructions_by_predictor() == aligned.current.instructions != program.instructions_by_predictor()
+    unaligned = Unaligned().align(program)
+    assert unaligned.timings == {} and [v.note for v in unaligned.versions] == ["initial persona"]
 
 
 def _wrong_on_replays_and_once_rewritten(prompt: str) -> str:
@@ -81,32 +98,33 @@ def test_a_worse_scoring_candidate_is_never_accepted(program):
     # Here the window is answered right already: no candidate could be better on it, so none is
     # written (no reflection call is spent) and the program keeps its text and demos.
     aligned, usage, _ = _align(program, _wrong_on_replays_and_once_rewritten)
-    assert usage.calls == 3 + 3 and len(aligned.alignment) == 2
-    assert aligned.instructions == program.instructions and aligned.persona.demos == []
+    assert usage.calls == 3 + 3 and len(aligned.versions) == 2
+    assert aligned.current.instructions["answer"] == program.instructions and aligned.current.persona.demos == []
 
 
 def test_on_a_tie_the_simpler_state_stays(program):
     aligned, _, _ = _align(program, "5")  # the same answers (and misses) either way
-    assert aligned.alignment[-1].score == aligned.alignment[0].score and not aligned.alignment[-1].accepted
-    assert aligned.instructions == program.instructions
+    assert aligned.versions[-1].score == aligned.versions[0].score and not aligned.versions[-1].accepted
+    assert aligned.current.instructions["answer"] == program.instructions
 
 
 def test_always_takes_the_rewrite_unscored_as_the_paper_does(program):
     aligned, usage, _ = _align(program, _wrong_on_replays_and_once_rewritten, acceptance="always")
-    assert usage.calls == 3 + 3 + 1 and aligned.alignment[-1].accepted and aligned.alignment[-1].score is None
-    assert "strict reviewer" in aligned.instructions
+    assert usage.calls == 3 + 3 + 1 and aligned.versions[-1].accepted and aligned.versions[-1].score is None
+    assert "strict reviewer" in aligned.current.instructions["answer"]
 
 
 def test_the_adaptation_learns_the_users_habit_without_an_lm_call(program):
     """The LM always says 5; this user always gives 2. Adapted from the plain LM with a weak prior,
     their habit and the label's own offset outweigh the LM, and then decide the answer."""
     aligned, usage, lm = _align(program, "5", strength=0.3)
-    adapted = aligned.alignment[1]
-    assert adapted.accepted and adapted.persona["weights"].get("answer_habits", 0) > 0 and adapted.persona["bias"]["2"] > 0
-    assert adapted.score > aligned.alignment[0].score
+    adapted = aligned.versions[1]
+    assert adapted.accepted and adapted.persona.weights.get("answer_habits", 0) > 0 and adapted.persona.bias["2"] > 0
+    assert adapted.score > aligned.versions[0].score
     assert usage.calls == 3 + 3  # the answers it learned from; then every replay was right: no reflection
+    program.load_version(aligned.current)
     with use_lm(lm):
-        pred = aligned(question="What is the score of the following review? review: it arrived late again")
+        pred = program(question="What is the score of the following review? review: it arrived late again")
     assert pred.answer == "2" and pred.lm_scores["5"] > 0.9 and abs(sum(pred.label_scores.values()) - 1) < 1e-9
 
 
@@ -116,10 +134,10 @@ def test_the_adaptation_starts_from_the_population_model(program):
     population = Combination({"lm": 0.5, "answer_habits": 3.0}, {})
     lm = fake_lm({**_reflection(), "answer": "5"})
     with use_lm(lm):
-        aligned = PersonaAlignment(n_recent=3).compile(program, trainset=_trainset(), population=population, strength=100.0)
-    weights = aligned.alignment[1].persona["weights"]
+        aligned = PersonaAlignment(n_recent=3).align(program, trainset=_trainset(), population=population, strength=100.0)
+    weights = aligned.versions[1].persona.weights
     assert abs(weights["lm"] - 0.5) < 0.1 and abs(weights["answer_habits"] - 3.0) < 0.1
-    assert "population model (fitted on other users)" in aligned.alignment[1].note
+    assert "population model (fitted on other users)" in aligned.versions[1].note
 
 
 def test_a_text_is_accepted_only_when_a_sign_test_says_it_is_better():
@@ -139,10 +157,10 @@ def test_a_text_is_accepted_only_when_a_sign_test_says_it_is_better():
 ])
 def test_a_degenerate_or_unparseable_rewrite_is_rejected_unscored(program, reflection, note):
     aligned, usage, _ = _align(program, "5", **reflection)
-    step = aligned.alignment[-1]
+    step = aligned.versions[-1]
     assert not step.accepted and note in step.note and step.score is None
     assert usage.calls == 3 + 3 + 1  # no validation spent on it
-    assert aligned.instructions == program.instructions
+    assert aligned.current.instructions["answer"] == program.instructions
 
 
 def test_no_replayed_or_validated_interaction_sees_its_own_record_or_a_later_one(store):
@@ -174,7 +192,7 @@ def test_the_reflection_lm_is_separate(program):
 
 def test_no_reflection_without_a_loss(program):
     aligned, usage, _ = _align(program, "2")  # every replay right: nothing to learn from
-    assert usage.calls == 3 + 3 and len(aligned.alignment) == 2  # the initial state and its adaptation
+    assert usage.calls == 3 + 3 and len(aligned.versions) == 2  # the initial state and its adaptation
 
 
 def test_the_budget_shrinks_the_validation_window(program):
@@ -231,14 +249,14 @@ def test_a_generation_rewrite_states_the_users_style_from_their_history(headline
     program, trainset = headlines
     lm = _headline_lm(lambda article, gold: gold)
     with use_lm(lm), UsageMeter(lm) as usage:
-        aligned = PersonaAlignment(n_recent=3).compile(program, trainset=trainset)
-    rewrite = aligned.alignment[-1]
-    assert rewrite.accepted and rewrite.score == 1.0 > aligned.alignment[0].score
-    rules = rewrite.persona["rules"]
+        aligned = PersonaAlignment(n_recent=3).align(program, trainset=trainset)
+    rewrite = aligned.versions[-1]
+    assert rewrite.accepted and rewrite.score == 1.0 > aligned.versions[0].score
+    rules = rewrite.persona.rules
     assert "Write about 6 words." in rules and any("Title Case" in r for r in rules)
     assert any("colon" in r and "100%" in r for r in rules) and any("Never use" in r and "a question" in r for r in rules)
     assert "length: the assistant wrote 2 words, the user" in rewrite.feedback
-    assert not any(h.lower() in aligned.instructions.lower() for h in HEADLINES)
+    assert not any(h.lower() in aligned.current.instructions["answer"].lower() for h in HEADLINES)
     # The history (window and replays), then the window under the computed text: no reflection LM
     # call, and no second validation of the same text.
     assert usage.calls == 3 + 3 + 3
@@ -247,25 +265,25 @@ def test_a_generation_rewrite_states_the_users_style_from_their_history(headline
 def _align_styled(headlines, lm, effect):
     program, trainset = headlines
     with use_lm(lm):
-        return PersonaAlignment(n_recent=3).compile(program, trainset=trainset, text_effect=effect)
+        return PersonaAlignment(n_recent=3).align(program, trainset=trainset, text_effect=effect)
 
 
 def test_a_computed_text_is_kept_on_the_populations_evidence_when_one_users_window_cannot_show_it(headlines):
     # Better on one window item, the same on the others: a sign test on three items cannot pass.
     lm = _headline_lm(lambda article, gold: gold if article == WINDOW[0] else "events happen")
-    alone = _align_styled(headlines, lm, None).alignment[-1]
+    alone = _align_styled(headlines, lm, None).versions[-1]
     assert not alone.accepted and "sign test" in alone.note
-    backed = _align_styled(headlines, lm, TextEffect(wins=40, losses=15)).alignment[-1]
+    backed = _align_styled(headlines, lm, TextEffect(wins=40, losses=15)).versions[-1]
     assert backed.accepted and "won 40 and lost 15" in backed.note and "Title Case" in backed.instructions["answer"]
     # A population where such texts do not pay: no text is written at all.
-    unpaid = _align_styled(headlines, lm, TextEffect(wins=20, losses=20)).alignment
+    unpaid = _align_styled(headlines, lm, TextEffect(wins=20, losses=20)).versions
     assert all("Title Case" not in v.instructions["answer"] for v in unpaid)
 
 
 def test_a_users_own_window_vetoes_a_computed_text_the_population_backs(headlines):
     # Right on the window without the text, wrong with it: worse on every window item.
     worse = _headline_lm("events happen", plain=lambda article, gold: gold if article in WINDOW else "events happen")
-    vetoed = _align_styled(headlines, worse, TextEffect(wins=40, losses=15)).alignment[-1]
+    vetoed = _align_styled(headlines, worse, TextEffect(wins=40, losses=15)).versions[-1]
     assert not vetoed.accepted and "worse on this user's window" in vetoed.note
 
 

@@ -5,7 +5,8 @@ import mlflow
 import pytest
 
 from personaagent.data import SAMPLE_DIR, load
-from personaagent.optimizers.compile import CompileConfig, compile_users
+from personaagent.optimizers.compile import compile_users
+from personaagent.optimizers.pipeline import CompileConfig
 from personaagent.program.store import UserStore
 from personaagent.program.testing import fake_lm
 
@@ -51,7 +52,7 @@ def test_compile_saves_versions_logs_runs_and_skips_unchanged_users(tmp_path, da
     assert population["version"] == 1 and population["model"]["users"] == 2 and population["model"]["items"] == 12
     steady, varied = store.load_state(STEADY), store.load_state(VARIED)
     assert [v.note.split(":")[0] for v in steady.versions] == ["initial persona", "evidence weights and label offsets"]
-    assert steady.current.version == 2 and steady.current.persona["weights"] and steady.current.persona["bias"]
+    assert steady.current.version == 2 and steady.current.persona.weights and steady.current.persona.bias
     assert steady.current.score > steady.versions[0].score
     # The fake LM rates 4 whatever the review says until the rewrite: the population learned not to
     # trust it, so the rewrite changes no answer and is not kept.
@@ -155,7 +156,7 @@ def test_a_failing_lm_fails_users_without_stopping_the_run_or_losing_the_last_pe
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     compile_users(data, tmp_path / "store", CompileConfig(), tracking_uri=uri, progress=False, lm=fake_lm(answers(data)))
     before = UserStore(tmp_path / "store").load_state(VARIED).current
-    assert before.version == 2 and before.persona["weights"]  # the adapted persona, which must survive
+    assert before.version == 2 and before.persona.weights  # the adapted persona, which must survive
     report = compile_users(data, tmp_path / "store", CompileConfig(iterations=3), tracking_uri=uri, progress=False,
                            lm=fake_lm(fail=True))
     assert report.counts["failed"] == 2 and report.all_failed

@@ -9,8 +9,9 @@ import pytest
 
 from personaagent.data import SAMPLE_DIR, load
 from personaagent.data.tasks import task_to_dict
-from personaagent.optimizers.compile import CompileConfig, compile_user, compile_users
+from personaagent.optimizers.compile import compile_user, compile_users
 from personaagent.optimizers.engines import LocalEngine, RayEngine
+from personaagent.optimizers.pipeline import CompileConfig
 from personaagent.program.lm import FAKE_LM
 from personaagent.program.store import UserStore
 

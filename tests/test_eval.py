@@ -8,7 +8,7 @@ from personaagent.data.loaders import TaskData, UserData, load
 from personaagent.data.tasks import LAMP_TASKS, Interaction
 from personaagent.experiments.eval import (BASELINES, COMPILED, Evaluation, bootstrap_interval, compare_to_reference,
                                            markdown_table, plot, summarize)
-from personaagent.optimizers.compile import OPTIMIZERS, CompileConfig
+from personaagent.optimizers.pipeline import OPTIMIZERS, CompileConfig
 
 
 def _user(user_id: str, labels: list[str], gold: str) -> UserData:
@@ -167,3 +167,42 @@ def test_questions_per_user_all_answers_every_question(tmp_path):
     assert _questions_per_user("all") is None and _questions_per_user("2") == 2
     with pytest.raises(Exception, match="positive number or 'all'"):
         _questions_per_user("0")
+
+
+def test_eval_takes_the_compiles_engine_options_from_the_same_helper():
+    from personaagent.app.cli import build_parser, engine_from
+    from personaagent.optimizers.engines import LocalEngine, RayEngine
+
+    def parsed(command: str, *options: str):
+        where = ["--out", "o"] if command == "eval" else ["--store", "s"]
+        return build_parser([command]).parse_args([command, "--data", "d", *where, *options])
+
+    for command in ("eval", "compile"):
+        assert engine_from(parsed(command, "--engine", "ray", "--workers", "3", "--address", "auto")) == RayEngine("auto", 3)
+        assert engine_from(parsed(command, "--workers", "2")) == LocalEngine(2)
+        assert engine_from(parsed(command)) is None  # one local worker: this process, with the caller's LM
+
+
+def test_a_compiled_method_is_prepared_by_the_pipeline_and_answers_the_same_on_a_local_engine(tmp_path, monkeypatch):
+    from personaagent.optimizers import pipeline
+    from personaagent.optimizers.engines import LocalEngine
+    from personaagent.program.lm import FAKE_LM
+    from personaagent.program.store import UserStore
+
+    prepared = []
+    for stage in ("ingest", "write_profile"):  # the shared store is made by the compile's own stages
+        monkeypatch.setattr(pipeline, stage, lambda *args, _run=getattr(pipeline, stage), _name=stage:
+                            prepared.append(_name) or _run(*args))
+    data = load(SAMPLE_DIR / "LaMP-3-amazon").select(2)
+    answers = {}
+    for name, engine in (("in-process", None), ("local", LocalEngine(1))):
+        out = tmp_path / name
+        evaluation = Evaluation(data, out, FAKE_LM, CompileConfig(lm=FAKE_LM), 1,
+                                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", engine=engine)
+        rows = evaluation.run_method("persona")
+        assert all(not r.get("error") and r["compile"]["status"] == "compiled" for r in rows), rows
+        answers[name] = [(r["user_id"], a["id"], a["pred"]) for r in rows for a in r["answers"]]
+        for user_id in data.users:  # each compiled store starts from the shared profile, through the store
+            assert UserStore(out / "stores" / "persona").profile(user_id) == UserStore(out / "stores" / "base").profile(user_id)
+    assert answers["in-process"] == answers["local"] and len(answers["local"]) == 2
+    assert prepared.count("ingest") == prepared.count("write_profile") == 2 * len(data.users)

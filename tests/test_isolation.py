@@ -20,7 +20,8 @@ from personaagent.data.loaders import load
 from personaagent.data.tasks import Interaction, LAMP_TASKS
 from personaagent.app.http import create_app, running
 from personaagent.app.service import PersonaService
-from personaagent.optimizers.compile import CompileConfig, compile_users
+from personaagent.optimizers.compile import compile_users
+from personaagent.optimizers.pipeline import CompileConfig
 from personaagent.program import models
 from personaagent.program.isolated import ABORT_ON_ENV, SELF_TEST_PROMPT, IsolatedEngine
 from personaagent.program.native_build import cpu_flags, enabled_options

@@ -14,7 +14,9 @@ import pytest
 
 from personaagent.data import SAMPLE_DIR, TaskData, load
 from personaagent.data.tasks import LAMP_TASKS, Interaction, task_to_dict
-from personaagent.optimizers.compile import CompileConfig, compile_users
+from personaagent.optimizers import pipeline
+from personaagent.optimizers.compile import compile_users
+from personaagent.optimizers.pipeline import CompileConfig
 from personaagent.program.memory import Profile
 from personaagent.app.service import (AlignmentRunning, InvalidRequest, LMUnavailable, NotFound, PersonaService,
                                           ServiceBusy)
@@ -97,7 +99,7 @@ def save_persona(store: UserStore, user_id: str, summary: str) -> ProgramState:
     versions = previous.versions if previous else []
     instructions = store.build(user_id, TASK, persona).instructions_by_predictor()
     state = ProgramState(user_id, task_to_dict(TASK), "local/qwen2.5-coder-1.5b",
-                         versions + [PersonaVersion(len(versions) + 1, persona.to_dict(), instructions, 0.5)])
+                         versions + [PersonaVersion(len(versions) + 1, persona, instructions, 0.5)])
     store.save_state(state)
     return state
 
@@ -286,15 +288,33 @@ def test_alignment_records_every_version_and_the_new_persona_is_served(service, 
     adapted, rewrite = state.versions[1:]
     assert [v.version for v in state.versions] == [1, 2, 3] and state.current.version == 3
     assert adapted.note.startswith("evidence weights and label offsets: the population model (fitted on other users)")
-    assert adapted.persona["weights"]["lm"] == pytest.approx(1.0)
-    assert adapted.persona["summary"] == "Alice rates guitar gear generously."  # no LM call: the text stays
+    assert adapted.persona.weights["lm"] == pytest.approx(1.0)
+    assert adapted.persona.summary == "Alice rates guitar gear generously."  # no LM call: the text stays
     assert rewrite.accepted and rewrite.score > adapted.score and rewrite.likelihood is not None
-    assert rewrite.persona["summary"] == REWRITE["summary"] and rewrite.persona["sources"] == SOURCES
+    assert rewrite.persona.summary == REWRITE["summary"] and rewrite.persona.sources == SOURCES
     assert REWRITE["gradient"] in rewrite.feedback
-    assert rewrite.instructions["answer"].startswith(Persona(**rewrite.persona).render())
+    assert rewrite.instructions["answer"].startswith(rewrite.persona.render())
     assert service.persona("alice")["current_version"] == 3
     assert service.answer("alice", "review: ok").persona_version == 3
     assert REWRITE["summary"] in engine.requests[-1]
+
+
+def test_the_store_and_the_service_run_a_versions_own_instructions_restored_by_one_function(service, store, engine,
+                                                                                             monkeypatch):
+    # A version holds all it restores, an instruction GEPA rewrote on its own included: the store's
+    # program and the service's both run it, and both are restored by `UserStore.restore`.
+    state = store.load_state("alice")
+    gepa = replace(state.current, version=2, instructions={**state.current.instructions,
+                                                          "answer": "Answer as Alice would, in GEPA's words."})
+    state.versions.append(gepa)
+    store.save_state(state)
+    restored = []
+    monkeypatch.setattr(UserStore, "restore", lambda self, user_id, task, version, *rest, _run=UserStore.restore:
+                        restored.append(version.version) or _run(self, user_id, task, version, *rest))
+    assert store.load_program("alice").instructions == "Answer as Alice would, in GEPA's words."
+    assert service.program("alice").instructions == "Answer as Alice would, in GEPA's words."
+    assert service.answer("alice", "review: bright strings").persona_version == 2
+    assert "in GEPA's words" in engine.requests[-1] and restored == [2, 2]
 
 
 def test_alignment_of_a_default_user_saves_its_first_program(service, store):
@@ -304,13 +324,13 @@ def test_alignment_of_a_default_user_saves_its_first_program(service, store):
     job = wait_for(service.align("hana", n_recent=1))
     assert job.status == "succeeded" and job.new_versions == [1]
     state = store.load_state("hana")
-    assert state.versions[0].note == "initial persona" and state.current.persona["summary"] != REWRITE["summary"]
+    assert state.versions[0].note == "initial persona" and state.current.persona.summary != REWRITE["summary"]
     assert service.persona("hana")["compiled"] and store.users() == ["alice", "hana"]
     # The paper's setting takes the rewrite unscored.
     job = wait_for(service.align("hana", n_recent=1, acceptance="always"))
     assert job.status == "succeeded" and (job.new_versions, job.current_version) == ([2], 2)
     state = store.load_state("hana")
-    assert state.current.persona["summary"] == REWRITE["summary"] and state.current.score is None
+    assert state.current.persona.summary == REWRITE["summary"] and state.current.score is None
 
 
 def test_alignment_needs_interactions_with_a_known_output_and_valid_settings(service):
@@ -387,7 +407,7 @@ def _ran(state: ProgramState) -> list[PersonaVersion]:
 
 
 @pytest.mark.parametrize("task,optimizer", [("LaMP-3", "persona"), ("LaMP-1", "persona"), ("LaMP-3", "gepa")])
-def test_the_service_aligns_a_user_as_the_compile_does(tmp_path, embedder, task, optimizer):
+def test_the_service_aligns_a_user_as_the_compile_does(tmp_path, embedder, task, optimizer, monkeypatch):
     # The same stages on the same replays, with the store's population model: for LaMP-1 the
     # replays are not the memory records themselves, whose outputs are reference lists.
     data = _citing_authors(tmp_path) if task == "LaMP-1" else load(SAMPLE_DIR / "LaMP-3-amazon").select(2)
@@ -400,9 +420,12 @@ def test_the_service_aligns_a_user_as_the_compile_does(tmp_path, embedder, task,
     user_id = next(iter(data.users))
     compiled = store.load_state(user_id)
     store.program_path(user_id).unlink()  # the user as the service knows them: memory and profile
+    realigned = []  # the service aligns through the pipeline's own function
+    monkeypatch.setattr(pipeline, "realign", lambda *args, _run=pipeline.realign: realigned.append(args[1]) or _run(*args))
     with PersonaService(store, local_lm(FakeEngine(answers)), default_task=data.task) as service:
         job = wait_for(service.align(user_id, optimizer=optimizer))
     assert job.status == "succeeded", job.error
+    assert [user.replays for user in realigned] == [data.users[user_id].replays]
     aligned = store.load_state(user_id)
     assert _ran(aligned) == _ran(compiled) and len(aligned.versions) > 1
     assert {v.trigger for v in aligned.versions} == {"align request"}

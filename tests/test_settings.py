@@ -12,7 +12,7 @@ from personaagent.app.cli import build_parser
 from personaagent.app.http import AlignRequest
 from personaagent.app.service import PersonaService
 from personaagent.data import SAMPLE_DIR, load
-from personaagent.optimizers.compile import OPTIMIZERS, STAGE_SETTINGS, CompileConfig, stage_keys
+from personaagent.optimizers.pipeline import OPTIMIZERS, STAGE_SETTINGS, CompileConfig, stage_keys
 from personaagent.optimizers.persona import ACCEPTANCE, PersonaAlignment
 
 SETTINGS = {setting.name: setting for setting in fields(CompileConfig)}
@@ -21,7 +21,7 @@ OWN_OPTIONS = {
     "compile": {"help", "data", "store", "task", "users", "user", "api_base", "workers", "engine", "address",
                 "tracking_uri"},
     "eval": {"help", "data", "task", "methods", "users", "questions_per_user", "out", "tracking_uri", "name",
-             "api_base"},
+             "api_base", "workers", "engine", "address"},
 }
 
 

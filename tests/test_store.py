@@ -21,7 +21,7 @@ def _state(user_id: str, summary: str = "Rates gear generously.", number: int = 
                       demos=[{"question": "review: a capo", "answer": "4"}], weights={"lm": 0.5, "answer_habits": 1.0})
     instructions = {"answer": persona.render() + "x" * padding}
     return ProgramState(user_id, task_to_dict(TASK), "local/smollm2-135m",
-                        [PersonaVersion(number, persona.to_dict(), instructions, 0.5, likelihood=-1.25)])
+                        [PersonaVersion(number, persona, instructions, 0.5, likelihood=-1.25)])
 
 
 def test_save_and_load_round_trip(tmp_path, embedder):
@@ -29,12 +29,12 @@ def test_save_and_load_round_trip(tmp_path, embedder):
     store.save_state(_state("alice"))
     assert store.users() == ["alice"]
     state = store.load_state("alice")
-    assert state.current.version == 1 and state.persona.summary == "Rates gear generously."
+    assert state.current.version == 1 and state.current.persona.summary == "Rates gear generously."
     assert state.current.likelihood == -1.25
     program = store.load_program("alice")
     assert program.instructions == state.current.instructions["answer"]
     # The compiled choices come back with the text: what the answer call is shown and how evidence weighs.
-    assert program.persona == _state("alice").persona and program.k == 2
+    assert program.persona == _state("alice").current.persona and program.k == 2
     assert [d.question for d in program.answer.demos] == ["review: a capo"]
     with pytest.raises(KeyError, match="no compiled program for user 'carol'"):
         store.load_program("carol")
@@ -44,7 +44,7 @@ def test_rejected_versions_are_kept_but_not_used(tmp_path, embedder):
     store = UserStore(tmp_path, embedder)
     state = _state("alice")
     bad = Persona("Copied text.", [], [])
-    state.versions.append(PersonaVersion(2, bad.to_dict(), {"answer": bad.render()}, None, "fb", False, "copied"))
+    state.versions.append(PersonaVersion(2, bad, {"answer": bad.render()}, None, "fb", False, "copied"))
     store.save_state(state)
     loaded = store.load_state("alice")
     assert len(loaded.versions) == 2 and loaded.current.version == 1
@@ -62,7 +62,8 @@ def test_a_program_saved_before_the_compiled_choices_existed_still_loads(tmp_pat
     path.write_text(json.dumps(payload))
     state = store.load_state("alice")
     assert state.current.likelihood is None
-    assert (state.persona.sources, state.persona.demos, state.persona.weights) == ([], [], {})
+    persona = state.current.persona
+    assert (persona.sources, persona.demos, persona.weights) == ([], [], {})
     assert store.load_program("alice").persona.summary == "Rates gear generously."
 
 
@@ -164,7 +165,7 @@ def _history(user_id: str, scores: list[float | None]) -> ProgramState:
     state = _state(user_id)
     for score in scores:
         persona = Persona(f"Version {state.next_version} of the user.", [], [])
-        state.versions.append(PersonaVersion(state.next_version, persona.to_dict(), {"answer": persona.render()},
+        state.versions.append(PersonaVersion(state.next_version, persona, {"answer": persona.render()},
                                              score, accepted=score is not None))
     return state
 

@@ -13,7 +13,8 @@ import mlflow
 import pytest
 
 from personaagent.data.loaders import load
-from personaagent.optimizers.compile import CompileConfig, compile_users
+from personaagent.optimizers.compile import compile_users
+from personaagent.optimizers.pipeline import CompileConfig
 from personaagent.optimizers.tracking import HOST_TAG, PID_TAG, Tracker, prompt_name, registered_persona
 from personaagent.app.cli import main
 from personaagent.program.lm import make_lm
