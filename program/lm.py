@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 import time
@@ -317,6 +318,11 @@ class _RecentStates(LlamaRAMCache):
         self.states = states
 
     def __setitem__(self, key, value) -> None:
+        # A state whose tokens begin the new one's is superseded: every prompt resumes at least as far
+        # from the new one. Dropped, a chat turn's state does not push another conversation's out.
+        key = tuple(key)
+        for kept in [k for k in self.cache_state if len(k) <= len(key) and key[:len(k)] == k]:
+            del self.cache_state[kept]
         super().__setitem__(key, value)
         while len(self.cache_state) > self.states:
             self.cache_state.popitem(last=False)
@@ -463,10 +469,15 @@ class CompactJSONAdapter(dspy.JSONAdapter):
     that is about 70 tokens of every call, about 2 s on the embedded model."""
 
     def user_message_output_requirements(self, signature: type[dspy.Signature]) -> str:
-        for name, field in signature.output_fields.items():
-            if get_origin(field.annotation) is Literal:
-                signature = signature.with_updated_fields(name, type_=str)
-        return super().user_message_output_requirements(signature)
+        return _output_reminder(signature)
+
+
+@functools.lru_cache(maxsize=256)  # by signature: remaking one is most of a call's own time (about 3 ms)
+def _output_reminder(signature: type[dspy.Signature]) -> str:
+    for name, field in signature.output_fields.items():
+        if get_origin(field.annotation) is Literal:
+            signature = signature.with_updated_fields(name, type_=str)
+    return dspy.JSONAdapter().user_message_output_requirements(signature)
 
 
 def use_lm(lm: dspy.LM):

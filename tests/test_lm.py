@@ -1,4 +1,6 @@
-from personaagent.program.lm import _PrefixStates, _has_free_text, _valid_json
+from types import SimpleNamespace
+
+from personaagent.program.lm import _PrefixStates, _RecentStates, _has_free_text, _valid_json
 
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["1", "2"]}}, "required": ["answer"]}
 PLAN = {"type": "object", "properties": {"tools": {"type": "array", "items": {"enum": ["a", "b"]}},
@@ -27,3 +29,19 @@ def test_kept_prefixes_stay_within_their_bytes_and_the_least_recently_used_go_fi
     assert (1, 2) in states and (5,) in states and (3, 4) not in states and states.size == 8
     states.add((6,), bytearray(11))  # over the capacity alone: not kept
     assert (6,) not in states and states.longest([3, 4], ends=[2]) is None
+
+
+def test_a_conversations_new_state_replaces_its_last_so_each_conversation_keeps_one():
+    """Four conversations taking turns in a cache of four states: each finds its previous turn's
+    state (its prompt and reply), which the next turn's prompt extends."""
+    states = _RecentStates(4)
+    conversations = {user: [user, 0] for user in range(4)}
+    for turn in range(3):
+        for user, tokens in conversations.items():
+            if turn:  # what llama.cpp looks up for the next prompt (which also makes it the most recent)
+                assert states[tokens + [7]].tokens == tuple(tokens)
+            tokens += [turn + 1, 100 + user]  # the new message and the reply
+            states[tokens] = SimpleNamespace(llama_state_size=1, tokens=tuple(tokens))
+    assert sorted(states.cache_state) == sorted(tuple(t) for t in conversations.values())
+    states[[9, 9]] = SimpleNamespace(llama_state_size=1, tokens=(9, 9))  # another prompt: the least recent goes
+    assert len(states.cache_state) == 4 and tuple(conversations[0]) not in states.cache_state
