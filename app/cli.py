@@ -43,10 +43,13 @@ def config_from(args):
 
 def add_engine(parser: argparse.ArgumentParser) -> None:
     """Where a command runs its users' compiles (`optimizers.engines`): `engine_from` reads these options."""
-    parser.add_argument("--workers", type=int, default=1, help="worker processes or Ray actors (each loads its own model)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes or Ray actors (each loads its own model)")
     parser.add_argument("--engine", choices=["local", "ray"], default="local",
-                        help="local: this machine's processes; ray: actors on a Ray cluster (pip install personaagent[ray])")
-    parser.add_argument("--address", default=None, help="Ray cluster address for --engine ray (default: start a local one)")
+                        help="local: this machine's processes; ray: actors on a Ray cluster "
+                             "(pip install personaagent[ray])")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address for --engine ray (default: start a local one)")
 
 
 def engine_from(args):
@@ -197,7 +200,8 @@ def cmd_serve(args) -> int:
 
     token = args.token or os.environ.get("PERSONAAGENT_TOKEN")
     if not token:
-        print("error: set PERSONAAGENT_TOKEN (or pass --token): requests must carry it as a bearer token", file=sys.stderr)
+        print("error: set PERSONAAGENT_TOKEN (or pass --token): requests must carry it as a bearer token",
+              file=sys.stderr)
         return 2
     kinds = ("classification", "rating", "generation")
     default_task = generic_task(args.default_task) if args.default_task in kinds else resolve_task(args.default_task)
@@ -228,13 +232,15 @@ def cmd_demo(args) -> int:
           f"(persona alignment, n={config.n_recent}, {config.iterations} iteration) into {args.store}\n", flush=True)
     report = compile_users(data, args.store, config, tracking_uri=args.tracking_uri)
     for r in report.results:
-        print(f"=== user {r.user_id}: {r.status}" + (f" ({r.lm_calls} LM calls, {r.seconds:.0f} s)" if r.lm_calls else ""))
+        print(f"=== user {r.user_id}: {r.status}"
+              + (f" ({r.lm_calls} LM calls, {r.seconds:.0f} s)" if r.lm_calls else ""))
         if r.status == "failed":
             print(f"    {r.error}")
             continue
         state = UserStore(args.store, embedder=object()).load_state(r.user_id)
         first, current = state.versions[0], state.current
-        print(f"--- persona before (v{first.version}, validation score {_score(first.score)}):\n{first.instructions['answer']}")
+        print(f"--- persona before (v{first.version}, validation score {_score(first.score)}):\n"
+              f"{first.instructions['answer']}")
         for v in state.versions[1:]:
             print(f"--- v{v.version}: {'accepted' if v.accepted else 'rejected'}, validation score {_score(v.score)}"
                   f" (likelihood {_score(v.likelihood)}): {v.note or 'rewritten from feedback'}; "
@@ -268,7 +274,8 @@ def cmd_demo(args) -> int:
                 # The same LM distribution and evidence, combined as the population model would, unadapted.
                 shared = data.task.decide(combine(pred.lm_scores, pred.evidence, prior.weights, prior.bias))
                 print(f"  the population model's answer (population v{saved['version']}, without this user): {shared}")
-            print(f"  this user's adapted answer: {pred.answer}{confidence}   what the user really gave: {question.answer}")
+            print(f"  this user's adapted answer: {pred.answer}{confidence}   "
+                  f"what the user really gave: {question.answer}")
     store.close()
     print(f"\nSee the runs: personaagent ui --tracking-uri {args.tracking_uri or DEFAULT_TRACKING_URI}  "
           "(then open http://127.0.0.1:5000)")
@@ -287,7 +294,8 @@ def _score(value) -> str:
 
 def cmd_ui(args) -> int:
     offline_environment()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.tracking_uri or DEFAULT_TRACKING_URI,
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", args.tracking_uri or DEFAULT_TRACKING_URI,
                "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     os.execvpe(command[0], command, os.environ)
@@ -298,7 +306,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser. Options that load the optimizers, and so the models, are added only to the
     command `argv` names (`when_named`), so `--help` stays instant: the settings, whose choices are
     the optimizers' registries, and `eval`'s options, which list every method."""
-    parser = argparse.ArgumentParser(prog="personaagent", description="Per-user personas for LLM agents, aligned at test time.")
+    parser = argparse.ArgumentParser(prog="personaagent",
+                                     description="Per-user personas for LLM agents, aligned at test time.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     named = sys.argv[1:] if argv is None else argv
@@ -307,12 +316,36 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if command.prog.split()[-1] in named:  # its prog: "personaagent <command>"
             add_options(command, *args, **kwargs)
 
-    p = sub.add_parser("models", help="list the embedded models, or prepare one", description="List the embedded models and whether each is ready; `prepare [NAME]` installs, joins and verifies one, then runs one decode of it in a child process (a self-test: a crash there is reported as one line, exit status 2).")
+    for add_command in (_models_command, _ask_command, _compile_command, _forget_command, _rollback_command,
+                        _serve_command, _demo_command):
+        add_command(sub, when_named)
+    # Commands of a layer above the app (`eval`, in experiments/) plug in as `personaagent.commands`
+    # entry points (pyproject.toml): the app finds them without importing them, so imports stay one
+    # way, and `eval` stays with the experiments (moved below the app, the evaluation, its baselines
+    # and plots would ship with what users deploy).
+    for command in entry_points(group="personaagent.commands"):
+        command.load()(sub, when_named)
+    _ui_command(sub, when_named)
+    return parser
+
+
+# Each command's parser, added to `commands` (the subparsers) as a `personaagent.commands` entry
+# point adds its own: `when_named` adds the options that load the optimizers.
+
+def _models_command(commands, when_named) -> None:
+    p = commands.add_parser("models", help="list the embedded models, or prepare one",
+                            description="List the embedded models and whether each is ready; `prepare [NAME]` "
+                                        "installs, joins and verifies one, then runs one decode of it in a child "
+                                        "process (a self-test: a crash there is reported as one line, exit status "
+                                        "2).")
     p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     p.add_argument("name", nargs="?", help="model name, e.g. qwen2.5-coder-1.5b (default)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("ask", help="answer as a user's compiled program", description="Answer TEXT with the saved program of one user.")
+
+def _ask_command(commands, when_named) -> None:
+    p = commands.add_parser("ask", help="answer as a user's compiled program",
+                            description="Answer TEXT with the saved program of one user.")
     p.add_argument("--store", required=True, help="compile output directory")
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("text", help="the question")
@@ -320,10 +353,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     when_named(p, add_lm, lm=None)  # None: the LM the program was compiled with
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("compile", help="compile per-user programs offline", description="Ingest each user's history, write their profile and align their persona; resumable.")
+
+def _compile_command(commands, when_named) -> None:
+    p = commands.add_parser("compile", help="compile per-user programs offline",
+                            description="Ingest each user's history, write their profile and align their persona; "
+                                        "resumable.")
     p.add_argument("--data", required=True, help="LaMP folder or questions file, or a .jsonl interaction log")
     p.add_argument("--store", required=True, help="output directory for the users' programs")
-    p.add_argument("--task", default=None, help="task name (e.g. LaMP-3) when the data does not say; for .jsonl: classification, rating or generation")
+    p.add_argument("--task", default=None, help="task name (e.g. LaMP-3) when the data does not say; for .jsonl: "
+                                                "classification, rating or generation")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--users", type=int, default=None, help="compile the first N users")
     who.add_argument("--user", action="append", default=None, help="compile this user (repeatable)")
@@ -335,32 +373,51 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("forget", help="delete everything written about a user", description="Delete a user's memory, profile, persona and versions from the store, and their runs, traces and artifacts from MLflow. Copies elsewhere (a remote server's backups) are the operator's to delete.")
+
+def _forget_command(commands, when_named) -> None:
+    p = commands.add_parser("forget", help="delete everything written about a user",
+                            description="Delete a user's memory, profile, persona and versions from the store, and "
+                                        "their runs, traces and artifacts from MLflow. Copies elsewhere (a remote "
+                                        "server's backups) are the operator's to delete.")
     p.add_argument("--store", required=True, help="compile output directory")
     p.add_argument("--user", required=True, help="user id")
-    p.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI the compiles used (default {DEFAULT_TRACKING_URI})")
+    p.add_argument("--tracking-uri", default=None,
+                   help=f"MLflow tracking URI the compiles used (default {DEFAULT_TRACKING_URI})")
     p.set_defaults(func=cmd_forget)
 
-    p = sub.add_parser("rollback", help="make an earlier persona version current again", description="Make a kept persona version of a user current again; it is saved as a new version, so the history only grows.")
+
+def _rollback_command(commands, when_named) -> None:
+    p = commands.add_parser("rollback", help="make an earlier persona version current again",
+                            description="Make a kept persona version of a user current again; it is saved as a new "
+                                        "version, so the history only grows.")
     p.add_argument("--store", required=True, help="compile output directory")
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("--version", type=int, required=True, help="the version to restore")
     when_named(p, add_settings, "max_versions")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("serve", help="serve the users' programs over HTTP", description="Answer, remember and align for every user of a store over an HTTP API (OpenAPI description at /openapi.json); requests carry the bearer token from --token or PERSONAAGENT_TOKEN.")
+
+def _serve_command(commands, when_named) -> None:
+    p = commands.add_parser("serve", help="serve the users' programs over HTTP",
+                            description="Answer, remember and align for every user of a store over an HTTP API "
+                                        "(OpenAPI description at /openapi.json); requests carry the bearer token "
+                                        "from --token or PERSONAAGENT_TOKEN.")
     p.add_argument("--store", required=True, help="compile output directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", default=None, help="bearer token (default: $PERSONAAGENT_TOKEN, preferred: arguments show in ps)")
+    p.add_argument("--token", default=None,
+                   help="bearer token (default: $PERSONAAGENT_TOKEN, preferred: arguments show in ps)")
     when_named(p, add_lm)
     when_named(p, add_settings, "reflection_lm")
     p.add_argument("--default-task", default="generation",
-                   help="task of users with no compiled program: classification, rating, generation or a LaMP task name")
-    p.add_argument("--max-loaded", type=int, default=256, help="programs kept loaded, least recently used dropped first")
+                   help="task of users with no compiled program: classification, rating, generation or a LaMP task "
+                        "name")
+    p.add_argument("--max-loaded", type=int, default=256,
+                   help="programs kept loaded, least recently used dropped first")
     when_named(p, add_settings, "max_versions")
     p.add_argument("--align-every", type=int, default=None,
-                   help="online alignment: align a user in the background after every N new interactions with a known outcome")
+                   help="online alignment: align a user in the background after every N new interactions with a "
+                        "known outcome")
     p.add_argument("--tracking-uri", default=None,
                    help=f"MLflow tracking URI the store's compiles used (default {DEFAULT_TRACKING_URI}): "
                         "deleting a user also deletes their runs and registered prompts there")
@@ -370,7 +427,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "(e.g. champion; see --register-prompts)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="compile the bundled sample users and answer with one", description="The main job: compile personas for bundled sample users on the embedded model, print them before and after, answer with one.")
+
+def _demo_command(commands, when_named) -> None:
+    p = commands.add_parser("demo", help="compile the bundled sample users and answer with one",
+                            description="The main job: compile personas for bundled sample users on the embedded "
+                                        "model, print them before and after, answer with one.")
     p.add_argument("--store", default=".demo/store", help="where to write the users' programs")
     p.add_argument("--sample", default="LaMP-3-amazon", choices=["LaMP-3-amazon", "LaMP-2N-huffpost"])
     p.add_argument("--users", type=int, default=3)
@@ -378,19 +439,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     when_named(p, add_lm)
     p.set_defaults(func=cmd_demo)
 
-    # Commands of a layer above the app (`eval`, in experiments/) plug in as `personaagent.commands`
-    # entry points (pyproject.toml): the app finds them without importing them, so imports stay one
-    # way, and `eval` stays with the experiments (moved below the app, the evaluation, its baselines
-    # and plots would ship with what users deploy).
-    for command in entry_points(group="personaagent.commands"):
-        command.load()(sub, when_named)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1", description="Start the MLflow UI over the compile runs, offline.")
+def _ui_command(commands, when_named) -> None:
+    p = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1",
+                            description="Start the MLflow UI over the compile runs, offline.")
     p.add_argument("--tracking-uri", default=None, help=f"default {DEFAULT_TRACKING_URI}")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
-    return parser
 
 
 def _one_line(exc: Exception) -> str:

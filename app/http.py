@@ -95,7 +95,8 @@ class AnswerRequest(BaseModel):
 
 class InteractionRequest(BaseModel):
     input: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="what the user was asked or did")
-    output: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="the user's real answer (ground truth), if known")
+    output: str | None = Field(None, max_length=MAX_TEXT_CHARS,
+                               description="the user's real answer (ground truth), if known")
     timestamp: float | None = Field(None, description="seconds since the epoch; default: now")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -270,9 +271,30 @@ async def _unless_disconnected(future, request: Request, cancel: Callable[[], An
     return waiting.result()
 
 
-def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BODY_BYTES, docs: bool = False) -> FastAPI:
+def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BODY_BYTES,
+               docs: bool = False) -> FastAPI:
     if not token:
         raise ValueError("a bearer token is required: pass --token or set PERSONAAGENT_TOKEN")
+    authorize = _authorizer(token)
+    app = FastAPI(title="PersonaAgent", description="Per-user personas for LLM agents, served.",
+                  docs_url="/docs" if docs else None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(InternalErrors)
+    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)],
+                    responses=_documented(400, 401, 404, 413, 422, 500, 503))
+    _add_error_handlers(app)
+    _add_health_route(app, service)
+    # In the order the OpenAPI description lists them.
+    _add_user_routes(api, service)
+    _add_alignment_routes(api, service)
+    _add_chat_route(api, service)
+    _add_forget_route(api, service)
+    app.include_router(api)
+    return app
+
+
+def _authorizer(token: str) -> Callable[..., None]:
+    """The dependency that refuses a /v1 request without the bearer `token`, with 401."""
     bearer = HTTPBearer(auto_error=False, description="the token the server was started with")
 
     def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -282,12 +304,11 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
         if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
             raise HTTPException(401, "wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
-    app = FastAPI(title="PersonaAgent", description="Per-user personas for LLM agents, served.",
-                  docs_url="/docs" if docs else None, redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(InternalErrors)
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)],
-                    responses=_documented(400, 401, 404, 413, 422, 500, 503))
+    return authorize
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Service errors, HTTP errors and invalid bodies, in our JSON error shape (OpenAI's for chat)."""
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -304,8 +325,13 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return _error(422, f"invalid request: {problems}", path=request.url.path)
 
+
+def _add_health_route(app: FastAPI, service: PersonaService) -> None:
+    """/healthz, outside /v1: no token needed."""
+
     @app.get("/healthz", response_model=Health, tags=["service"],
-             responses={503: {"model": Health, "description": "not ready: the reason says why"}, **_documented(500)})
+             responses={503: {"model": Health, "description": "not ready: the reason says why"},
+                        **_documented(500)})
     def healthz() -> JSONResponse:
         reason = service.not_ready()
         alignments = service.alignments()
@@ -314,6 +340,10 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
                         loaded_programs=service.loaded, queued_answers=service.queued,
                         alignments_queued=alignments["queued"], alignments_running=alignments["running"])
         return JSONResponse(health.model_dump(), 503 if reason else 200)
+
+
+def _add_user_routes(api: APIRouter, service: PersonaService) -> None:
+    """Answering as a user, their memory, their persona and its rollback."""
 
     @api.post("/users/{user_id}/answer", response_model=Answer, tags=["users"])
     async def answer(user_id: UserId, body: AnswerRequest, request: Request) -> Answer:
@@ -340,6 +370,10 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
         """Make a kept persona version current again, as a new version; the history only grows."""
         return service.rollback(user_id, body.version)
 
+
+def _add_alignment_routes(api: APIRouter, service: PersonaService) -> None:
+    """Starting a user's alignment in the background, and its job's status."""
+
     @api.post("/users/{user_id}/align", response_model=AlignJob, status_code=202, tags=["alignment"],
               responses=_documented(409))
     def align(user_id: UserId, body: AlignRequest | None = None) -> AlignJob:
@@ -351,11 +385,17 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
     def align_status(user_id: UserId, job_id: str) -> AlignJob:
         return service.job(user_id, job_id)
 
+
+def _add_chat_route(api: APIRouter, service: PersonaService) -> None:
+    """The OpenAI-compatible chat endpoint."""
+
     @api.post("/chat/completions", tags=["openai"], response_model=ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {}}, "description": "with `stream`: chunks as server-sent events"},
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "with `stream`: chunks as server-sent events"},
                          **_documented(400, 401, 404, 413, 422, 500, 503, model=OpenAIErrorBody)})
     async def chat(body: ChatRequest, request: Request,
-                   x_personaagent_user: str | None = Header(None, description="the user, when the body has no `user`")):
+                   x_personaagent_user: str | None = Header(
+                       None, description="the user, when the body has no `user`")):
         """OpenAI-compatible chat: the `user` field (or the X-PersonaAgent-User header) selects whose
         persona answers; their memory is searched into the context and the turn is added to it. With
         `stream`, the reply's tokens are sent as the LM generates them."""
@@ -369,46 +409,53 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
             return ChatCompletion(id=completion_id, created=created, model=body.model,
                                   choices=[{"index": 0, "message": {"role": "assistant", "content": reply.reply},
                                             "finish_reason": "stop"}])
+        return await _streamed_chat(service, user_id, messages, request, completion_id, created, body.model)
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return f"data: {json.dumps(payload)}\n\n"
 
-        stream = service.stream_chat(user_id, messages)
-        try:  # the first piece before the response starts: until then a failure is still a 503
-            first = await _unless_disconnected(asyncio.ensure_future(anext(stream, None)), request, stream.close)
-        except BaseException:
+async def _streamed_chat(service: PersonaService, user_id: str, messages: list[dict], request: Request,
+                         completion_id: str, created: int, model: str) -> StreamingResponse:
+    """A chat reply streamed as server-sent events, OpenAI's chunks."""
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    stream = service.stream_chat(user_id, messages)
+    try:  # the first piece before the response starts: until then a failure is still a 503
+        first = await _unless_disconnected(asyncio.ensure_future(anext(stream, None)), request, stream.close)
+    except BaseException:
+        stream.close()
+        raise
+
+    async def events() -> AsyncIterator[str]:
+        """Each piece as the LM generates it. A caller who disconnects cancels this (Starlette
+        listens for it), and closing the stream stops the LM."""
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            piece = first
+            while piece is not None:
+                yield chunk({"content": piece})
+                piece = await anext(stream, None)
+            yield chunk({}, "stop")
+        except ServiceError as exc:  # the status is sent already: the error is OpenAI's error event
+            error = {"message": str(exc), "type": OPENAI_ERROR_TYPES[503], "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        finally:
             stream.close()
-            raise
+        yield "data: [DONE]\n\n"
 
-        async def events() -> AsyncIterator[str]:
-            """Each piece as the LM generates it. A caller who disconnects cancels this (Starlette
-            listens for it), and closing the stream stops the LM."""
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                piece = first
-                while piece is not None:
-                    yield chunk({"content": piece})
-                    piece = await anext(stream, None)
-                yield chunk({}, "stop")
-            except ServiceError as exc:  # the status is sent already: the error is OpenAI's error event
-                error = {"message": str(exc), "type": OPENAI_ERROR_TYPES[503], "param": None, "code": None}
-                yield f"data: {json.dumps({'error': error})}\n\n"
-            finally:
-                stream.close()
-            yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+
+def _add_forget_route(api: APIRouter, service: PersonaService) -> None:
+    """Deleting a user and everything stored about them."""
 
     @api.delete("/users/{user_id}", response_model=Deleted, tags=["users"])
     def delete(user_id: UserId) -> Deleted:
         """Forget the user completely: memory, profile, persona and its versions."""
         service.delete(user_id)
         return Deleted(user_id=user_id, deleted=True)
-
-    app.include_router(api)
-    return app
 
 
 def serve(store: str | FilePath, *, token: str, host: str = "127.0.0.1", port: int = 8000,

@@ -225,9 +225,11 @@ class PersonaService:
                  answer_deadline: float = 60.0, align_every: int | None = None,
                  register_prompts: bool = CompileConfig.register_prompts, persona_alias: str | None = None):
         if (register_prompts or persona_alias) and not tracking_uri:
-            raise ValueError("the prompt registry is MLflow's: give tracking_uri with register_prompts or persona_alias")
+            raise ValueError("the prompt registry is MLflow's: "
+                             "give tracking_uri with register_prompts or persona_alias")
         self.store = store if isinstance(store, UserStore) else UserStore(store, max_versions=max_versions)
-        self.tracking_uri = tracking_uri  # where compiles of this store were tracked: deleting a user deletes their runs
+        # Where compiles of this store were tracked: deleting a user deletes their runs.
+        self.tracking_uri = tracking_uri
         # Accepted versions (alignments, rollbacks) go to the prompt registry; with `persona_alias`,
         # each user's persona text is the registry's version under that alias (e.g. "champion").
         self.register_prompts, self.persona_alias = register_prompts, persona_alias
@@ -401,8 +403,8 @@ class PersonaService:
             if self._queued >= self.max_queued:
                 raise ServiceBusy(f"{self._queued} answers are queued; retry later", retry_after)
             if expected_wait > self.answer_deadline:
-                raise ServiceBusy(f"the queue would take about {expected_wait:.0f} s, over the {self.answer_deadline:g} s "
-                                  "an answer may wait; retry later", retry_after)
+                raise ServiceBusy(f"the queue would take about {expected_wait:.0f} s, "
+                                  f"over the {self.answer_deadline:g} s an answer may wait; retry later", retry_after)
             self._queued += 1
         future = self._lm_pool.submit(self._run_queued, work, time.monotonic() + self.answer_deadline, user_id, *args)
         future.add_done_callback(self._dequeue_if_cancelled)
@@ -453,7 +455,8 @@ class PersonaService:
         # OpenAI's "developer" messages are system instructions; tool messages have no place here.
         roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
         return [{"role": "system", "content": system}] + [
-            {"role": roles[m["role"]], "content": str(m.get("content") or "")} for m in messages if m.get("role") in roles]
+            {"role": roles[m["role"]], "content": str(m.get("content") or "")}
+            for m in messages if m.get("role") in roles]
 
     def _chat(self, user_id: str, messages: list[dict]) -> ChatReply:
         loaded = self._loaded(user_id)
@@ -651,7 +654,8 @@ class PersonaService:
             if self._deletions.get(job.user_id, 0) != deletions:
                 job.status, job.error = "cancelled", "the user was deleted"
             else:
-                reason = "the language model failed" if isinstance(exc, (LMError, AdapterParseError)) else type(exc).__name__
+                reason = ("the language model failed" if isinstance(exc, (LMError, AdapterParseError))
+                          else type(exc).__name__)
                 job.status, job.error = "failed", f"{reason}: {exc}"
         finally:
             job.finished_at = time.time()

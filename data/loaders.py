@@ -46,7 +46,8 @@ class UserData:
 
     @classmethod
     def from_row(cls, row: dict) -> "UserData":
-        return cls(row["user_id"], [_interaction(m) for m in row["memories"]], [_interaction(r) for r in row["replays"]],
+        return cls(row["user_id"], [_interaction(m) for m in row["memories"]],
+                   [_interaction(r) for r in row["replays"]],
                    [_example(q["id"], q["question"], q["answer"]) for q in row["questions"]])
 
 
@@ -130,7 +131,8 @@ def _lamp_files(path: Path) -> tuple[Path, Path | None]:
     raise FileNotFoundError(f"{path}: no LaMP questions file (questions.json or *_questions.json)")
 
 
-def _infer_lamp_task(name: str | None, questions: list[dict], questions_path: Path, outputs_path: Path | None) -> TaskSpec:
+def _infer_lamp_task(name: str | None, questions: list[dict], questions_path: Path,
+                     outputs_path: Path | None) -> TaskSpec:
     if name and re.fullmatch(r"lamp[-_ ]?2(?:[-_].*)?", name.strip().lower()):
         # Official LaMP-2 files say 'LaMP_2' for both variants: the profile fields tell them apart.
         fields = {k for q in questions[:5] for p in q.get("profile", [])[:3] if isinstance(p, dict) for k in p}
@@ -197,7 +199,8 @@ def load_lamp(path: str | Path, task: str | None = None) -> TaskData:
             _example(str(q["id"]), str(q["input"]), golds.get(str(q["id"]))))
         for j, item in enumerate(q["profile"]):
             if not isinstance(item, dict):
-                raise DataError(questions_path, f"{i} (id {q['id']})", f"profile[{j}] must be an object, not {type(item).__name__}")
+                raise DataError(questions_path, f"{i} (id {q['id']})",
+                                f"profile[{j}] must be an object, not {type(item).__name__}")
             profiles.setdefault(user_id, {}).setdefault(str(item.get("id", f"{q['id']}/{j}")), item)
 
     for user_id, data in users.items():
@@ -292,7 +295,8 @@ def load(path: str | Path, task: str | None = None, **log_options) -> TaskData:
     if path.suffix == ".jsonl" or _is_table(path):
         kinds = ("classification", "rating", "generation")
         if task is not None and task not in kinds:
-            raise ValueError(f"{path}: for an interaction log the task is its kind, one of {', '.join(kinds)}; not {task!r}")
+            raise ValueError(f"{path}: for an interaction log the task is its kind, one of {', '.join(kinds)}; "
+                             f"not {task!r}")
         records = _jsonl_records(path) if path.suffix == ".jsonl" else _table_records(path)
         return interaction_log(path, records, task or "generation", **log_options)
     return load_lamp(path, task)

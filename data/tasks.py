@@ -39,7 +39,8 @@ class Interaction:
     @property
     def key(self) -> str:
         """Identity of an interaction: the same input, output and time are the same interaction."""
-        return hashlib.sha256(json.dumps([self.input, self.output, self.timestamp], ensure_ascii=False).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([self.input, self.output, self.timestamp],
+                                         ensure_ascii=False).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- scoring
@@ -456,7 +457,8 @@ LAMP_TASKS: dict[str, TaskSpec] = {
                  None, _generation_interaction("Generate a headline for the following article:", "text", "title"),
                  ("text",), "title", subject_marker="article:", styled=True),
         TaskSpec("LaMP-5", "generation", "write the title the author gives a paper abstract",
-                 None, _generation_interaction("Generate a title for the following abstract of a paper:", "abstract", "title"),
+                 None, _generation_interaction("Generate a title for the following abstract of a paper:", "abstract",
+                                               "title"),
                  ("abstract",), "title", subject_marker="paper:", styled=True),
         TaskSpec("LaMP-7", "generation", "paraphrase a tweet in the user's own style",
                  None, _no_interaction, ("text",), None, styled=True),

@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
             memory = EpisodicMemory(directory, stand_in)
             new_ids, rate, longest = fill(memory, pool, len(ids), scale)
             ids += new_ids
-            report.setdefault("fill", []).append({"to": scale, "per_s": round(rate, 1), "longest_add_s": round(longest, 3)})
+            report.setdefault("fill", []).append({"to": scale, "per_s": round(rate, 1),
+                                                  "longest_add_s": round(longest, 3)})
             memory.close()
 
             start = time.perf_counter()
@@ -267,7 +268,8 @@ def markdown(r: dict) -> str:
         *[f"| {f['to']:,} | {f['per_s']:,} | {f['longest_add_s']} |" for f in r["fill"]],
         "",
         f"Search, k={r['k']}, one query at a time (ms): `search_vector` = FAISS + SQLite fetch; "
-        f"`search(text)` also embeds the question and, up to {LEXICAL_MAX_RECORDS:,} records, runs the full-text search:",
+        f"`search(text)` also embeds the question and, up to {LEXICAL_MAX_RECORDS:,} records, "
+        "runs the full-text search:",
         "",
         "| records | index | open (s) | vector p50 | p95 | p99 | vector CPU p99 | text p50 | p95 | p99 |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -53,7 +53,8 @@ SERVER = textwrap.dedent("""
             time.sleep({lm_seconds})
             return super().score(messages, continuations)
 
-    serve({store!r}, token={token!r}, port={port}, lm=dspy.LM("local/fake", engine=Slow({{"answer": "4"}}), cache=False))
+    serve({store!r}, token={token!r}, port={port},
+          lm=dspy.LM("local/fake", engine=Slow({{"answer": "4"}}), cache=False))
 """)
 COMPILE = textwrap.dedent("""
     from personaagent.data import load
@@ -136,7 +137,8 @@ def appends_under_kill(root: Path, rounds: int, rng: random.Random) -> dict:
                 while not stop.is_set():
                     text = f"round {round_} append {i}"
                     try:
-                        if client.post("/v1/users/ops/interactions", json={"input": text, "output": "5"}).status_code == 201:
+                        if client.post("/v1/users/ops/interactions",
+                                       json={"input": text, "output": "5"}).status_code == 201:
                             acknowledged.append(text)
                     except httpx.HTTPError:
                         return  # the server is gone
@@ -192,7 +194,8 @@ def forgetting(root: Path) -> dict:
     written, secrets = root / "written", {"keep": "OKAPI-TURPENTINE-9902", "forget": "ZEBRA-MARMALADE-4471"}
     written.mkdir()
     log = root / "log.jsonl"
-    log.write_text("\n".join(json.dumps({"user_id": u, "timestamp": t, "input": f"review {t}: {s} held up", "output": "5"})
+    log.write_text("\n".join(json.dumps({"user_id": u, "timestamp": t, "input": f"review {t}: {s} held up",
+                                         "output": "5"})
                              for u, s in secrets.items() for t in range(6)))
     uri = f"sqlite:///{written / 'mlflow.db'}"
     cwd = os.getcwd()
@@ -207,7 +210,8 @@ def forgetting(root: Path) -> dict:
     def found(secret: str) -> int:
         return sum(p.read_bytes().count(secret.encode()) for p in written.rglob("*") if p.is_file())
 
-    return {"files_written": sum(p.is_file() for p in written.rglob("*")), "bytes_found_of_deleted_user": found(secrets["forget"]),
+    return {"files_written": sum(p.is_file() for p in written.rglob("*")),
+            "bytes_found_of_deleted_user": found(secrets["forget"]),
             "occurrences_of_kept_user": found(secrets["keep"])}
 
 
@@ -221,7 +225,8 @@ def shutdown_under_load(root: Path) -> dict:
     httpx.post(f"{url}/v1/users/ops/interactions", json={"input": "a review", "output": "5"}, headers=AUTH)
     pool = ThreadPoolExecutor(40)
     for i in range(40):
-        pool.submit(lambda i=i: httpx.post(f"{url}/v1/users/ops/answer", json={"text": f"review {i}"}, headers=AUTH, timeout=60))
+        pool.submit(lambda i=i: httpx.post(f"{url}/v1/users/ops/answer", json={"text": f"review {i}"}, headers=AUTH,
+                                           timeout=60))
     time.sleep(2.0)
     started = time.monotonic()
     server.send_signal(signal.SIGTERM)
@@ -267,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps({"results": results, "seed": args.seed,
-                                                       "command": "python -m personaagent.experiments.bench_reliability "
-                                                                  + " ".join(argv or sys.argv[1:])}, indent=1))
+    (RESULTS / "results.json").write_text(json.dumps({
+        "results": results, "seed": args.seed,
+        "command": "python -m personaagent.experiments.bench_reliability " + " ".join(argv or sys.argv[1:])},
+        indent=1))
     (RESULTS / "results.md").write_text(table + "\n")
     return 0
 

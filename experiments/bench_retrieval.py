@@ -1,7 +1,8 @@
 """Retrieval benchmark: how well searching a user's memory finds the past interactions that tell
 their answer, measured on their own history, without an LM.
 
-    python -m personaagent.experiments.bench_retrieval --data ../shared/data/lamp/LaMP-2N-huffpost [--users 8] [--items 40]
+    python -m personaagent.experiments.bench_retrieval --data ../shared/data/lamp/LaMP-2N-huffpost
+        [--users 8] [--items 40]
 
 For each of the first `--users` users, each of their last `--items` replayable interactions is
 searched for as of its own time (memory shows only what came before it), and the majority label

@@ -34,8 +34,8 @@ CORES_PER_WORKER = 2  # what one llama.cpp worker uses well here (design notes)
 def copies(data: TaskData, n: int) -> TaskData:
     """`n` users made from the sample's, each under a new id."""
     originals = list(data.users.values())
-    users = {f"{originals[i % len(originals)].user_id}-{i}": replace(originals[i % len(originals)],
-                                                                      user_id=f"{originals[i % len(originals)].user_id}-{i}")
+    users = {f"{originals[i % len(originals)].user_id}-{i}":
+             replace(originals[i % len(originals)], user_id=f"{originals[i % len(originals)].user_id}-{i}")
              for i in range(n)}
     return replace(data, users=users)
 
@@ -71,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         "framework_seconds_per_user": round(overhead_s, 2),
     }
     table = ["| engine | users | compiled | seconds | users/hour |", "|---|---|---|---|---|"]
-    table += [f"| {r['engine']} | {r['users']} | {r['compiled']} | {r['seconds']} | {r['users_per_hour']} |" for r in rows]
+    table += [f"| {r['engine']} | {r['users']} | {r['compiled']} | {r['seconds']} | {r['users_per_hour']} |"
+              for r in rows]
     table += ["", f"Ray speed-up, 2 workers over 1: {one / two:.2f}x",
               f"1M users, embedded 1.5B at {args.compile_seconds:g} s/user on {CORES_PER_WORKER} cores: "
               f"{projection['embedded_1.5B_core_hours']:,} core-hours",
-              f"1M users, framework alone (a served LM's time not counted): {projection['framework_only_core_hours']:,} "
+              f"1M users, framework alone (a served LM's time not counted): "
+              f"{projection['framework_only_core_hours']:,} "
               f"core-hours ({projection['framework_seconds_per_user']} s/user)"]
     print("\n".join(table))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,8 @@ def stats(wall: list[float], seconds: float, cpu: list[float] = ()) -> dict:
 
 def _percentiles(prefix: str, seconds: list[float]) -> dict:
     ms = np.array(seconds) * 1000
-    return {f"{prefix}p50_ms": round(float(np.percentile(ms, 50)), 2), f"{prefix}p95_ms": round(float(np.percentile(ms, 95)), 2)}
+    return {f"{prefix}p50_ms": round(float(np.percentile(ms, 50)), 2),
+            f"{prefix}p95_ms": round(float(np.percentile(ms, 95)), 2)}
 
 
 def timed(call) -> tuple[float, float]:
@@ -149,7 +150,8 @@ def run_phase(client: httpx.Client, requests: list[tuple[str, dict]], concurrenc
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(SAMPLE), help="LaMP folder or file the users come from (default: the sample)")
+    parser.add_argument("--data", default=str(SAMPLE),
+                        help="LaMP folder or file the users come from (default: the sample)")
     parser.add_argument("--lm", default="fake", help="'fake' (instant, the tests' fake LM) or an --lm string")
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--answers", type=int, default=300, help="answers per answer phase")
@@ -180,17 +182,20 @@ def main(argv: list[str] | None = None) -> int:
             # Queued answers finish after the budget: send only as many as one LM worker gets through in it.
             affordable = answers[:max(1, int(args.seconds * 1000 / phases["answer, sequential"]["p50_ms"]))]
             concurrency = min(args.concurrency, len(affordable))
-            phases[f"answer, {concurrency} concurrent"] = run_phase(client, affordable, concurrency, args.seconds, timer)
+            phases[f"answer, {concurrency} concurrent"] = run_phase(client, affordable, concurrency, args.seconds,
+                                                                    timer)
             # The OpenAI-compatible endpoint: persona as system prompt, a memory search, the turn remembered.
-            chats = [("/v1/chat/completions", {"model": "persona", "user": u, "messages": [{"role": "user", "content": q}]})
+            chats = [("/v1/chat/completions",
+                      {"model": "persona", "user": u, "messages": [{"role": "user", "content": q}]})
                      for u, q in (questions * args.answers)[:args.answers]]
             phases["chat, sequential"] = run_phase(client, chats, 1, args.seconds, timer)
             phases["append, sequential"] = run_phase(client, appends, 1, args.seconds, timer)
-            phases[f"append, {args.concurrency} concurrent"] = run_phase(client, appends, args.concurrency, args.seconds, timer)
+            phases[f"append, {args.concurrency} concurrent"] = run_phase(client, appends, args.concurrency,
+                                                                         args.seconds, timer)
         service.close()
 
-    result = {"lm": lm.model, "users": len(users), "lm_workers": service.lm_workers, "loading": loading, "phases": phases,
-              "machine": machine,
+    result = {"lm": lm.model, "users": len(users), "lm_workers": service.lm_workers, "loading": loading,
+              "phases": phases, "machine": machine,
               "command": "python -m personaagent.experiments.bench_serving " + " ".join(argv or sys.argv[1:]),
               "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -210,7 +215,8 @@ def table(result: dict) -> str:
     for name, phase in result["phases"].items():
         rows.append((name, phase))
         if "outside_lm" in phase:
-            rows.append((f"{name}: all but LM time (LM: {phase['lm_ms_per_request']} ms per answer)", phase["outside_lm"]))
+            rows.append((f"{name}: all but LM time (LM: {phase['lm_ms_per_request']} ms per answer)",
+                         phase["outside_lm"]))
     lines += [f"| {name} | {s['n']} | {s['p50_ms']} | {s['p95_ms']} | {s.get('cpu_p50_ms', '-')} | "
               f"{s.get('cpu_p95_ms', '-')} | {s['throughput_per_s']} |" for name, s in rows]
     return "\n".join(lines)

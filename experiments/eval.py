@@ -289,7 +289,8 @@ def markdown_table(task: TaskSpec, summaries: list[dict]) -> str:
         cells = [s["method"], *(_number(s[m], ".3f") for m in metrics), _interval(s.get("ci95")),
                  "-" if versus is None else f"{versus['diff']:+.3f} {_interval(versus['ci95'])}",
                  str(s["n"]), f"{s['lm_calls_per_question']:.2f}",
-                 f"{s['tokens_per_question']:.0f}", f"{s['seconds_per_question']:.1f}", f"{s.get('seconds_p50', 0):.1f}",
+                 f"{s['tokens_per_question']:.0f}", f"{s['seconds_per_question']:.1f}",
+                 f"{s.get('seconds_p50', 0):.1f}",
                  _number(s.get("compile_lm_calls_per_user"), ".1f"), _number(s.get("compile_seconds_per_user"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -360,7 +361,8 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
         rows_by_method[method] = rows
         summary = summarize(data.task, method, rows)
         summaries.append(summary)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{data.task.name} {method}", tags={"task": data.task.name, "method": method}):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{data.task.name} {method}",
+                              tags={"task": data.task.name, "method": method}):
             mlflow.log_params({"data": data.source, "users": len(data.users), "lm": lm, "method": method,
                                "questions_per_user": questions_per_user or "all"})
             mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -370,7 +372,8 @@ def evaluate(data_path: str, out: str | Path, methods: list[str], task: str | No
     compare_to_reference(data.task, summaries, rows_by_method)
     table = markdown_table(data.task, summaries)
     (out / f"{name}.json").write_text(json.dumps({"task": data.task.name, "data": data.source, "lm": lm,
-                                                  "users": len(data.users), "questions_per_user": questions_per_user or "all",
+                                                  "users": len(data.users),
+                                                  "questions_per_user": questions_per_user or "all",
                                                   "methods": summaries}, indent=1))
     (out / f"{name}.md").write_text(f"# {data.task.name} ({len(data.users)} users, {lm})\n\n{table}\n")
     plot(data.task, summaries, out, name)

@@ -144,7 +144,8 @@ def recall_rows(conv: Conversation, rankers: dict[str, Ranker], ks: tuple[int, .
             ranked = rank(q.question, max(ks))
             rows += [(f"{method}@{k}", q.category_name, evidence_recall(ranked, q.evidence, k)) for k in ks]
         if window_ids:
-            rows.append(("full_context_window", q.category_name, evidence_recall(window_ids, q.evidence, len(window_ids))))
+            rows.append(("full_context_window", q.category_name,
+                         evidence_recall(window_ids, q.evidence, len(window_ids))))
     return rows
 
 
@@ -202,7 +203,8 @@ def run_locomo(out_dir: str | Path, lm_spec: str = DEFAULT_LM, max_questions_per
 
             qa_seconds = {}
             if lm is not None:
-                selectors = {method: (lambda question, rank=rank: rank(question, qa_k)) for method, rank in rankers.items()}
+                selectors = {method: (lambda question, rank=rank: rank(question, qa_k))
+                             for method, rank in rankers.items()}
                 if window_ids:
                     selectors["full_context_window"] = lambda question: window_ids
                 sample = stratified_sample(conv.questions, max_questions_per_conv)
@@ -286,7 +288,8 @@ def markdown(r: dict, model_name: str) -> str:
             lines.append(f"| {method} | {usage['calls']} | {usage['cached']} | {usage['tokens']:,} | {seconds} "
                          f"| {per_call} |")
         lines.append("")
-    lines.append(f"Time: ingest (embedding + memory) {t['ingest_s']} s, retrieval for all questions {t['retrieval_s']} s.")
+    lines.append(f"Time: ingest (embedding + memory) {t['ingest_s']} s, "
+                 f"retrieval for all questions {t['retrieval_s']} s.")
     return "\n".join(lines) + "\n"
 
 

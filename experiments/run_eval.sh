@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # A cache of this run only: answers cached by earlier code would count as free LM calls.
 export DSPY_CACHEDIR=${DSPY_CACHEDIR:-$PWD/experiments/results/eval/dspy_cache}
 STAGES=${STAGES:-8 16 30 60}
-CORE=${CORE:-global_majority,user_majority,word_overlap,none,icl,rag,persona_noalign,persona,persona_nopersona,persona_nomemory,persona_noaction}
+CORE=${CORE:-global_majority,user_majority,word_overlap,none,icl,rag,\
+persona_noalign,persona,persona_nopersona,persona_nomemory,persona_noaction}
 MORE=${MORE-membank,react}  # MORE="" runs the core methods only
 SETS=${SETS:-LaMP-1-acl LaMP-3-amazon LaMP-2N-huffpost}
 eval_set() {  # set, users, methods, extra arguments

@@ -182,7 +182,8 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
         population = None
         if config.optimizer == "persona" and (data.task.labels or data.task.styled):
             jobs = [(str(store), task_dict, row, config, None, None) for row in rows]
-            first = {r.user_id: r for r in _each(engine, partial(compile_user, until="history"), jobs, "history", progress)}
+            first = {r.user_id: r
+                     for r in _each(engine, partial(compile_user, until="history"), jobs, "history", progress)}
             # Every user the store has compiled counts, not only this compile's: a compile of a few
             # users does not shrink the population to them.
             answered = {uid for uid, r in first.items() if r.status != "failed"} | set(UserStore(store).users())

@@ -32,7 +32,8 @@ class GepaAlignment(VersionedTeleprompter):
 
     def __init__(self, reflection_lm: dspy.LM, max_metric_calls: int = 15, n_recent: int = 3, validation: int = 3,
                  seed: int = 0, on_version: Callable[[PersonaVersion], None] | None = None):
-        self.reflection_lm, self.max_metric_calls, self.n_recent, self.seed = reflection_lm, max_metric_calls, n_recent, seed
+        self.reflection_lm, self.max_metric_calls, self.n_recent, self.seed = (reflection_lm, max_metric_calls,
+                                                                               n_recent, seed)
         self.validation = validation
         self.on_version = on_version
 

@@ -24,7 +24,8 @@ For one user, whose past interactions come oldest first:
    is better (`SIGN_TEST_LEVEL`): with a window of 3, only a candidate better on all three and worse
    on none; `always`, the paper's setting, for comparison.
 
-Every state tried is a `PersonaVersion` with its validation score, emitted as it is made. With n=3 and a window of 3, one
+Every state tried is a `PersonaVersion` with its validation score, emitted as it is made.
+With n=3 and a window of 3, one
 iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the rewrite: 10 LM calls,
 where one label-scoring pass counts as one call. `max_lm_calls` bounds it: the window shrinks first.
 """
@@ -374,7 +375,8 @@ class PersonaAlignment(VersionedTeleprompter):
                                     use_bias=not task.has_candidates)
             program = program.with_persona(replace(program.persona, weights=combination.weights, bias=combination.bias))
             current = score_answers(task, validated, combination)
-            note = (f"evidence weights and label offsets: the population model ({'fitted on other users' if population else 'none: the plain LM'}), "
+            note = (f"evidence weights and label offsets: the population model "
+                    f"({'fitted on other users' if population else 'none: the plain LM'}), "
                     f"adapted to this user's {len(answered)} answered interactions")
             versions.append(self._emit(program.snapshot(note=note, **_scored(current))))
 
@@ -392,7 +394,8 @@ class PersonaAlignment(VersionedTeleprompter):
                     versions.append(self._emit(program.snapshot(accepted=False, note=note)))
                     continue
             trial = program.with_persona(candidate)
-            problems = candidate.problems([ex.question for ex in replays], [r.output for r in program.memory.all() if r.output])
+            problems = candidate.problems([ex.question for ex in replays],
+                                          [r.output for r in program.memory.all() if r.output])
             if problems:
                 versions.append(self._emit(trial.snapshot(feedback=feedback, accepted=False, note="; ".join(problems))))
                 continue
@@ -415,7 +418,8 @@ class PersonaAlignment(VersionedTeleprompter):
     @staticmethod
     def _answer(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:
         """Answer each interaction as of its own time, keeping every tool's evidence for refitting."""
-        return [Answered(ex.question, str(ex.answer), str(pred.answer), pred.get("lm_scores"), pred.get("evidence") or {})
+        return [Answered(ex.question, str(ex.answer), str(pred.answer), pred.get("lm_scores"),
+                         pred.get("evidence") or {})
                 for ex in examples for pred in [program(question=ex.question, as_of=ex.get("as_of"))]]
 
     def _reflect(self):
@@ -434,11 +438,13 @@ class PersonaAlignment(VersionedTeleprompter):
                             older: list[dspy.Example]) -> tuple[Persona, str]:
         task = program.task
         facts = f"{task.output_stats([r.output for r in program.memory.all()])}\nProfile: {program.profile.render()}"
-        cases = "\n\n".join(f"Case {i}\nquestion: {gist(a.question, 300)}\n{miss(task, a, _combination(program.persona))}"
+        cases = "\n\n".join(f"Case {i}\nquestion: {gist(a.question, 300)}\n"
+                            f"{miss(task, a, _combination(program.persona))}"
                             for i, a in enumerate(replayed, 1))
         tools = "\n".join(f"{name}: {tool.desc}" for name, tool in program.tools.items())
         with self._reflect():
-            out = self.reflect(task=task.description, persona=program.instructions, user_facts=facts, cases=cases, tools=tools)
+            out = self.reflect(task=task.description, persona=program.instructions, user_facts=facts, cases=cases,
+                               tools=tools)
         notes = "".join(f"\n- {n}" for n in out.notes if n.strip())
         feedback = f"{out.gradient.strip()}\nNotes on the replayed cases:{notes}"
         persona = program.persona

@@ -164,7 +164,8 @@ def save(store: UserStore, user_id: str, task: TaskSpec, config: CompileConfig, 
 
 def examples(user: UserData) -> list[dspy.Example]:
     """The user's replayable interactions, oldest first, each replayed as of its own record."""
-    return [past_interaction(r.input, r.output, Cutoff(r.metadata.get("memory_key"), r.timestamp)) for r in user.replays]
+    return [past_interaction(r.input, r.output, Cutoff(r.metadata.get("memory_key"), r.timestamp))
+            for r in user.replays]
 
 
 def population_model(store: str | Path, task: TaskSpec, user_ids: list[str]) -> dict | None:

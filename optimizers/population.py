@@ -226,8 +226,8 @@ class PopulationModel:
 
     @classmethod
     def from_dict(cls, payload: dict) -> "PopulationModel":
-        return cls([Combination(**c) for c in payload["folds"]], payload["strength"], payload["users"], payload["items"],
-                   [TextEffect(**e) for e in payload.get("text_effects", [])])
+        return cls([Combination(**c) for c in payload["folds"]], payload["strength"], payload["users"],
+                   payload["items"], [TextEffect(**e) for e in payload.get("text_effects", [])])
 
 
 def fit_text_effects(score, items_by_user: dict[str, list[Answered]], folds: int = FOLDS) -> PopulationModel:

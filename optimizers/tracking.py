@@ -256,7 +256,8 @@ class MlflowObserver(Observer):
         if version.score is not None:
             self.tracker.call("log a validation score", "log_metric", "validation_score", version.score, step=self.step)
         if version.likelihood is not None:
-            self.tracker.call("log a validation likelihood", "log_metric", "validation_likelihood", version.likelihood, step=self.step)
+            self.tracker.call("log a validation likelihood", "log_metric", "validation_likelihood", version.likelihood,
+                              step=self.step)
         self.step += 1
 
     def saved(self, state, added):
@@ -268,7 +269,8 @@ class MlflowObserver(Observer):
             if position:
                 before = state.versions[position - 1]
                 # Markdown, so the UI's artifact view renders it (it does not preview a .diff file).
-                self.tracker.call("log a persona diff", "log_text", f"```diff\n{version.diff(before)}\n```\n", f"{name}.diff.md")
+                self.tracker.call("log a persona diff", "log_text", f"```diff\n{version.diff(before)}\n```\n",
+                                  f"{name}.diff.md")
         self.tracker.call("log the persona", "log_text", state.current.instructions.get("answer", ""), "persona.md")
         self.tracker.call("describe the run", "set_tag", "mlflow.note.content", describe(state))
         if self.prompts:
@@ -292,7 +294,8 @@ class MlflowObserver(Observer):
         self.tracker.call("log the population model", "log_metrics", {
             "population_version": version, "population_users": model["users"], "population_items": model["items"],
             "population_strength": model["strength"],
-            **{f"population_weight_{name}": sum(fold["weights"].get(name, 0.0) for fold in model["folds"]) / len(model["folds"])
+            **{f"population_weight_{name}":
+               sum(fold["weights"].get(name, 0.0) for fold in model["folds"]) / len(model["folds"])
                for name in sorted({n for fold in model["folds"] for n in fold["weights"]})},
             **_text_effect_metrics(model.get("text_effects") or [])})
 
@@ -333,7 +336,8 @@ def describe(state: "ProgramState") -> str:
               f"{f' ({v.note})' if v.note else ''}" for v in state.versions]
     first = state.versions[0]
     if state.current.version != first.version:
-        lines += ["", f"What v{state.current.version} changed from v{first.version}:", "```diff", state.current.diff(first), "```"]
+        lines += ["", f"What v{state.current.version} changed from v{first.version}:",
+                  "```diff", state.current.diff(first), "```"]
     return "\n".join(lines)
 
 
@@ -371,7 +375,8 @@ def forget_user(user_id: str, tracking_uri: str | None = None) -> int:
     escaped = user_id.replace("\\", "\\\\").replace("'", "\\'")
     deleted = 0
     for experiment in client.search_experiments(view_type=ViewType.ALL):
-        runs = client.search_runs([experiment.experiment_id], f"tags.user_id = '{escaped}'", ViewType.ALL, max_results=50000)
+        runs = client.search_runs([experiment.experiment_id], f"tags.user_id = '{escaped}'", ViewType.ALL,
+                                  max_results=50000)
         for run in runs:
             run_id = run.info.run_id
             while traces := client.search_traces(locations=[experiment.experiment_id], run_id=run_id, max_results=100):

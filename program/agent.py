@@ -49,7 +49,8 @@ def answer_module(task: TaskSpec, instructions: str) -> dspy.Predict:
     """Label likelihoods for a closed set of answers (asked in every order the task lists),
     generation for free text."""
     signature = answer_signature(task, instructions)
-    return LabelPredict(signature, orderings=task.orderings, decide=task.decide) if task.labels else dspy.Predict(signature)
+    return (LabelPredict(signature, orderings=task.orderings, decide=task.decide) if task.labels
+            else dspy.Predict(signature))
 
 
 def plan_signature(tool_names: list[str], instructions: str) -> type[dspy.Signature]:
@@ -57,7 +58,8 @@ def plan_signature(tool_names: list[str], instructions: str) -> type[dspy.Signat
         {
             "question": (str, dspy.InputField()),
             "available_tools": (str, dspy.InputField(desc="name: what it returns")),
-            "tools": (list[Literal[tuple(tool_names)]], dspy.OutputField(desc="the tools whose results help answer, most useful first")),
+            "tools": (list[Literal[tuple(tool_names)]],
+                      dspy.OutputField(desc="the tools whose results help answer, most useful first")),
             "memory_query": (str, dspy.OutputField(desc="a few keywords to look up in the user's past interactions")),
         },
         instructions + "\nFirst choose which tools to call for this question.",

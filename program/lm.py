@@ -427,7 +427,8 @@ def make_lm(spec: str = DEFAULT_LM, *, cache: bool = False, **kwargs) -> dspy.LM
                 + ", ".join(LOCAL_PREFIX + m for m in models.MODELS)
                 + "; or pass any DSPy model string such as openai/<model> (with --api-base for a local server)"
             )
-        return dspy.LM(spec, engine=local_engine(name), cache=cache, temperature=0.0, max_tokens=kwargs.pop("max_tokens", 512), **kwargs)
+        return dspy.LM(spec, engine=local_engine(name), cache=cache, temperature=0.0,
+                       max_tokens=kwargs.pop("max_tokens", 512), **kwargs)
     if "/" not in spec:
         raise ValueError(
             f"unknown model {spec!r}; use one of "
@@ -437,7 +438,7 @@ def make_lm(spec: str = DEFAULT_LM, *, cache: bool = False, **kwargs) -> dspy.LM
     return dspy.LM(spec, cache=cache, **kwargs)
 
 
-GENERATION_SETTINGS = ("temperature", "max_tokens", "top_p", "stop", "seed")
+GENERATION_SETTINGS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "seed")
 
 
 def stream_reply(lm: dspy.LM, messages: list[dict]) -> Iterator[str]:

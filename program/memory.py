@@ -186,7 +186,8 @@ class EpisodicMemory:
             self._db.executemany("UPDATE records SET embedding = ? WHERE id = ?",
                                  [(v.tobytes(), r[0]) for r, v in zip(rows, vectors)])
             self._bump_version()
-        self._db.execute("INSERT INTO meta VALUES ('embedder', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        self._db.execute("INSERT INTO meta VALUES ('embedder', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                          (self.embedder.name,))
 
     def _load_or_rebuild_index(self):
@@ -266,7 +267,8 @@ class EpisodicMemory:
                     cur = self._db.execute(
                         "INSERT OR IGNORE INTO records (input, output, timestamp, metadata, embedding, added_at, key)"
                         " VALUES (?,?,?,?,?,?,?)",
-                        (item.input, item.output, item.timestamp, json.dumps(item.metadata or {}), vector.tobytes(), now, key),
+                        (item.input, item.output, item.timestamp, json.dumps(item.metadata or {}), vector.tobytes(),
+                         now, key),
                     )
                     if cur.rowcount:  # another writer may have added the same interaction meanwhile
                         ids.append(cur.lastrowid)
@@ -382,7 +384,8 @@ class EpisodicMemory:
                 inner = faiss.downcast_index(self._index.index)
                 params = (faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
                           if isinstance(inner, faiss.IndexIVF) else faiss.SearchParameters(sel=selector))
-            scores, ids = self._index.search(vector.reshape(1, -1).astype(np.float32), min(k, self._index.ntotal), params=params)
+            scores, ids = self._index.search(vector.reshape(1, -1).astype(np.float32), min(k, self._index.ntotal),
+                                             params=params)
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
             rows = self._fetch([i for i, _ in found])
         return [replace(rows[i], score=s) for i, s in found if i in rows]
@@ -482,7 +485,8 @@ class SemanticMemory(dspy.Module):
             previous_profile=previous.render() if previous.covered else "",
             interactions="\n".join(f"- {r.render(self.width)}" for r in new),
         )
-        profile = Profile(out.summary.strip(), [p.strip() for p in out.preferences if p.strip()][:6], len(records), time.time())
+        profile = Profile(out.summary.strip(), [p.strip() for p in out.preferences if p.strip()][:6], len(records),
+                          time.time())
         return dspy.Prediction(profile=profile)
 
 

@@ -43,10 +43,12 @@ class FakeEngine:
             return schema["enum"][0]
         if "anyOf" in schema:
             return self._value(name, schema["anyOf"][0], prompt)
-        return {"string": "text", "array": [], "integer": 0, "number": 0.0, "boolean": False}.get(schema.get("type"), "text")
+        return {"string": "text", "array": [], "integer": 0, "number": 0.0,
+                "boolean": False}.get(schema.get("type"), "text")
 
     def complete(self, request):
-        prompt = "\n".join([request.system if isinstance(request.system, str) else ""] + [m.text or "" for m in request.messages])
+        prompt = "\n".join([request.system if isinstance(request.system, str) else ""]
+                           + [m.text or "" for m in request.messages])
         with self._lock:
             self.requests.append(prompt)
         if self.fail:

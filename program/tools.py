@@ -124,7 +124,8 @@ def build_evidence(task: TaskSpec, memory: EpisodicMemory, k: int = 4) -> dict[s
         return smoothed(Counter(task.normalize(r.output) for r in memory.all() if r.output))
 
     def search_memory(question: str) -> dict[str, float] | None:
-        return smoothed(Counter(task.normalize(r.output) for r in similar_records(task, memory, question, k) if r.output))
+        return smoothed(Counter(task.normalize(r.output)
+                                for r in similar_records(task, memory, question, k) if r.output))
 
     evidence: dict[str, Evidence] = {"answer_habits": answer_habits, "search_memory": search_memory}
     if task.has_candidates:

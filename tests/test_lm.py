@@ -1,6 +1,8 @@
 from types import SimpleNamespace
 
-from personaagent.program.lm import _PrefixStates, _RecentStates, _has_free_text, _valid_json
+import dspy
+
+from personaagent.program.lm import _PrefixStates, _RecentStates, _has_free_text, _valid_json, stream_reply
 
 ANSWER = {"type": "object", "properties": {"answer": {"enum": ["1", "2"]}}, "required": ["answer"]}
 PLAN = {"type": "object", "properties": {"tools": {"type": "array", "items": {"enum": ["a", "b"]}},
@@ -45,3 +47,23 @@ def test_a_conversations_new_state_replaces_its_last_so_each_conversation_keeps_
     assert sorted(states.cache_state) == sorted(tuple(t) for t in conversations.values())
     states[[9, 9]] = SimpleNamespace(llama_state_size=1, tokens=(9, 9))  # another prompt: the least recent goes
     assert len(states.cache_state) == 4 and tuple(conversations[0]) not in states.cache_state
+
+
+class _RecordingEngine:
+    """Keeps the request it is asked to stream."""
+
+    def complete(self, request):
+        raise AssertionError("a stream is not a completion")
+
+    def stream(self, request):
+        self.request = request
+        yield from ()
+
+
+def test_a_stream_is_asked_with_the_lms_generation_settings():
+    """Reasoning models take `max_completion_tokens` (DSPy turns `max_tokens` into it for them)."""
+    engine = _RecordingEngine()
+    lm = dspy.LM("openai/served", engine=engine, cache=False, temperature=0.3, max_completion_tokens=7, seed=1)
+    assert list(stream_reply(lm, [{"role": "user", "content": "hi"}])) == []
+    config = engine.request.config
+    assert (config.temperature, config.max_tokens, config.seed) == (0.3, 7, 1)
