@@ -30,8 +30,7 @@ def add_settings(parser: argparse.ArgumentParser, *names: str, **defaults) -> No
 
 
 def add_lm(parser: argparse.ArgumentParser, **defaults) -> None:
-    add_settings(parser, "lm", **defaults)
-    parser.add_argument("--api-base", default=None, help="base URL of an OpenAI-compatible server for --lm")
+    add_settings(parser, "lm", "api_base", **defaults)
 
 
 def config_from(args):
@@ -70,10 +69,6 @@ def _require_store(path: str) -> None:
     """Commands that read a store must not create an empty one where a path is mistyped."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such store (compile users into it first)")
-
-
-def _lm_kwargs(args) -> dict:
-    return {"api_base": args.api_base} if getattr(args, "api_base", None) else {}
 
 
 # ---------------------------------------------------------------- models
@@ -119,7 +114,7 @@ def cmd_ask(args) -> int:
               f"(users: {', '.join(store.users()[:10]) or 'none'})", file=sys.stderr)
         return 2
     program = store.load_program(args.user)
-    lm = make_lm(args.lm or state.lm, **_lm_kwargs(args))
+    lm = make_lm(args.lm or state.lm, api_base=args.api_base)
     with use_lm(lm):
         pred = program(question=args.text)
     if args.verbose:
@@ -205,7 +200,7 @@ def cmd_serve(args) -> int:
         return 2
     kinds = ("classification", "rating", "generation")
     default_task = generic_task(args.default_task) if args.default_task in kinds else resolve_task(args.default_task)
-    lm = make_lm(args.lm, **_lm_kwargs(args))
+    lm = make_lm(args.lm, api_base=args.api_base)
     reflection_lm = make_lm(args.reflection_lm) if args.reflection_lm else None
     print(f"serving {args.store} on http://{args.host}:{args.port} (OpenAPI description at /openapi.json)", flush=True)
     serve(args.store, token=token, host=args.host, port=args.port, lm=lm, reflection_lm=reflection_lm,
@@ -264,7 +259,7 @@ def cmd_demo(args) -> int:
     print(f"User {user.user_id}'s persona text: " + (text.replace("\n", " / ") if text.strip()
           else "none: " + next((v.note for v in reversed(state.versions) if not v.accepted),
                                "no rewrite was tried (every replayed answer was right)")))
-    with use_lm(make_lm(config.lm)):
+    with use_lm(make_lm(config.lm, api_base=config.api_base)):
         for question in user.questions:
             pred = program(question=question.question)
             tools = ", ".join(step["tool"] for step in pred.trajectory) or "none"

@@ -94,7 +94,7 @@ class Evaluation:
         if self.lm is None:
             # Uncached, so every answer's cost is what a fresh run spends (a cached answer would count
             # as 0 calls and 0 s); a resumed run reuses the per-user results written as they finish.
-            self.lm = make_lm(self.lm_spec)
+            self.lm = make_lm(self.lm_spec, api_base=self.config.api_base)
         return self.lm
 
     def questions(self, user: UserData):

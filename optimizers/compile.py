@@ -102,7 +102,7 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
 def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileConfig, keys: dict[str, str],
              lm: dspy.LM | None, observer: Observer, population: PopulationModel | None,
              spent: dict | None = None, until: str | None = None) -> UserResult:
-    lm = lm or make_lm(config.lm)
+    lm = lm or make_lm(config.lm, api_base=config.api_base)
     started = time.perf_counter()
     spent = spent or {"lm_calls": 0, "tokens": 0, "seconds": 0.0, "stages_run": []}
     uid = user.user_id

@@ -67,10 +67,11 @@ class CompileWorker:
 
     def __init__(self, compile_one: CompileOne):
         self.compile_one = compile_one
-        self.lms: dict[str, dspy.LM] = {}
+        self.lms: dict[tuple[str, str | None], dspy.LM] = {}
 
     def compile(self, *job):
         config = job[3]
-        if config.lm not in self.lms:
-            self.lms[config.lm] = make_lm(config.lm)
-        return self.compile_one(*job, lm=self.lms[config.lm])
+        where = (config.lm, config.api_base)
+        if where not in self.lms:
+            self.lms[where] = make_lm(config.lm, api_base=config.api_base)
+        return self.compile_one(*job, lm=self.lms[where])

@@ -67,6 +67,8 @@ class CompileConfig(AlignmentConfig):
     lm: str = field(default=DEFAULT_LM, metadata={
         "help": f"local/<embedded model> (default {DEFAULT_LM}) or any DSPy model string, "
                 "e.g. openai/<model> with --api-base for vLLM, Ollama or llama.cpp's server"})
+    api_base: str | None = field(default=None, metadata={
+        "help": "base URL of an OpenAI-compatible server for --lm"})
     reflection_lm: str | None = field(default=None, metadata={
         "help": "LM that critiques and rewrites personas (default: --lm)"})
     optimizer: str = field(default="persona", metadata={
@@ -191,9 +193,10 @@ def _key(*parts: Any) -> str:
 # The settings each stage reads first: a later stage reads them through that stage's key, which its
 # own key includes (history: which interactions are answered, and by which program). `save` reads none
 # of its own: re-saving the same aligned versions would record them twice, so its key is align's.
-# `k`, `max_versions` and `register_prompts` are in no key: a persona carries its own k, `max_versions`
-# only trims the kept history at the user's next save, and `register_prompts` only tells the tracker
-# what to record; a change of them alone recompiles no one.
+# `k`, `max_versions`, `register_prompts` and `api_base` are in no key: a persona carries its own k,
+# `max_versions` only trims the kept history at the user's next save, `register_prompts` only tells the
+# tracker what to record, and `api_base` says where the same model is served; a change of them alone
+# recompiles no one.
 STAGE_SETTINGS = {
     "profile": ("lm",),
     "history": ("optimizer", "n_recent", "iterations", "acceptance", "validation", "max_lm_calls"),

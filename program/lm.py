@@ -410,11 +410,19 @@ def local_engine(model_name: str) -> IsolatedEngine:
         return _engines[model_name]
 
 
-def make_lm(spec: str = DEFAULT_LM, *, cache: bool = False, **kwargs) -> dspy.LM:
-    """`local/<name>` for an embedded model, else any DSPy model string (kwargs go to `dspy.LM`).
+def make_lm(spec: str = DEFAULT_LM, *, cache: bool = False, api_base: str | None = None, **kwargs) -> dspy.LM:
+    """`local/<name>` for an embedded model, else any DSPy model string (kwargs go to `dspy.LM`),
+    served at `api_base` when given (vLLM, Ollama, llama.cpp's server).
 
     Uncached by default: DSPy's cache would keep users' text on disk (and in memory) after they
     are forgotten. Benchmarks over fixed data may pass `cache=True`."""
+    if api_base:
+        if spec.startswith(LOCAL_PREFIX) or spec == FAKE_LM:
+            raise ValueError(f"--api-base {api_base} names a server, but {spec!r} is embedded: "
+                             "pass the server's model, e.g. --lm openai/<model>")
+        kwargs["api_base"] = api_base
+        # A local server (vLLM, Ollama, llama.cpp's) wants no key, but DSPy refuses a call without one.
+        kwargs.setdefault("api_key", os.environ.get("OPENAI_API_KEY") or "unused")
     if spec == FAKE_LM:
         from .testing import fake_lm  # deterministic: every field its type's first value; no model
 

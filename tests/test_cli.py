@@ -1,7 +1,9 @@
 """The command line on bad input: one line naming the problem, exit status 2, no traceback, nothing
 created (`--debug` keeps the traceback)."""
 
+import http.server
 import json
+import threading
 
 import pytest
 
@@ -55,3 +57,42 @@ def test_debug_keeps_the_traceback(tmp_path):
     log.write_text(json.dumps(GOOD_ROW))
     with pytest.raises(ValueError, match="banana"):
         main(["--debug", "compile", "--data", str(log), "--task", "banana", "--store", str(tmp_path / "s")])
+
+
+def test_compile_reaches_the_lm_served_at_api_base(tmp_path):
+    """`--api-base` is where `compile` sends its LM calls, not only where `ask` and `serve` do (here a
+    minimal OpenAI-compatible server on 127.0.0.1, with no API key: an unaligned compile's one call
+    writes the profile)."""
+    asked = []
+
+    class Served(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            asked.append(request["model"])
+            profile = {"summary": "Says yes.", "preferences": ["short answers"]}  # the profile's fields
+            body = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": request["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                   "role": "assistant", "content": json.dumps(profile)}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Served)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        log = tmp_path / "log.jsonl"
+        log.write_text("\n".join(json.dumps({"user_id": "u", "input": f"review {i}", "output": "yes"}) for i in range(3)))
+        argv = ["compile", "--data", str(log), "--task", "classification", "--store", str(tmp_path / "store"),
+                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--optimizer", "unaligned",
+                "--lm", "openai/served", "--api-base",
+                f"http://127.0.0.1:{server.server_address[1]}/v1"]
+        assert main(argv) == 0
+        assert asked and set(asked) == {"served"}  # the profile's call, at the server named
+    finally:
+        server.shutdown()

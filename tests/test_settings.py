@@ -18,10 +18,9 @@ from personaagent.optimizers.persona import ACCEPTANCE, PersonaAlignment
 SETTINGS = {setting.name: setting for setting in fields(CompileConfig)}
 # Each command's options that are not settings: what to compile or evaluate, where, how to run it.
 OWN_OPTIONS = {
-    "compile": {"help", "data", "store", "task", "users", "user", "api_base", "workers", "engine", "address",
-                "tracking_uri"},
+    "compile": {"help", "data", "store", "task", "users", "user", "workers", "engine", "address", "tracking_uri"},
     "eval": {"help", "data", "task", "methods", "users", "questions_per_user", "out", "tracking_uri", "name",
-             "api_base", "workers", "engine", "address"},
+             "workers", "engine", "address"},
 }
 
 
@@ -77,8 +76,8 @@ def test_every_setting_is_in_the_key_of_one_stage_or_changes_no_stage_output():
     staged = [name for names in STAGE_SETTINGS.values() for name in names]
     assert len(staged) == len(set(staged))
     # A persona carries its own k; max_versions only trims the history kept at the next save;
-    # register_prompts only tells the tracker what to record.
-    assert set(SETTINGS) - set(staged) == {"k", "max_versions", "register_prompts"}
+    # register_prompts only tells the tracker what to record; api_base, where the same model is served.
+    assert set(SETTINGS) - set(staged) == {"k", "max_versions", "register_prompts", "api_base"}
 
 
 def test_a_setting_changes_the_key_of_the_stage_that_reads_it_and_of_those_after():
