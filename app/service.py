@@ -375,7 +375,8 @@ class PersonaService:
     def submit_chat(self, user_id: str, messages: list[dict]) -> Future:
         """Queue one chat turn (OpenAI-style `messages`, the last from the user); the future gives a
         `ChatReply`. The user's persona is the system prompt, their past interactions most like the
-        message are in it, and the turn is appended to their memory. A new user is created."""
+        conversation's opening message are in it (`_chat_turns`), and the turn is appended to their
+        memory. A new user is created."""
         self._chat_user(user_id, messages)
         return self._enqueue(self._chat, user_id, messages)
 
@@ -444,13 +445,16 @@ class PersonaService:
         it (and its reply), so the engine resumes from the previous turn's evaluated state and
         evaluates only the new message, instead of the whole conversation behind a changed system
         prompt."""
-        said = ([str(m.get("content") or "") for m in messages if m.get("role") == "user"]
-                or [str(messages[-1].get("content") or "")])
-        # This conversation's own messages, recorded after each turn, are not its past: hidden, so
-        # every turn is shown what its first turn was.
-        found = similar_records(program.task, program.memory, said[0], program.k + len(said))
-        past = [r for r in found if not (r.metadata.get("source") == "chat" and r.input in said)][:program.k]
-        system = (f"{program.instructions}\n\nThis user's past interactions most like their message:\n"
+        text = [str(m.get("content") or "") for m in messages]
+        opening = next((t for m, t in zip(messages, text) if m.get("role") == "user"), text[-1])
+        # This conversation's earlier turns, each remembered with its reply after it was answered, are
+        # not its past: hidden, so every turn is shown what its first turn was.
+        turns = {(text[i], text[i + 1]) for i in range(len(messages) - 1)
+                 if messages[i].get("role") == "user" and messages[i + 1].get("role") == "assistant"}
+        found = similar_records(program.task, program.memory, opening, program.k + len(turns))
+        past = [r for r in found if not (r.metadata.get("source") == "chat"
+                                         and (r.input, r.metadata.get("reply")) in turns)][:program.k]
+        system = (f"{program.instructions}\n\nThis user's past interactions most like this conversation:\n"
                   f"{render_records(past)}")
         # OpenAI's "developer" messages are system instructions; tool messages have no place here.
         roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -586,8 +590,7 @@ class PersonaService:
                              optimizer=optimizer)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        replays = memory_replays(self._loaded(user_id).program.task, self.store.memory(user_id).all())
-        if not replays:
+        if not memory_replays(self._loaded(user_id).program.task, self.store.memory(user_id).all()):
             raise InvalidRequest("alignment needs at least one interaction with a known output to replay")
         with self._lock:
             running = next((j for j in self._jobs.values()
@@ -597,7 +600,7 @@ class PersonaService:
             job = AlignJob(uuid.uuid4().hex, user_id, n_recent, iterations, optimizer, trigger)
             self._jobs[job.id] = job
             deletions = self._deletions.get(user_id, 0)
-        self._align_queue.put((job, config, deletions, replays))
+        self._align_queue.put((job, config, deletions))
         return job
 
     def _population(self) -> PopulationModel | None:
@@ -616,16 +619,18 @@ class PersonaService:
         while (item := self._align_queue.get()) is not None:
             self._run_align(*item)
 
-    def _run_align(self, job: AlignJob, config: CompileConfig, deletions: int, replays: list[Interaction]) -> None:
+    def _run_align(self, job: AlignJob, config: CompileConfig, deletions: int) -> None:
         """The compile's alignment (`pipeline.realign`, then `pipeline.save`) for one user, on the
-        replays their memory gave when the job was made (`memory_replays`, as a compile's data gives
-        them) and with the store's latest population model; the versions are recorded as made by
-        `job.trigger`."""
+        replays their memory gives now (`memory_replays`, as a compile's data gives them: read when the
+        job runs, not when it was queued, so a user deleted in between is never replayed) and with the
+        store's latest population model; the versions are recorded as made by `job.trigger`."""
         job.status = "running"
         try:
+            if self._deletions.get(job.user_id, 0) != deletions:
+                raise NotFound("the user was deleted before the alignment ran")
             loaded = self._loaded(job.user_id)
             task, previous = loaded.program.task, loaded.state
-            user = UserData(job.user_id, replays=replays)
+            user = UserData(job.user_id, replays=memory_replays(task, loaded.program.memory.all()))
             # Tracked like a compile, in a run tagged with the user (so forgetting finds it).
             tracker = Tracker(self.tracking_uri, "personaagent-align") if self.tracking_uri else None
             observer = MlflowObserver(tracker, self.register_prompts) if tracker else Observer()

@@ -24,10 +24,9 @@ For one user, whose past interactions come oldest first:
    is better (`SIGN_TEST_LEVEL`): with a window of 3, only a candidate better on all three and worse
    on none; `always`, the paper's setting, for comparison.
 
-Every state tried is a `PersonaVersion` with its validation score, emitted as it is made.
-With n=3 and a window of 3, one
-iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the rewrite: 10 LM calls,
-where one label-scoring pass counts as one call. `max_lm_calls` bounds it: the window shrinks first.
+Every state tried is a `PersonaVersion` with its validation score, emitted as it is made. With n=3
+and a window of 3, one iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the
+rewrite: 10 LM calls, where one label-scoring pass counts as one call. `max_lm_calls` bounds it: the window shrinks first.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import functools
 import os
 import threading
 import time
@@ -477,16 +476,18 @@ class CompactJSONAdapter(dspy.JSONAdapter):
     follows the question, past any prefix the engine has cached. With LaMP-2N's 15 categories
     that is about 70 tokens of every call, about 2 s on the embedded model."""
 
+    # By output fields (one entry a task, no user's text): remaking a signature was most of a call's
+    # own time, about 3 ms.
+    _reminders: dict[tuple, str] = {}
+
     def user_message_output_requirements(self, signature: type[dspy.Signature]) -> str:
-        return _output_reminder(signature)
-
-
-@functools.lru_cache(maxsize=256)  # by signature: remaking one is most of a call's own time (about 3 ms)
-def _output_reminder(signature: type[dspy.Signature]) -> str:
-    for name, field in signature.output_fields.items():
-        if get_origin(field.annotation) is Literal:
-            signature = signature.with_updated_fields(name, type_=str)
-    return dspy.JSONAdapter().user_message_output_requirements(signature)
+        outputs = tuple((name, field.annotation) for name, field in signature.output_fields.items())
+        if outputs not in self._reminders:
+            for name, field in signature.output_fields.items():
+                if get_origin(field.annotation) is Literal:
+                    signature = signature.with_updated_fields(name, type_=str)
+            self._reminders[outputs] = super().user_message_output_requirements(signature)
+        return self._reminders[outputs]
 
 
 def use_lm(lm: dspy.LM):

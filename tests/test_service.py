@@ -361,6 +361,24 @@ def test_delete_forgets_everything_and_a_running_alignment_never_brings_the_user
         service.job("alice", job.id)
 
 
+def test_a_queued_alignment_of_a_user_deleted_before_it_runs_replays_nothing_of_theirs(service, store, engine):
+    """Deleted while queued, then re-created: the job is cancelled, and the deleted interactions
+    never reach the LM (a job reads the replays when it runs, never when it was queued)."""
+    store.memory("bob").add([Interaction("review: bob's amp hums", "2", 1.0)])
+    save_persona(store, "bob", "Bob dislikes noise.")
+    engine.gate.clear()
+    running = service.align("bob")
+    assert engine.entered.wait(30)
+    queued = service.align("alice")
+    service.delete("alice")
+    service.add_interaction("alice", "review: a new start", "3")
+    asked_before = len(engine.requests)
+    engine.gate.set()
+    assert wait_for(running).status == "succeeded"
+    assert (wait_for(queued).status, queued.error) == ("cancelled", "the user was deleted")
+    assert not any(item.input in prompt for prompt in engine.requests[asked_before:] for item in ALICE)
+
+
 def test_online_alignment_starts_after_n_outcomes_and_never_twice_at_once(store, engine):
     with PersonaService(store, local_lm(engine), reflection_lm=local_lm(engine), align_every=2) as service:
         engine.gate.clear()
