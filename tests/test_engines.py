@@ -61,3 +61,21 @@ def test_a_killed_ray_worker_is_restarted_and_its_user_compiled_on_retry(tmp_pat
         ray.shutdown()
     assert (store / "crashed-A15TYOEWBQYF0X").exists()
     assert sorted(r.user_id for r in results if r.status == "compiled") == sorted(data.users)
+
+
+def test_eval_compiles_its_rows_on_ray_with_the_same_answers(tmp_path):
+    """`personaagent eval --engine ray`: the compiled rows are compiled by Ray actors, as `compile`'s."""
+    from personaagent.experiments.eval import Evaluation
+
+    data = load(SAMPLE_DIR / "LaMP-3-amazon").select(2)
+    answers = {}
+    try:
+        for name, engine in (("in-process", None), ("ray", RayEngine(workers=1))):
+            evaluation = Evaluation(data, tmp_path / name, FAKE_LM, CompileConfig(lm=FAKE_LM), 1,
+                                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", engine=engine)
+            rows = evaluation.run_method("persona")
+            assert all(r["compile"]["status"] == "compiled" for r in rows), rows
+            answers[name] = [(r["user_id"], a["pred"]) for r in rows for a in r["answers"]]
+    finally:
+        ray.shutdown()
+    assert answers["ray"] == answers["in-process"] and len(answers["ray"]) == 2
