@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Iterator, Literal, get_origin
+from typing import Callable, Iterator, Literal, get_origin
 
 import dspy
 import json_repair
@@ -78,7 +78,7 @@ class LlamaCppEngine:
         # Prompts of one signature share their header (field descriptions, then the persona), and
         # evaluating the prompt is most of a call's time here: keep the states of the last calls
         # so the next call with the same signature starts from the longest shared prefix.
-        self._llama.set_cache(_RecentStates(prefix_states))
+        self._llama.set_cache(_RecentStates(prefix_states, self._is_control))
         self._scored_tokens = 0  # the context's first tokens, as `score` evaluated them
         # Scoring interleaves users: each one's fixed prefix (the persona's system message, their
         # demonstrations) is kept apart from the context too, bounded in bytes.
@@ -231,6 +231,10 @@ class LlamaCppEngine:
         llama.input_ids[:length] = tokens[:length]
         return length
 
+    def _is_control(self, token: int) -> bool:
+        """Whether `token` is a control token, such as a turn marker (`<|im_start|>`)."""
+        return bool(self._llama._model.token_get_attr(token) & LLAMA_TOKEN_ATTR_CONTROL)
+
     def _batch_starts(self, tokens: list[int]) -> list[int]:
         """Where a scored prompt's batches start: at every turn marker (a control token such as
         `<|im_start|>`) at least `MIN_BATCH` tokens after the last start, else every `MAX_BATCH`
@@ -242,11 +246,10 @@ class LlamaCppEngine:
         evaluated: generation batches differently) gives the same scores whatever was asked
         before. Turn markers as starts keep a persona's system message reusable across its
         questions."""
-        is_control = lambda token: self._llama._model.token_get_attr(token) & LLAMA_TOKEN_ATTR_CONTROL  # noqa: E731
         starts = [0]
         for position, token in enumerate(tokens):
             since = position - starts[-1]
-            if since >= MAX_BATCH or (since >= MIN_BATCH and is_control(token)):
+            if since >= MAX_BATCH or (since >= MIN_BATCH and self._is_control(token)):
                 starts.append(position)
         return starts
 
@@ -312,19 +315,28 @@ class _RecentStates(LlamaRAMCache):
     so a byte-bounded cache grows by gigabytes. A few states cover the alternating signatures of
     an answer (plan, answer) and of an alignment step."""
 
-    def __init__(self, states: int):
+    def __init__(self, states: int, is_control: Callable[[int], bool]):
         super().__init__(capacity_bytes=1 << 62)
-        self.states = states
+        self.states, self.is_control = states, is_control
 
     def __setitem__(self, key, value) -> None:
-        # A state whose tokens begin the new one's is superseded: every prompt resumes at least as far
-        # from the new one. Dropped, a chat turn's state does not push another conversation's out.
+        # A state is superseded by a new one that shares all of it up to its last turn marker (the
+        # start of the reply it generated): the conversation's next turn extends the new one, which
+        # resumes every such prompt as far (the reply, written back by the client and tokenized
+        # again, may part from the generated tokens). Dropped, one conversation's turns do not push
+        # another's state out.
         key = tuple(key)
-        for kept in [k for k in self.cache_state if len(k) <= len(key) and key[:len(k)] == k]:
+        for kept in [k for k in self.cache_state if self._shares_turns(k, key)]:
             del self.cache_state[kept]
         super().__setitem__(key, value)
         while len(self.cache_state) > self.states:
             self.cache_state.popitem(last=False)
+
+    def _shares_turns(self, kept: tuple[int, ...], key: tuple[int, ...]) -> bool:
+        """Whether `key` begins with `kept` up to and including its last turn marker (all of it
+        if it has none)."""
+        end = next((i + 1 for i in range(len(kept) - 1, -1, -1) if self.is_control(kept[i])), len(kept))
+        return key[:end] == kept[:end] and len(key) >= end
 
 
 class _PrefixStates:

@@ -35,18 +35,21 @@ def test_kept_prefixes_stay_within_their_bytes_and_the_least_recently_used_go_fi
 
 def test_a_conversations_new_state_replaces_its_last_so_each_conversation_keeps_one():
     """Four conversations taking turns in a cache of four states: each finds its previous turn's
-    state (its prompt and reply), which the next turn's prompt extends."""
-    states = _RecentStates(4)
-    conversations = {user: [user, 0] for user in range(4)}
+    state, which the next turn's prompt extends up to its reply (0 is the turn marker; the reply,
+    tokenized again from the client's text, parts from the generated tokens: 200 + user, not 100 + user)."""
+    states = _RecentStates(4, is_control=lambda token: token == 0)
+    conversations = {user: [user] for user in range(1, 5)}
     for turn in range(3):
         for user, tokens in conversations.items():
             if turn:  # what llama.cpp looks up for the next prompt (which also makes it the most recent)
-                assert states[tokens + [7]].tokens == tuple(tokens)
-            tokens += [turn + 1, 100 + user]  # the new message and the reply
-            states[tokens] = SimpleNamespace(llama_state_size=1, tokens=tuple(tokens))
-    assert sorted(states.cache_state) == sorted(tuple(t) for t in conversations.values())
-    states[[9, 9]] = SimpleNamespace(llama_state_size=1, tokens=(9, 9))  # another prompt: the least recent goes
-    assert len(states.cache_state) == 4 and tuple(conversations[0]) not in states.cache_state
+                assert states[tokens + [0, 7]].tokens[:len(tokens) - 1] == tuple(tokens[:-1])
+                tokens[-1] = 200 + user  # the reply as the client sent it back
+            prompt = tokens + [0, turn + 10, 0]  # the new message, then the reply's turn marker
+            states[prompt + [100 + user]] = SimpleNamespace(llama_state_size=1, tokens=tuple(prompt + [100 + user]))
+            tokens[:] = prompt + [100 + user]
+    assert len(states.cache_state) == 4 and {key[0] for key in states.cache_state} == set(conversations)
+    states[[9, 0, 9]] = SimpleNamespace(llama_state_size=1, tokens=(9, 0, 9))  # another prompt: the least recent goes
+    assert len(states.cache_state) == 4 and 1 not in {key[0] for key in states.cache_state}
 
 
 class _RecordingEngine:
