@@ -36,7 +36,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import dspy
 import faiss
@@ -51,6 +51,7 @@ from ..optimizers.tracking import (MlflowObserver, Observer, PromptRegistry, Tra
                                    seconds_metrics)
 from ..program.agent import PersonaProgram
 from ..program.embedder import MiniLMEmbedder
+from ..program.memory import Cutoff
 from ..program.lm import LOCAL_PREFIX, make_lm, stream_reply, use_lm
 from ..program.storage import validate_user_id
 from ..program.store import ProgramState, UserStore
@@ -204,6 +205,36 @@ log = logging.getLogger(__name__)
 REGISTRY_REFRESH_S = 30  # with `persona_alias`: how often a loaded persona rereads the registry's alias
 
 
+class _ConversationPasts:
+    """The past interactions shown to each conversation, by (user, opening message, first reply),
+    the least recently used forgotten past `size`: every turn shows exactly what its first turn
+    showed. Searching again would not: once the conversation's own turns are remembered, the
+    full-text ranking's word statistics move, the system prompt changes, and the engine has nothing
+    to resume."""
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._pasts: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str]) -> str | None:
+        with self._lock:
+            if key in self._pasts:
+                self._pasts.move_to_end(key)
+            return self._pasts.get(key)
+
+    def put(self, key: tuple[str, str, str], past: str) -> None:
+        with self._lock:
+            self._pasts[key] = past
+            while len(self._pasts) > self.size:
+                self._pasts.popitem(last=False)
+
+    def forget(self, user_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._pasts if k[0] == user_id]:
+                del self._pasts[key]
+
+
 def _unknown(user_id: str) -> NotFound:
     return NotFound(f"unknown user {user_id!r}: add an interaction or compile the user first")
 
@@ -252,6 +283,7 @@ class PersonaService:
             # an LM at work on 2 cores). This setting holds for every thread.
             torch.set_num_threads(1)
         self._programs: OrderedDict[str, _Loaded] = OrderedDict()
+        self._pasts = _ConversationPasts()
         self._jobs: dict[str, AlignJob] = {}
         self._deletions: dict[str, int] = {}  # per user: an alignment that saw a deletion must not save
         self._lock = threading.Lock()
@@ -437,49 +469,57 @@ class PersonaService:
         return Answer(user_id, str(pred.answer), loaded.version, [step["tool"] for step in pred.trajectory],
                       pred.get("label_scores"), pred.get("confidence"), pred.get("scoring"))
 
-    @staticmethod
-    def _chat_turns(program: PersonaProgram, messages: list[dict]) -> list[dict]:
-        """The LM's messages for a chat turn: the persona and the user's past interactions most like
-        the conversation's opening message as the system prompt, then the conversation. Retrieved
-        for the opening message, not the latest: then every turn's prompt extends the one before
-        it (and its reply), so the engine resumes from the previous turn's evaluated state and
-        evaluates only the new message, instead of the whole conversation behind a changed system
-        prompt."""
+    def _chat_turns(self, user_id: str, program: PersonaProgram, messages: list[dict]) -> tuple[list[dict], Callable]:
+        """The LM's messages for a chat turn, and what to call with its reply: the persona and the
+        user's past interactions most like the conversation's opening message as the system prompt,
+        then the conversation. Shown for the opening message, not the latest, and the same at every
+        turn (kept by `_ConversationPasts`): then every turn's prompt extends the one before it and
+        its reply, so the engine resumes from the previous turn's evaluated state and evaluates only
+        the new message, instead of the whole conversation behind a changed system prompt."""
         text = [str(m.get("content") or "") for m in messages]
-        opening = next((t for m, t in zip(messages, text) if m.get("role") == "user"), text[-1])
-        # This conversation's earlier turns, each remembered with its reply after it was answered, are
-        # not its past: hidden, so every turn is shown what its first turn was.
-        turns = {(text[i], text[i + 1]) for i in range(len(messages) - 1)
-                 if messages[i].get("role") == "user" and messages[i + 1].get("role") == "assistant"}
-        found = similar_records(program.task, program.memory, opening, program.k + len(turns))
-        past = [r for r in found if not (r.metadata.get("source") == "chat"
-                                         and (r.input, r.metadata.get("reply")) in turns)][:program.k]
-        system = (f"{program.instructions}\n\nThis user's past interactions most like this conversation:\n"
-                  f"{render_records(past)}")
+        opening = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages) - 1)
+        first_reply = (text[opening + 1] if opening + 1 < len(messages)
+                       and messages[opening + 1].get("role") == "assistant" else None)
+        past = self._pasts.get((user_id, text[opening], first_reply)) if first_reply is not None else None
+        if past is None:
+            # A first turn, or one whose conversation is no longer kept: memory as of its first turn
+            # (remembered with its reply), without the conversation's own turns.
+            started = None if first_reply is None else next(
+                (r for r in program.memory.with_input(text[opening]) if r.metadata.get("reply") == first_reply), None)
+            with program.memory.as_of(Cutoff.of(started) if started else None):
+                past = render_records(similar_records(program.task, program.memory, text[opening], program.k))
+        system = f"{program.instructions}\n\nThis user's past interactions most like this conversation:\n{past}"
         # OpenAI's "developer" messages are system instructions; tool messages have no place here.
         roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-        return [{"role": "system", "content": system}] + [
-            {"role": roles[m["role"]], "content": str(m.get("content") or "")}
-            for m in messages if m.get("role") in roles]
+        turns = [{"role": "system", "content": system}] + [
+            {"role": roles[m["role"]], "content": t} for m, t in zip(messages, text) if m.get("role") in roles]
+
+        def remember(reply: str) -> None:
+            self.add_interaction(user_id, text[-1], metadata={"source": "chat", "reply": reply})
+            if first_reply is None:
+                self._pasts.put((user_id, text[opening], reply), past)
+        return turns, remember
 
     def _chat(self, user_id: str, messages: list[dict]) -> ChatReply:
         loaded = self._loaded(user_id)
-        output = self.lm(messages=self._chat_turns(loaded.program, messages))[0]
+        turns, remember = self._chat_turns(user_id, loaded.program, messages)
+        output = self.lm(messages=turns)[0]
         reply = output if isinstance(output, str) else str(output.get("text", ""))
-        self.add_interaction(user_id, str(messages[-1]["content"]), metadata={"source": "chat", "reply": reply})
+        remember(reply)
         return ChatReply(user_id, reply, loaded.version)
 
     def _stream_chat(self, user_id: str, messages: list[dict], stream: ReplyStream) -> ChatReply | None:
         loaded = self._loaded(user_id)
+        turns, remember = self._chat_turns(user_id, loaded.program, messages)
         pieces = []
-        with contextlib.closing(stream_reply(self.lm, self._chat_turns(loaded.program, messages))) as generated:
+        with contextlib.closing(stream_reply(self.lm, turns)) as generated:
             for piece in generated:
                 if stream.closed:  # its consumer is gone: closing `generated` stops the LM
                     return None
                 stream._put(piece)
                 pieces.append(piece)
         reply = "".join(pieces)
-        self.add_interaction(user_id, str(messages[-1]["content"]), metadata={"source": "chat", "reply": reply})
+        remember(reply)
         return ChatReply(user_id, reply, loaded.version)
 
     @property
@@ -571,6 +611,7 @@ class PersonaService:
             with self._lock:
                 self._deletions[user_id] = self._deletions.get(user_id, 0) + 1
                 self._programs.pop(user_id, None)
+                self._pasts.forget(user_id)
                 self._outcomes_since_alignment.pop(user_id, None)
                 # A running alignment sees the deletion count change and does not save.
                 self._jobs = {i: j for i, j in self._jobs.items() if j.user_id != user_id}

@@ -77,6 +77,11 @@ class Cutoff:
 
 
 # Records visible at a cutoff: strictly earlier in time; without a time on either side, added earlier.
+def _record(row: tuple) -> MemoryRecord:
+    """A `records` row (id, input, output, timestamp, metadata, key) as a record."""
+    return MemoryRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), key=row[5])
+
+
 _VISIBLE = ("key IS NOT :key AND ((:ts IS NOT NULL AND timestamp IS NOT NULL AND timestamp < :ts)"
             " OR ((:ts IS NULL OR timestamp IS NULL) AND id < :id))")
 
@@ -397,7 +402,7 @@ class EpisodicMemory:
         rows = self._db.execute(
             f"SELECT id, input, output, timestamp, metadata, key FROM records WHERE id IN ({marks})", ids
         ).fetchall()
-        return {r[0]: MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), key=r[5]) for r in rows}
+        return {r[0]: _record(r) for r in rows}
 
     def all(self) -> list[MemoryRecord]:
         condition, params = self._visible()
@@ -405,7 +410,14 @@ class EpisodicMemory:
             rows = self._db.execute(
                 f"SELECT id, input, output, timestamp, metadata, key FROM records WHERE {condition} ORDER BY id", params
             ).fetchall()
-        return [MemoryRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), key=r[5]) for r in rows]
+        return [_record(r) for r in rows]
+
+    def with_input(self, text: str) -> list[MemoryRecord]:
+        """The records of the interactions whose input is exactly `text`, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, input, output, timestamp, metadata, key FROM records WHERE input = ?"
+                                    " ORDER BY id DESC", (text,)).fetchall()
+        return [_record(r) for r in rows]
 
     def recent(self, n: int) -> list[MemoryRecord]:
         return self.all()[-n:] if n > 0 else []

@@ -115,24 +115,29 @@ def test_a_stream_whose_lm_fails_before_its_first_token_is_a_503(tmp_path, embed
 
 def test_each_turn_extends_the_last_so_the_engine_can_resume_from_it(tmp_path, embedder):
     """A follow-up's prompt is the previous turn's prompt and reply plus the new message: the past
-    interactions shown are those most like the opening message, and the conversation's own
-    messages (remembered after each turn) are not shown as its past."""
+    interactions shown are those most like the opening message, as memory was when the conversation
+    began; its own turns (remembered after each) are not shown as its past. A second conversation
+    that opens the same way (and gets the same reply) is shown the first one as its past."""
     store = UserStore(tmp_path / "store", embedder)
     store.memory("dana").add([Interaction(f"{topic}: which one?", "the first", float(i)) for i, topic in enumerate(
         ["jazz guitar strings", "a pick for jazz", "lipstick shades", "hiking boots", "tea kettles", "jazz amps"])])
     engine = FakeEngine({"reply": "Flatwounds."})
     service = PersonaService(store, dspy.LM("local/fake", engine=engine, cache=False))
     try:
-        conversation = [{"role": "user", "content": "Which strings for jazz guitar?"}]
-        prompts = []
-        for follow_up in ("Why?", "And for hiking boots?"):
-            conversation.append({"role": "assistant", "content": "".join(service.stream_chat("dana", conversation))})
+        for _ in range(2):
+            conversation = [{"role": "user", "content": "Which strings for jazz guitar?"}]
+            prompts = []
+            for follow_up in ("Why?", "And for hiking boots?"):
+                conversation.append({"role": "assistant", "content": "".join(service.stream_chat("dana", conversation))})
+                prompts.append(engine.requests[-1])
+                conversation.append({"role": "user", "content": follow_up})
+            "".join(service.stream_chat("dana", conversation))
             prompts.append(engine.requests[-1])
-            conversation.append({"role": "user", "content": follow_up})
-        "".join(service.stream_chat("dana", conversation))
-        prompts.append(engine.requests[-1])
-        assert "jazz guitar strings" in prompts[0] and "hiking boots: which one" not in prompts[0]
-        for before, after in zip(prompts, prompts[1:]):
-            assert after.startswith(before + "\nFlatwounds.\n")
+            assert "jazz guitar strings" in prompts[0] and "hiking boots: which one" not in prompts[0]
+            for before, after in zip(prompts, prompts[1:]):
+                assert after.startswith(before + "\nFlatwounds.\n")
+        assert "- Which strings for jazz guitar?" in prompts[0]  # the first conversation, as the second's past
+        service.delete("dana")  # what the service kept of her conversations goes with her
+        assert not any(key[0] == "dana" for key in service._pasts._pasts)
     finally:
         service.close()
