@@ -27,7 +27,7 @@ from ..data.tasks import TaskSpec
 from .answer import LabelPredict, normalized
 from .memory import Cutoff, EpisodicMemory, Profile
 from .persona import BASE_INSTRUCTION, Persona, PersonaVersion, gist
-from .tools import build_evidence, build_tools, similar_records
+from .tools import build_evidence, build_tools, render_records, similar_records
 
 LM_WEIGHT = "lm"
 FEATURE_FLOOR = -20.0  # log-probabilities below this say "impossible" equally loudly
@@ -203,20 +203,16 @@ class Strategy:
     follows_persona: bool = False
 
 
-def _listed(records) -> str:
-    return "\n".join(f"- {r.render()}" for r in records)
-
-
 def _nothing(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
     return ""
 
 
 def _recent(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
-    return _listed(program.memory.recent(program.k))
+    return render_records(program.memory.recent(program.k), empty="")
 
 
 def _similar(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:
-    return _listed(similar_records(program.task, program.memory, question, program.k))
+    return render_records(similar_records(program.task, program.memory, question, program.k), empty="")
 
 
 def _profile_and_similar(program: PersonaProgram, question: str, trajectory: list[dict]) -> str:

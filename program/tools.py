@@ -31,9 +31,9 @@ def similar_records(task: TaskSpec, memory: EpisodicMemory, query: str, k: int) 
     return memory.search(task.subject(query), k)
 
 
-def render_records(records: list[MemoryRecord]) -> str:
-    """Past interactions as the LM is shown them, one a line."""
-    return "\n".join(f"- {r.render()}" for r in records) or "No past interactions."
+def render_records(records: list[MemoryRecord], empty: str = "No past interactions.") -> str:
+    """Past interactions as the LM is shown them, one a line (`empty` when there are none)."""
+    return "\n".join(f"- {r.render()}" for r in records) or empty
 
 
 def build_tools(task: TaskSpec, memory: EpisodicMemory, profile: Profile, k: int = 4) -> list[dspy.Tool]:
