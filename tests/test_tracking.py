@@ -15,7 +15,7 @@ import pytest
 from personaagent.data.loaders import load
 from personaagent.optimizers.compile import compile_users
 from personaagent.optimizers.pipeline import CompileConfig
-from personaagent.optimizers.tracking import HOST_TAG, PID_TAG, Tracker, prompt_name, registered_persona
+from personaagent.optimizers.tracking import HOST_TAG, PID_TAG, MlflowObserver, Tracker, prompt_name, registered_persona
 from personaagent.app.cli import main
 from personaagent.program.lm import make_lm
 from personaagent.app.service import PersonaService
@@ -96,6 +96,25 @@ def test_runs_end_failed_or_killed_and_runs_of_a_killed_process_are_ended(tmp_pa
     status = {name: client.get_run(run.info.run_id).info.status
               for name, run in [("failed", failed), ("interrupted", interrupted), ("orphan", orphan), ("alive", alive)]}
     assert status == {"failed": "FAILED", "interrupted": "KILLED", "orphan": "KILLED", "alive": "RUNNING"}
+
+
+def test_a_run_killed_while_it_records_the_users_result_is_never_tagged_done_without_its_costs(tmp_path, monkeypatch):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "runs")
+    calls = []
+    record = Tracker.call
+
+    def killed_after_one_write(self, what, method, *args, **kwargs):
+        if method in {"set_tag", "log_metrics"}:
+            if calls:
+                raise KeyboardInterrupt  # the kill -9 lands between the two writes
+            calls.append(method)
+        return record(self, what, method, *args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt), tracker.run("user") as run:
+        monkeypatch.setattr(Tracker, "call", killed_after_one_write)
+        MlflowObserver(tracker).finished("compiled", {"lm_calls": 3, "tokens": 40, "seconds": 1.0})
+    stored = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.info.run_id).data
+    assert "status" not in stored.tags and stored.metrics["lm_calls"] == 3
 
 
 def test_two_compiles_of_one_user_at_once_lose_no_version_on_a_fresh_mlflow_store(tmp_path, log):
