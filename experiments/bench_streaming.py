@@ -7,9 +7,9 @@ Users come from the LaMP-3 sample as in `bench_serving` (memory and an initial p
 An opening turn asks for a few sentences about one of the user's reviews, once streamed and once not
 (in alternating order, as each turn warms the engine's prompt cache for the next). Then each user's
 conversation goes on with short follow-ups, the users taking turns: a follow-up's prompt extends its
-conversation's previous turn and reply, whose evaluated state the engine resumes from (it keeps the
-states of the last few calls), so only the new message is evaluated before the first token. Run it alone on the
-machine (llama.cpp slows about tenfold when its threads outnumber free cores). Results go to
+conversation's previous turn and reply, whose evaluated state the engine resumes from (it keeps
+generated prompts' states, bounded in bytes), so only the new message is evaluated before the first
+token. Run it alone on the machine (llama.cpp slows about tenfold when its threads outnumber free cores). Results go to
 experiments/results/streaming/<build tag>.json, one file per CPU kind (see `bench_engine`).
 """
 

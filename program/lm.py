@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, get_origin
 
 import dspy
@@ -35,7 +36,8 @@ from .isolated import IsolatedEngine
 LOCAL_PREFIX = "local/"
 FAKE_LM = "testing/fake"  # the fake LM by name, for processes that cannot be handed an LM object
 DEFAULT_LM = LOCAL_PREFIX + models.DEFAULT_MODEL
-# Bytes of kept scored-prompt prefixes (`_PrefixStates`) per engine, in MB.
+# Bytes of kept prompt states per engine, in MB, for each of its two caches: scored prompts' prefixes
+# (`_PrefixStates`) and generated prompts' states (`_RecentStates`).
 PREFIX_CACHE_ENV, DEFAULT_PREFIX_CACHE_MB = "PERSONAAGENT_PREFIX_CACHE_MB", 256
 # Batch sizes of a scored prompt (`LlamaCppEngine._batch_starts`): here batches of 96 tokens
 # evaluate about as fast as one batch, 64 a tenth slower, 32 a quarter slower.
@@ -55,8 +57,7 @@ class LlamaCppEngine:
     supported_params = frozenset({"temperature", "max_tokens", "top_p", "stop", "seed", "response_format"})
 
     def __init__(self, model_name: str, n_ctx: int | None = None, n_threads: int | None = None, seed: int = 0,
-                 max_string_chars: int = 300, max_items: int = 6, prefix_states: int = 4,
-                 prefix_cache_mb: float | None = None):
+                 max_string_chars: int = 300, max_items: int = 6, prefix_cache_mb: float | None = None):
         spec = models.get_model(model_name)
         # prepare() verifies the checksum (and rebuilds if needed): a corrupted file is never loaded.
         path = models.prepare(model_name, progress=False)
@@ -67,7 +68,7 @@ class LlamaCppEngine:
         # when other work shares the machine. Prompts too (batch threads default to every core: with
         # one core taken, a 60-token prompt stalled 4 to 8 s before its first token).
         threads = n_threads or int(os.environ.get("PERSONAAGENT_THREADS") or os.cpu_count() or 1)
-        self._llama = Llama(
+        self._llama = _Llama(
             model_path=str(path),
             n_ctx=n_ctx or spec.context_window,
             n_threads=threads,
@@ -75,16 +76,18 @@ class LlamaCppEngine:
             seed=seed,
             verbose=False,
         )
-        # Prompts of one signature share their header (field descriptions, then the persona), and
-        # evaluating the prompt is most of a call's time here: keep the states of the last calls
-        # so the next call with the same signature starts from the longest shared prefix.
-        self._llama.set_cache(_RecentStates(prefix_states, self._is_control))
-        self._scored_tokens = 0  # the context's first tokens, as `score` evaluated them
-        # Scoring interleaves users: each one's fixed prefix (the persona's system message, their
-        # demonstrations) is kept apart from the context too, bounded in bytes.
         if prefix_cache_mb is None:
             prefix_cache_mb = float(os.environ.get(PREFIX_CACHE_ENV) or DEFAULT_PREFIX_CACHE_MB)
-        self._prefixes = _PrefixStates(int(prefix_cache_mb * 2**20))
+        capacity = int(prefix_cache_mb * 2**20)
+        # Prompts of one signature share their header (field descriptions, then the persona), a chat
+        # turn extends its conversation's last, and evaluating the prompt is most of a call's time
+        # here: keep generated prompts' states so the next call starts from the longest shared prefix.
+        if capacity:
+            self._llama.set_cache(_RecentStates(capacity, self._is_control))
+        self._scored_tokens = 0  # the context's first tokens, as `score` evaluated them
+        # Scoring interleaves users: each one's fixed prefix (the persona's system message, their
+        # demonstrations) is kept apart from the context too.
+        self._prefixes = _PrefixStates(capacity)
         llama = self._llama
         token_text = lambda token: llama._model.token_get_text(token) if token != -1 else ""  # noqa: E731
         chat_template = (llama.metadata["tokenizer.chat_template"], token_text(llama.token_eos()),
@@ -188,7 +191,9 @@ class LlamaCppEngine:
             reuse = max(start for start in starts if start <= common)
             saved = self._prefixes.longest(tokens, [start for start in starts if start > reuse])
             if saved is not None:
-                reuse = self._restore(tokens, *saved)
+                self._scored_tokens = 0  # until this call has evaluated its prompt
+                reuse, state = saved
+                llama.load_state(state)
             keep = max(start for start in starts if start <= fixed)  # where this prompt's fixed prefix ends
             llama.n_tokens = reuse
             llama._ctx.kv_cache_seq_rm(-1, reuse, -1)
@@ -196,13 +201,15 @@ class LlamaCppEngine:
                 if begin < reuse:
                     continue
                 if begin == keep > 0 and tuple(tokens[:keep]) not in self._prefixes:
-                    self._keep(tokens[:keep])  # the context holds exactly that prefix now
+                    self._prefixes.add(tuple(tokens[:keep]), llama.save_state())  # all the context holds now
                 llama.eval(tokens[begin:end])
             self._evaluated = shared - reuse
             scores = self._tree([f[shared:] for f in full], shared, _log_softmax(self._logits()))
-            # The context holds the shared prefix again, as the next call's prefix search expects.
+            # The context holds the shared prefix again, as the next call's prefix search expects;
+            # its logits are the tree's last, not the prefix's: a generation must not sample from them.
             llama._ctx.kv_cache_seq_rm(-1, shared, -1)
             llama.n_tokens = self._scored_tokens = shared
+            llama._requires_eval = True
         return scores, self._evaluated
 
     def _fixed_prefix(self, messages: list[dict], prompt: str) -> int:
@@ -212,24 +219,6 @@ class LlamaCppEngine:
         if not prompt.startswith(before):
             return 0
         return len(self._llama.tokenize(before.encode(), add_bos=False, special=True))
-
-    def _keep(self, prefix: list[int]) -> None:
-        """Keep the KV cells of `prefix`, all the context holds now (llama.cpp's state of one
-        sequence: without the logits a whole-context state copies)."""
-        ctx = self._llama._ctx.ctx
-        state = (ctypes.c_uint8 * llama_cpp.llama_state_seq_get_size(ctx, 0))()
-        llama_cpp.llama_state_seq_get_data(ctx, state, len(state), 0)
-        self._prefixes.add(tuple(prefix), state)
-
-    def _restore(self, tokens: list[int], length: int, state) -> int:
-        """The context holds the first `length` tokens again, from their kept KV cells."""
-        llama = self._llama
-        self._scored_tokens = 0  # until this call has evaluated its prompt
-        llama._ctx.kv_cache_clear()
-        if llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, state, len(state), 0) != len(state):
-            raise RuntimeError(f"llama.cpp could not restore a kept prompt prefix of {length} tokens")
-        llama.input_ids[:length] = tokens[:length]
-        return length
 
     def _is_control(self, token: int) -> bool:
         """Whether `token` is a control token, such as a turn marker (`<|im_start|>`)."""
@@ -309,15 +298,49 @@ class LlamaCppEngine:
         self._llama.close()
 
 
-class _RecentStates(LlamaRAMCache):
-    """llama.cpp's prompt cache bounded by a number of states, not bytes: each state also copies
-    the logits buffer (about 300 MB for Qwen's vocabulary), which the byte capacity does not count,
-    so a byte-bounded cache grows by gigabytes. A few states cover the alternating signatures of
-    an answer (plan, answer) and of an alignment step."""
+@dataclass(frozen=True)
+class _SequenceState:
+    """The context's state as a prompt cache needs it: its tokens and their KV cells (about 28 KB a
+    token on the 1.5B model). llama-cpp-python's own state also copies the logits buffer (about
+    300 MB for Qwen's vocabulary), so only a few fit in memory; a restored prompt's last token is
+    evaluated again anyway (`Llama.generate`), which gives the logits to sample from."""
 
-    def __init__(self, states: int, is_control: Callable[[int], bool]):
-        super().__init__(capacity_bytes=1 << 62)
-        self.states, self.is_control = states, is_control
+    input_ids: np.ndarray
+    n_tokens: int
+    llama_state: ctypes.Array
+    seed: int
+
+    @property
+    def llama_state_size(self) -> int:  # the bytes a cache counts (as `LlamaRAMCache` does)
+        return len(self.llama_state)
+
+
+class _Llama(Llama):
+    """llama.cpp's model whose saved states are `_SequenceState`s: the KV cells, not the logits."""
+
+    def save_state(self) -> _SequenceState:
+        ctx = self._ctx.ctx
+        cells = (ctypes.c_uint8 * llama_cpp.llama_state_seq_get_size(ctx, 0))()
+        llama_cpp.llama_state_seq_get_data(ctx, cells, len(cells), 0)
+        return _SequenceState(self.input_ids[:self.n_tokens].copy(), self.n_tokens, cells, self._seed)
+
+    def load_state(self, state: _SequenceState) -> None:
+        self._ctx.kv_cache_clear()
+        if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, state.llama_state, len(state.llama_state), 0) \
+                != len(state.llama_state):
+            raise RuntimeError(f"llama.cpp could not restore a kept prompt state of {state.n_tokens} tokens")
+        self.input_ids[:state.n_tokens] = state.input_ids
+        self.n_tokens, self._seed = state.n_tokens, state.seed
+        self._requires_eval = True  # no logits were restored
+
+
+class _RecentStates(LlamaRAMCache):
+    """llama.cpp's prompt cache of generated prompts' states (`_SequenceState`s), the least recently
+    used dropped past `capacity_bytes`: at 256 MB, dozens of conversations or signatures' headers."""
+
+    def __init__(self, capacity_bytes: int, is_control: Callable[[int], bool]):
+        super().__init__(capacity_bytes)
+        self.is_control = is_control
 
     def __setitem__(self, key, value) -> None:
         # A state is superseded by a new one that shares all of it up to its last turn marker (the
@@ -329,8 +352,6 @@ class _RecentStates(LlamaRAMCache):
         for kept in [k for k in self.cache_state if self._shares_turns(k, key)]:
             del self.cache_state[kept]
         super().__setitem__(key, value)
-        while len(self.cache_state) > self.states:
-            self.cache_state.popitem(last=False)
 
     def _shares_turns(self, kept: tuple[int, ...], key: tuple[int, ...]) -> bool:
         """Whether `key` begins with `kept` up to and including its last turn marker (all of it
@@ -340,17 +361,17 @@ class _RecentStates(LlamaRAMCache):
 
 
 class _PrefixStates:
-    """Kept KV cells of scored prompts' prefixes, by their tokens, the least recently used dropped
-    past `capacity` bytes (about 28 KB a token on the 1.5B model)."""
+    """Kept states of scored prompts' prefixes, by their tokens, the least recently used dropped
+    past `capacity` bytes."""
 
     def __init__(self, capacity: int):
         self.capacity, self.size = capacity, 0
-        self._states: OrderedDict[tuple[int, ...], ctypes.Array] = OrderedDict()
+        self._states: OrderedDict[tuple[int, ...], _SequenceState] = OrderedDict()
 
     def __contains__(self, prefix: tuple[int, ...]) -> bool:
         return prefix in self._states
 
-    def longest(self, tokens: list[int], ends: list[int]) -> tuple[int, ctypes.Array] | None:
+    def longest(self, tokens: list[int], ends: list[int]) -> tuple[int, _SequenceState] | None:
         """The longest kept prefix of `tokens` that ends at one of `ends`: (its length, its state)."""
         for end in reversed(ends):
             prefix = tuple(tokens[:end])
@@ -359,13 +380,13 @@ class _PrefixStates:
                 return end, self._states[prefix]
         return None
 
-    def add(self, prefix: tuple[int, ...], state: ctypes.Array) -> None:
-        if len(state) > self.capacity:
+    def add(self, prefix: tuple[int, ...], state: _SequenceState) -> None:
+        if state.llama_state_size > self.capacity:
             return
         self._states[prefix] = state
-        self.size += len(state)
+        self.size += state.llama_state_size
         while self.size > self.capacity:
-            self.size -= len(self._states.popitem(last=False)[1])
+            self.size -= self._states.popitem(last=False)[1].llama_state_size
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -76,9 +76,9 @@ def test_real_prediction_parses_into_the_declared_literal(small_model):
     assert lm.history[-1]["usage"]["completion_tokens"] > 0
 
 
-def test_reusing_saved_prompt_states_changes_no_answer_and_keeps_few_states(small_model):
+def test_reusing_saved_prompt_states_changes_no_answer_and_keeps_them_within_their_bytes(small_model):
     """Calls alternate between two signatures, as plan and answer do: answers resumed from a saved
-    prefix state must equal answers computed from scratch, and the saved states stay bounded."""
+    prefix state must equal answers computed from scratch, and the saved states stay within their bytes."""
 
     class Rate(dspy.Signature):
         """Rate the review from 1 to 5."""
@@ -99,10 +99,13 @@ def test_reusing_saved_prompt_states_changes_no_answer_and_keeps_few_states(smal
         with use_lm(lm):
             return [(dspy.Predict(Rate)(review=r).rating, dspy.Predict(Topic)(review=r).product) for r in reviews]
 
-    cached, fresh = LlamaCppEngine(SMALL, prefix_states=2), LlamaCppEngine(SMALL, prefix_states=0)
+    # 16 MB hold three of the six prompts' states (about 5 MB each: KV cells only, no logits).
+    cached, fresh = LlamaCppEngine(SMALL, prefix_cache_mb=16), LlamaCppEngine(SMALL, prefix_cache_mb=0)
     try:
         assert answers(cached) == answers(fresh)
-        assert len(cached._llama.cache.cache_state) == 2 and len(fresh._llama.cache.cache_state) == 0
+        kept = cached._llama.cache
+        assert 0 < len(kept.cache_state) < 2 * len(reviews) and kept.cache_size <= 16 * 2**20
+        assert fresh._llama.cache is None
     finally:
         cached.close()
         fresh.close()

@@ -23,18 +23,22 @@ def test_output_is_valid_only_when_the_adapter_will_parse_it_into_the_schema():
 
 
 def test_kept_prefixes_stay_within_their_bytes_and_the_least_recently_used_go_first():
+    def state(size):
+        return SimpleNamespace(llama_state_size=size)
+
     states = _PrefixStates(capacity=10)
-    states.add((1, 2), bytearray(4))
-    states.add((3, 4), bytearray(4))
-    assert states.longest([1, 2, 9], ends=[1, 2]) == (2, bytearray(4))  # (1, 2) is now the most recent
-    states.add((5,), bytearray(4))
+    kept = state(4)
+    states.add((1, 2), kept)
+    states.add((3, 4), state(4))
+    assert states.longest([1, 2, 9], ends=[1, 2]) == (2, kept)  # (1, 2) is now the most recent
+    states.add((5,), state(4))
     assert (1, 2) in states and (5,) in states and (3, 4) not in states and states.size == 8
-    states.add((6,), bytearray(11))  # over the capacity alone: not kept
+    states.add((6,), state(11))  # over the capacity alone: not kept
     assert (6,) not in states and states.longest([3, 4], ends=[2]) is None
 
 
 def test_a_conversations_new_state_replaces_its_last_so_each_conversation_keeps_one():
-    """Four conversations taking turns in a cache of four states: each finds its previous turn's
+    """Four conversations taking turns in a cache of four states' bytes: each finds its previous turn's
     state, which the next turn's prompt extends up to its reply (0 is the turn marker; the reply,
     tokenized again from the client's text, parts from the generated tokens: 200 + user, not 100 + user)."""
     states = _RecentStates(4, is_control=lambda token: token == 0)
