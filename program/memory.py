@@ -260,7 +260,7 @@ class EpisodicMemory:
         fresh = [(k, item) for k, item in keyed.items() if k not in known]
         if not fresh:
             return []
-        vectors = self.embedder.embed([item.input for _, item in fresh])
+        vectors = self._embed([item.input for _, item in fresh])
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -346,7 +346,8 @@ class EpisodicMemory:
 
     def _query_vector(self, query: str) -> np.ndarray:
         """The query's embedding. The last one is kept: an answer searches its question twice (the
-        context it is shown, and its tools' evidence), and embedding is most of a search's cost."""
+        context it is shown, and its tools' evidence), a chat turn is remembered after its message
+        was searched, and embedding is most of a search's cost."""
         with self._lock:
             if self._last_query is not None and self._last_query[0] == query:
                 return self._last_query[1]
@@ -354,6 +355,14 @@ class EpisodicMemory:
         with self._lock:
             self._last_query = (query, vector)
         return vector
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """The texts' embeddings; one text that was the last query reuses its kept vector."""
+        with self._lock:
+            last = self._last_query
+        if last is not None and len(texts) == 1 and texts[0] == last[0]:
+            return last[1][None, :]
+        return self.embedder.embed(texts)
 
     def search_text(self, query: str, k: int = 4) -> list[MemoryRecord]:
         """Full-text search (SQLite FTS5, BM25 ranking): records with any of the query's words."""

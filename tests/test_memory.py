@@ -27,7 +27,7 @@ def test_add_search_delete(tmp_path, embedder):
     assert not memory.delete(found[0].id)
 
 
-def test_a_question_searched_twice_is_embedded_once(tmp_path, embedder):
+def test_a_question_searched_twice_or_searched_then_remembered_is_embedded_once(tmp_path, embedder):
     calls = []
 
     class Counting:
@@ -44,6 +44,12 @@ def test_a_question_searched_twice_is_embedded_once(tmp_path, embedder):
     assert memory.search("guitar strings number 3", 2) == first and len(calls) == 1
     memory.search("guitar strings number 4", 2)
     assert len(calls) == 2
+    # A chat turn's message is searched, then remembered: embedded once, to the vector it would get alone.
+    memory.add([Interaction("guitar strings number 4", "a reply")])
+    assert len(calls) == 2
+    assert memory.search("guitar strings number 4", 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    memory.add([Interaction("guitar strings number 5", "a reply")])
+    assert calls[-1] == ["guitar strings number 5"]
 
 
 def test_adding_the_same_interactions_again_adds_nothing(tmp_path, embedder):
