@@ -297,7 +297,8 @@ def _authorizer(token: str) -> Callable[..., None]:
     """The dependency that refuses a /v1 request without the bearer `token`, with 401."""
     bearer = HTTPBearer(auto_error=False, description="the token the server was started with")
 
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    # async: run on the event loop, not handed to a worker thread and back on every request.
+    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if credentials is None:
             raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'",
                                 {"WWW-Authenticate": "Bearer"})

@@ -74,3 +74,27 @@ def test_a_stream_is_asked_with_the_lms_generation_settings():
     assert list(stream_reply(lm, [{"role": "user", "content": "hi"}])) == []
     config = engine.request.config
     assert (config.temperature, config.max_tokens, config.seed) == (0.3, 7, 1)
+
+
+def test_demonstrations_are_formatted_as_dspys_json_adapter_formats_them():
+    """The adapter's shortcut for text outputs changes no prompt (a changed prompt changes answers)."""
+    from typing import Literal
+
+    from dspy.adapters.json_adapter import JSONAdapter
+
+    from personaagent.program.lm import CompactJSONAdapter
+
+    class Rate(dspy.Signature):
+        """Rate the review."""
+
+        review: str = dspy.InputField()
+        answer: Literal["1", "2"] = dspy.OutputField()
+        why: str = dspy.OutputField()
+
+    class DSPysFormatting(CompactJSONAdapter):
+        format_field_with_value = JSONAdapter.format_field_with_value
+
+    demos = [dspy.Example(review='Says "great" — ünïcode', answer="1", why="line\nbreak"),
+             dspy.Example(review="Plain.", answer="2", why="")]
+    inputs = {"review": "A new one."}
+    assert CompactJSONAdapter().format(Rate, demos, inputs) == DSPysFormatting().format(Rate, demos, inputs)
