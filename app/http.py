@@ -24,7 +24,7 @@ import uuid
 from dataclasses import fields
 from http import HTTPStatus
 from pathlib import Path as FilePath
-from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Iterator, Literal
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
@@ -293,7 +293,7 @@ def create_app(service: PersonaService, token: str, max_body_bytes: int = MAX_BO
     return app
 
 
-def _authorizer(token: str) -> Callable[..., None]:
+def _authorizer(token: str) -> Callable[..., Awaitable[None]]:
     """The dependency that refuses a /v1 request without the bearer `token`, with 401."""
     bearer = HTTPBearer(auto_error=False, description="the token the server was started with")
 

@@ -171,30 +171,31 @@ def main(argv: list[str] | None = None) -> int:
         users, questions = make_store(args.data, args.users, root)
         service = PersonaService(root, lm, lm_workers=1)
         loading = load_times(service, users)
-        # Distinct questions: nothing the service might keep from one answer serves the next.
-        asked = [(u, f"{q} (asked {i})") for i, (u, q) in enumerate((questions * args.answers)[:args.answers])]
+        # Distinct requests, the concurrent phases' apart from the sequential ones': nothing the service
+        # or the engine keeps from one request (a prompt state, a query vector) serves another.
+        asked = [(u, f"{q} (asked {i})") for i, (u, q) in enumerate((questions * 2 * args.answers)[:2 * args.answers])]
         answers = [(f"/v1/users/{u}/answer", {"text": q}) for u, q in asked]
+        chats = [("/v1/chat/completions", {"model": "persona", "user": u, "messages": [{"role": "user", "content": q}]})
+                 for u, q in asked]
         appends = [(f"/v1/users/{users[i % len(users)]}/interactions",
                     {"input": f"review {i}: solid build, decent sound for the price", "output": str(i % 5 + 1)})
-                   for i in range(args.appends)]
+                   for i in range(2 * args.appends)]
         with running(create_app(service, TOKEN)) as url, \
                 httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=600,
                              limits=httpx.Limits(max_connections=args.concurrency)) as client:
-            client.post(answers[0][0], json=answers[0][1])  # warm-up: first-call costs are not load
-            phases = {"answer, sequential": run_phase(client, answers, 1, args.seconds, timer)}
-            # Queued answers finish after the budget: send only as many as one LM worker gets through in it.
-            affordable = answers[:max(1, int(args.seconds * 1000 / phases["answer, sequential"]["p50_ms"]))]
-            concurrency = min(args.concurrency, len(affordable))
-            phases[f"answer, {concurrency} concurrent"] = concurrent_phase(url, affordable, concurrency, args.seconds)
-            # The OpenAI-compatible endpoint: persona as system prompt, a memory search, the turn remembered.
-            chats = [("/v1/chat/completions",
-                      {"model": "persona", "user": u, "messages": [{"role": "user", "content": q}]}) for u, q in asked]
-            phases["chat, sequential"] = run_phase(client, chats, 1, args.seconds, timer)
-            affordable = chats[:max(1, int(args.seconds * 1000 / phases["chat, sequential"]["p50_ms"]))]
-            phases[f"chat, {concurrency} concurrent"] = concurrent_phase(url, affordable, concurrency, args.seconds)
-            phases["append, sequential"] = run_phase(client, appends, 1, args.seconds, timer)
-            phases[f"append, {args.concurrency} concurrent"] = concurrent_phase(url, appends, args.concurrency,
-                                                                                args.seconds)
+            client.post(answers[-1][0], json=answers[-1][1])  # warm-up: first-call costs are not load
+            # Answers, then the OpenAI-compatible chat (persona as system prompt, a memory search, the turn
+            # remembered), then appends: each one at a time, then from concurrent clients.
+            phases = {}
+            for name, requests in [("answer", answers), ("chat", chats), ("append", appends)]:
+                half = len(requests) // 2
+                sequential = run_phase(client, requests[:half], 1, args.seconds, timer)
+                phases[f"{name}, sequential"] = sequential
+                # Queued requests finish after the budget: send only as many as one worker gets through in it.
+                affordable = requests[half:][:max(1, int(args.seconds * 1000 / sequential["p50_ms"]))]
+                concurrency = min(args.concurrency, len(affordable))
+                phases[f"{name}, {concurrency} concurrent"] = concurrent_phase(url, affordable, concurrency,
+                                                                               args.seconds)
         service.close()
 
     result = {"lm": lm.model, "users": len(users), "lm_workers": service.lm_workers, "loading": loading,
@@ -220,8 +221,7 @@ def concurrent_phase(url: str, requests: list[tuple[str, dict]], concurrency: in
 def _client_phase(url: str, requests: list[tuple[str, dict]], concurrency: int, budget_s: float) -> dict:
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=600,
                       limits=httpx.Limits(max_connections=concurrency)) as client:
-        path, body = requests[0]
-        client.post(path, json=body)  # warm-up: the connection, first-call costs
+        client.get("/healthz")  # warm-up: the client's first-call costs
         return run_phase(client, requests, concurrency, budget_s, LMTimer())
 
 

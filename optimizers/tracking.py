@@ -279,11 +279,12 @@ class MlflowObserver(Observer):
     def finished(self, status, metrics, error=""):
         # Traces are exported in the background: stored before the user counts as done.
         self.tracker.call("store the traces", "flush_trace_async_logging")
-        # Costs before the status: a compile killed between the two leaves no run tagged done without them.
+        # Costs and error before the status: a compile killed in between leaves no run tagged with
+        # its status without them.
         self.tracker.call("log costs", "log_metrics", metrics)
-        self.tracker.call("tag the status", "set_tag", "status", status)
         if error:
             self.tracker.call("log the error", "log_text", error, "error.txt")
+        self.tracker.call("tag the status", "set_tag", "status", status)
 
 
     def started(self, params):

@@ -299,7 +299,7 @@ class LlamaCppEngine:
         self._llama.close()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _SequenceState:
     """The context's state as a prompt cache needs it: its tokens and their KV cells (about 28 KB a
     token on the 1.5B model). llama-cpp-python's own state also copies the logits buffer (about
@@ -309,7 +309,6 @@ class _SequenceState:
     input_ids: np.ndarray
     n_tokens: int
     llama_state: ctypes.Array
-    seed: int
 
     @property
     def llama_state_size(self) -> int:  # the bytes a cache counts (as `LlamaRAMCache` does)
@@ -322,22 +321,25 @@ class _Llama(Llama):
     def save_state(self) -> _SequenceState:
         ctx = self._ctx.ctx
         cells = (ctypes.c_uint8 * llama_cpp.llama_state_seq_get_size(ctx, 0))()
-        llama_cpp.llama_state_seq_get_data(ctx, cells, len(cells), 0)
-        return _SequenceState(self.input_ids[:self.n_tokens].copy(), self.n_tokens, cells, self._seed)
+        if llama_cpp.llama_state_seq_get_data(ctx, cells, len(cells), 0) != len(cells):
+            raise RuntimeError(f"llama.cpp could not copy a prompt state of {self.n_tokens} tokens")
+        return _SequenceState(self.input_ids[:self.n_tokens].copy(), self.n_tokens, cells)
 
     def load_state(self, state: _SequenceState) -> None:
+        # The sampling seed is not part of a state: restoring a prompt does not rewind it.
         self._ctx.kv_cache_clear()
+        self.n_tokens, self._requires_eval = 0, True  # consistent with the cleared cells if the restore fails
         if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, state.llama_state, len(state.llama_state), 0) \
                 != len(state.llama_state):
             raise RuntimeError(f"llama.cpp could not restore a kept prompt state of {state.n_tokens} tokens")
         self.input_ids[:state.n_tokens] = state.input_ids
-        self.n_tokens, self._seed = state.n_tokens, state.seed
-        self._requires_eval = True  # no logits were restored
+        self.n_tokens = state.n_tokens  # no logits were restored: the next call evaluates before it samples
 
 
 class _RecentStates(LlamaRAMCache):
     """llama.cpp's prompt cache of generated prompts' states (`_SequenceState`s), the least recently
-    used dropped past `capacity_bytes`: at 256 MB, dozens of conversations or signatures' headers."""
+    used dropped past `capacity_bytes`: 256 MB hold about 9,000 tokens of the 1.5B model's prompts
+    (a few hundred tokens a signature's header, a conversation's turns)."""
 
     def __init__(self, capacity_bytes: int, is_control: Callable[[int], bool]):
         super().__init__(capacity_bytes)
@@ -352,7 +354,8 @@ class _RecentStates(LlamaRAMCache):
         key = tuple(key)
         for kept in [k for k in self.cache_state if self._shares_turns(k, key)]:
             del self.cache_state[kept]
-        super().__setitem__(key, value)
+        if value.llama_state_size <= self.capacity_bytes:  # larger alone, it would push out every state, then itself
+            super().__setitem__(key, value)
 
     def _shares_turns(self, kept: tuple[int, ...], key: tuple[int, ...]) -> bool:
         """Whether `key` begins with `kept` up to and including its last turn marker (all of it
@@ -524,11 +527,12 @@ class CompactJSONAdapter(dspy.JSONAdapter):
         return self._reminders[outputs]
 
     def format_field_with_value(self, fields_with_values: dict, role: str = "user") -> str:
-        # A demonstration's outputs that are all text are JSON as they are: DSPy's serializer builds
-        # a pydantic schema for their dict on every call, about a tenth of an answer's own time.
-        values = {field.name: value for field, value in fields_with_values.items()}
-        if role == "assistant" and all(isinstance(value, str) for value in values.values()):
-            return json.dumps(values, indent=2, ensure_ascii=False)
+        # Output fields whose values are all text (a demonstration's answer) are JSON as they are:
+        # DSPy's serializer builds a pydantic schema for their dict on every call, about a tenth of
+        # an answer's own time.
+        if role == "assistant" and all(isinstance(value, str) for value in fields_with_values.values()):
+            return json.dumps({field.name: value for field, value in fields_with_values.items()}, indent=2,
+                              ensure_ascii=False)
         return super().format_field_with_value(fields_with_values, role)
 
 

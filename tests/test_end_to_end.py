@@ -143,14 +143,17 @@ def test_a_prompt_is_scored_in_the_same_batches_and_to_the_same_scores_whatever_
     same_persona = [asked[0], {"role": "user", "content": rate + "Lovely tone."}]
     other_persona = [{"role": "system", "content": "Another user's persona."}, asked[1]]
     labels = [f'{{\n  "answer": "{rating}"\n}}' for rating in "12345"]
-    engine = LlamaCppEngine(SMALL, prefix_cache_mb=0)  # resumed from the context only (kept: test_prefix_states)
+    engine = LlamaCppEngine(SMALL)
+    engine._prefixes.capacity = 0  # scoring resumes from the context only (kept prefixes: test_prefix_states)
     batches, evaluate = [], engine._llama.eval
     engine._llama.eval = lambda tokens: (batches.append((engine._llama.n_tokens, len(tokens))), evaluate(tokens))[1]
     lm = dspy.LM(f"local/{SMALL}", engine=engine, cache=False, max_tokens=8)
     try:
         fresh, _ = engine.score(asked, labels)
         fresh_batches = set(batches)
-        for before in ([same_persona], [asked], [other_persona], [same_persona, "generate"]):
+        # The last: a generation, then another prompt, then the generation again, restored from the
+        # generation cache (a state llama.cpp batched its own way).
+        for before in ([same_persona], [asked], [other_persona], [same_persona, "generate", other_persona, "generate"]):
             for messages in before:
                 engine.score(messages, labels) if messages != "generate" else lm(messages=same_persona)
             batches.clear()
