@@ -26,7 +26,8 @@ For one user, whose past interactions come oldest first:
 
 Every state tried is a `PersonaVersion` with its validation score, emitted as it is made. With n=3
 and a window of 3, one iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the
-rewrite: 10 LM calls, where one label-scoring pass counts as one call. `max_lm_calls` bounds it: the window shrinks first.
+rewrite: 10 LM calls, where one label-scoring pass counts as one call. `max_lm_calls` bounds it: the
+window shrinks first.
 """
 
 from __future__ import annotations

@@ -77,13 +77,14 @@ class Cutoff:
 
 
 # Records visible at a cutoff: strictly earlier in time; without a time on either side, added earlier.
-def _record(row: tuple) -> MemoryRecord:
-    """A `records` row (id, input, output, timestamp, metadata, key) as a record."""
-    return MemoryRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), key=row[5])
-
-
 _VISIBLE = ("key IS NOT :key AND ((:ts IS NOT NULL AND timestamp IS NOT NULL AND timestamp < :ts)"
             " OR ((:ts IS NULL OR timestamp IS NULL) AND id < :id))")
+_RECORD_COLUMNS = "id, input, output, timestamp, metadata, key"  # what `_record` reads
+
+
+def _record(row: tuple) -> MemoryRecord:
+    """A `records` row (`_RECORD_COLUMNS`) as a record."""
+    return MemoryRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), key=row[5])
 
 
 class EpisodicMemory:
@@ -409,7 +410,7 @@ class EpisodicMemory:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self._db.execute(
-            f"SELECT id, input, output, timestamp, metadata, key FROM records WHERE id IN ({marks})", ids
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE id IN ({marks})", ids
         ).fetchall()
         return {r[0]: _record(r) for r in rows}
 
@@ -417,15 +418,15 @@ class EpisodicMemory:
         condition, params = self._visible()
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id, input, output, timestamp, metadata, key FROM records WHERE {condition} ORDER BY id", params
+                f"SELECT {_RECORD_COLUMNS} FROM records WHERE {condition} ORDER BY id", params
             ).fetchall()
         return [_record(r) for r in rows]
 
     def with_input(self, text: str) -> list[MemoryRecord]:
         """The records of the interactions whose input is exactly `text`, newest first."""
         with self._lock:
-            rows = self._db.execute("SELECT id, input, output, timestamp, metadata, key FROM records WHERE input = ?"
-                                    " ORDER BY id DESC", (text,)).fetchall()
+            rows = self._db.execute(f"SELECT {_RECORD_COLUMNS} FROM records WHERE input = ? ORDER BY id DESC",
+                                    (text,)).fetchall()
         return [_record(r) for r in rows]
 
     def recent(self, n: int) -> list[MemoryRecord]:
