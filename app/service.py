@@ -202,7 +202,47 @@ class _Loaded:
 
 
 log = logging.getLogger(__name__)
-REGISTRY_REFRESH_S = 30  # with `persona_alias`: how often a loaded persona rereads the registry's alias
+REGISTRY_REFRESH_S = 30  # with `persona_alias`: how often a user's persona is read again from the registry
+
+
+class _RegisteredPersonas:
+    """Each user's persona under the service's alias in the prompt registry: `(text, version)`, or
+    None where the registry has none (or is out of reach). Read again when the user's files changed
+    or `REGISTRY_REFRESH_S` after the last read: a moved alias is seen within that time, and a user
+    whose alias did not move keeps their loaded program, instead of every loaded program being
+    rebuilt every `REGISTRY_REFRESH_S`. The `size` latest reads are kept. Concurrent requests of a
+    user whose read expired may each read the registry: a few reads, not worth a wait."""
+
+    def __init__(self, alias: str, tracking_uri: str, size: int = 1024):
+        self.alias, self.tracking_uri, self.size = alias, tracking_uri, size
+        self._read: OrderedDict[str, tuple[float, tuple, tuple[str, int | None] | None]] = OrderedDict()
+        self._forgotten = 0  # how many `forget`s so far: a read begun before one is not kept
+        self._lock = threading.Lock()
+
+    def get(self, user_id: str, files: tuple) -> tuple[str, int | None] | None:
+        now = time.monotonic()
+        with self._lock:
+            read_at, read_files, persona = self._read.get(user_id, (float("-inf"), None, None))
+            forgotten = self._forgotten
+        if read_files == files and now - read_at < REGISTRY_REFRESH_S:
+            return persona
+        try:
+            persona = registered_persona(user_id, self.alias, self.tracking_uri)
+        except KeyError as exc:
+            log.warning("%s; serving the store's persona in force", exc.args[0])
+            persona = None
+        with self._lock:
+            if forgotten == self._forgotten:  # else the alias may have moved during the read
+                self._read[user_id] = (now, files, persona)
+                self._read.move_to_end(user_id)
+                while len(self._read) > self.size:
+                    self._read.popitem(last=False)
+        return persona
+
+    def forget(self, user_id: str) -> None:
+        with self._lock:
+            self._read.pop(user_id, None)
+            self._forgotten += 1
 
 
 class _ConversationPasts:
@@ -263,7 +303,8 @@ class PersonaService:
         self.tracking_uri = tracking_uri
         # Accepted versions (alignments, rollbacks) go to the prompt registry; with `persona_alias`,
         # each user's persona text is the registry's version under that alias (e.g. "champion").
-        self.register_prompts, self.persona_alias = register_prompts, persona_alias
+        self.register_prompts = register_prompts
+        self._alias_reads = _RegisteredPersonas(persona_alias, tracking_uri) if persona_alias else None
         self.lm = make_lm(lm) if isinstance(lm, str) else lm
         self.reflection_lm = reflection_lm
         # The settings of an alignment: `CompileConfig`'s defaults, an align request overriding its own.
@@ -349,9 +390,14 @@ class PersonaService:
                 stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
             except FileNotFoundError:
                 stamp.append(None)
-        if self.persona_alias:  # an alias moved in the registry is seen within this many seconds
-            stamp.append(int(time.monotonic() // REGISTRY_REFRESH_S))
+        if self._alias_reads:  # the registry's persona is part of what a compiled program is built from
+            stamp.append(self._alias_reads.get(user_id, tuple(stamp)) if stamp[0] is not None else None)
         return tuple(stamp)
+
+    def _forget_registered(self, user_id: str) -> None:
+        """After the registry's alias for the user moved (or the user is gone): read it again."""
+        if self._alias_reads:
+            self._alias_reads.forget(user_id)
 
     def _loaded(self, user_id: str) -> _Loaded:
         stamp = self._stamp(user_id)
@@ -377,18 +423,15 @@ class PersonaService:
         if state is None:
             return _Loaded(self.store.build(user_id, self.default_task), None, stamp)
         version = state.current
-        if self.persona_alias:
+        registered = stamp[-1] if self._alias_reads else None  # as `_stamp` read it
+        if registered is not None:
             # The registry's text, over the compiled choices of the version it was registered from
             # (the one in force for a text written in the registry itself). A user with no version
             # under the alias (compiled without --register-prompts), or a registry out of reach, is
             # served the store's persona in force: the same user, never an error.
-            try:
-                text, number = registered_persona(user_id, self.persona_alias, self.tracking_uri)
-            except KeyError as exc:
-                log.warning("%s; serving the store's persona v%d", exc.args[0], state.current.version)
-            else:
-                registered = next((v for v in state.versions if v.version == number), state.current)
-                version = replace(registered, instructions={**registered.instructions, "answer": text})
+            text, number = registered
+            base = next((v for v in state.versions if v.version == number), state.current)
+            version = replace(base, instructions={**base.instructions, "answer": text})
         return _Loaded(self.store.restore(user_id, task_from_dict(state.task), version), state, stamp, version.version)
 
     # ------------------------------------------------------------------ answering
@@ -594,6 +637,7 @@ class PersonaService:
         if self.register_prompts:  # the restored version is the one in force: the alias moves to it
             tracker = Tracker(self.tracking_uri, "personaagent-align")
             PromptRegistry(tracker).publish(state, [state.current])
+            self._forget_registered(user_id)
         return self.persona(user_id)
 
     def delete(self, user_id: str) -> None:
@@ -612,6 +656,7 @@ class PersonaService:
                 self._deletions[user_id] = self._deletions.get(user_id, 0) + 1
                 self._programs.pop(user_id, None)
                 self._pasts.forget(user_id)
+                self._forget_registered(user_id)
                 self._outcomes_since_alignment.pop(user_id, None)
                 # A running alignment sees the deletion count change and does not save.
                 self._jobs = {i: j for i, j in self._jobs.items() if j.user_id != user_id}
@@ -691,7 +736,8 @@ class PersonaService:
                     kept = replace(config, lm=previous.lm) if previous else config
                     state, added = pipeline.save(self.store, job.user_id, task, kept, previous, aligned,
                                                  previous.compile_key if previous else "", Observer(), job.trigger)
-                observer.saved(state, added)
+                observer.saved(state, added)  # registers the accepted versions, moving the alias
+                self._forget_registered(job.user_id)
                 observer.finished("succeeded", seconds_metrics(aligned.timings))
             job.new_versions = [v.version for v in added]
             job.current_version = state.current.version

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,6 +19,7 @@ from personaagent.optimizers.pipeline import CompileConfig
 from personaagent.optimizers.tracking import HOST_TAG, PID_TAG, MlflowObserver, Tracker, prompt_name, registered_persona
 from personaagent.app.cli import main
 from personaagent.program.lm import make_lm
+from personaagent.app import service as service_module
 from personaagent.app.service import PersonaService
 from personaagent.program.store import UserStore
 from personaagent.program.testing import fake_lm
@@ -182,6 +184,46 @@ def test_registered_personas_load_by_alias_follow_a_rollback_and_are_forgotten(t
         bob = UserStore(store).load_state("bob").current
         assert (service.program("bob").instructions, service.persona("bob")["current_version"]) == (
             bob.instructions["answer"], bob.version)
+
+
+def test_a_served_persona_is_read_again_from_the_registry_and_rebuilt_only_when_its_alias_moved(
+        tmp_path, log, monkeypatch):
+    uri, store = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "store"
+    compile_users(log, store, CompileConfig(acceptance="always", register_prompts=True), tracking_uri=uri,
+                  progress=False, lm=_fake())
+    first = UserStore(store).load_state("alice").versions[0]
+    mlflow.set_tracking_uri(uri)
+    with PersonaService(store, lm=_fake(), tracking_uri=uri, register_prompts=True, persona_alias="champion") as service:
+        loaded = service.program("alice")
+        edited = mlflow.genai.register_prompt(prompt_name("alice"), "Answer as Alice would: tersely.")
+        mlflow.genai.set_prompt_alias(prompt_name("alice"), "champion", edited.version)
+        assert service.program("alice") is loaded  # the registry is read again only after the refresh time
+        monkeypatch.setattr(service_module, "REGISTRY_REFRESH_S", 0.05)
+        time.sleep(0.1)
+        moved = service.program("alice")
+        assert moved.instructions == "Answer as Alice would: tersely."
+        time.sleep(0.1)
+        assert service.program("alice") is moved  # read again, not moved: the loaded program is kept
+        monkeypatch.setattr(service_module, "REGISTRY_REFRESH_S", 30)
+
+        # The service moves the alias (as its rollbacks and alignments do) while a request reads it:
+        # what that request read is not kept, so the next one reads the moved alias.
+        read = service_module.registered_persona
+
+        def read_while_the_alias_moves(*args):
+            monkeypatch.setattr(service_module, "registered_persona", read)
+            before = read(*args)
+            newer = mlflow.genai.register_prompt(prompt_name("alice"), "Answer as Alice would: warmly.")
+            mlflow.genai.set_prompt_alias(prompt_name("alice"), "champion", newer.version)
+            service._forget_registered("alice")
+            return before
+
+        service._forget_registered("alice")
+        monkeypatch.setattr(service_module, "registered_persona", read_while_the_alias_moves)
+        assert service.program("alice").instructions == "Answer as Alice would: tersely."
+        assert service.program("alice").instructions == "Answer as Alice would: warmly."
+        service.rollback("alice", first.version)  # the service moves the alias: served at once
+        assert service.program("alice").instructions == first.instructions["answer"]
 
 
 def test_prompt_names_are_valid_and_distinct_for_ids_that_read_alike():
