@@ -18,7 +18,9 @@ For one user, whose past interactions come oldest first:
    the persona's text and the tools its answer call is shown; demonstrations come from the user's
    history before the validation window. A degenerate rewrite, or one that names items from the
    examples or copies a past answer, is rejected without being scored. There is no reflection
-   when every replay was answered right (no loss), or when there is no validation window;
+   when every replay was answered right (no loss), or when there is no validation window. A text
+   in the user's own style (a headline) is computed from their history instead, with no LM call
+   and no replays (`answer_history`): its feedback compares the window's answers;
 5. update: a text candidate replaces the current state only if the acceptance strategy says so:
    `validated` (default) when a one-sided paired sign test over the window's interactions says it
    is better (`SIGN_TEST_LEVEL`): with a window of 3, only a candidate better on all three and worse
@@ -26,8 +28,8 @@ For one user, whose past interactions come oldest first:
 
 Every state tried is a `PersonaVersion` with its validation score, emitted as it is made. With n=3
 and a window of 3, one iteration costs 3 + 3 answers, 1 reflection call and 3 answers to validate the
-rewrite: 10 LM calls, where one label-scoring pass counts as one call. `max_lm_calls` bounds it: the
-window shrinks first.
+rewrite: 10 LM calls, where one label-scoring pass counts as one call (a style: the window answered
+without and with it, 6). `max_lm_calls` bounds it: the window shrinks first.
 """
 
 from __future__ import annotations
@@ -329,7 +331,8 @@ class PersonaAlignment(VersionedTeleprompter):
         validate on, sized to the budget (each iteration validates once), and what is older."""
         replays = trainset[-self.n_recent:]
         earlier = trainset[:-len(replays)] if replays else []
-        # Calls: validation + replays, then per iteration one reflection and (validated) a validation.
+        # Calls: validation + replays, then per iteration one reflection and (validated) a validation
+        # (a style: the window twice, within the same bound).
         per_iteration = self.validation if self.acceptance.validates else 0
         room = (self.max_lm_calls - len(replays) - self.iterations) // (1 + (self.iterations if per_iteration else 0))
         size = max(0, min(self.validation, len(earlier), room))
@@ -337,13 +340,19 @@ class PersonaAlignment(VersionedTeleprompter):
 
     def answer_history(self, program: PersonaProgram, trainset: list[dspy.Example]) -> list[Answered]:
         """The validation window and the replays, answered by `program` as of their own times: what
-        the adaptation learns from, and the population model from every user's."""
+        the adaptation learns from, and the population model from every user's.
+
+        For a text in the user's own style, the window alone, then again under the text computed
+        from the history before it: this user's paired items of the population's evidence on
+        whether such a text pays. That text is computed from the history, not learned from answers,
+        so replays would only be shown in its feedback (a third of a LaMP-4 compile's generations);
+        the window's answers are shown instead."""
         older, window, replays = self.windows(trainset)
-        answered = self._answer(program, [*window, *replays])
-        texts = [str(ex.answer) for ex in older]
-        if program.task.styled and window and texts:
-            # The window answered again under the text computed from the history before it: this
-            # user's paired items of the population's evidence on whether such a text pays.
+        if not program.task.styled:
+            return self._answer(program, [*window, *replays])
+        answered = self._answer(program, window)
+        texts = _past_texts(older)
+        if window and texts:
             styled = program.with_persona(style_persona(program.persona, texts))
             answered += [replace(a, candidate=True) for a in self._answer(styled, window)]
         return answered
@@ -383,12 +392,15 @@ class PersonaAlignment(VersionedTeleprompter):
         for _ in range(self.iterations):  # 4-5. textual loss and gradient, rewrite, validate
             # No loss, no gradient; and a candidate that could not be accepted is not written: with
             # no window, or one on which even a perfect candidate would not pass the sign test.
-            if (score_answers(task, replayed, _combination(program.persona)).task == 1.0
-                    or not acceptance.could_accept(current, len(window))):
+            # A style needs the user's past texts to be computed from.
+            replay_score = score_answers(task, replayed, _combination(program.persona))
+            if ((replay_score and replay_score.task == 1.0) or not acceptance.could_accept(current, len(window))
+                    or (task.styled and not _past_texts(older))):
                 break
             with timings.phase("reflection"):
                 try:
-                    candidate, feedback = self._rewrite(program, replayed, older)
+                    # A styled text's feedback shows the window's answers: it has no replays answered.
+                    candidate, feedback = self._rewrite(program, replayed or validated, older)
                 except AdapterParseError as exc:
                     note = f"the reflection LM's output did not parse ({gist(str(exc).splitlines()[0], 200)})"
                     versions.append(self._emit(program.snapshot(accepted=False, note=note)))
@@ -408,9 +420,11 @@ class PersonaAlignment(VersionedTeleprompter):
                 feedback=feedback, accepted=accepted, note=acceptance.explain(accepted), **_scored(score))))
             if accepted:
                 program, current = trial, score or current
-                if self.iterations > 1:
-                    with timings.phase("replay"):
-                        replayed = self._answer(program, replays)
+            if task.styled:  # computed, not learned: another iteration would compute the same text
+                break
+            if accepted and self.iterations > 1:
+                with timings.phase("replay"):
+                    replayed = self._answer(program, replays)
         return Aligned(versions, timings.seconds)
 
     # ------------------------------------------------------------------ steps
@@ -425,14 +439,14 @@ class PersonaAlignment(VersionedTeleprompter):
     def _reflect(self):
         return use_lm(self.reflection_lm) if self.reflection_lm else contextlib.nullcontext()
 
-    def _rewrite(self, program: PersonaProgram, replayed: list[Answered],
+    def _rewrite(self, program: PersonaProgram, cases: list[Answered],
                  older: list[dspy.Example]) -> tuple[Persona, str]:
         """A candidate persona and its feedback: for a short text in the user's own style (a
         headline), that style as their own history shows it (a 1.5B reflection LM described topics
         instead, on held-out LaMP-4 users); otherwise the reflection LM's rewrite."""
         if program.task.styled:
-            return style_rewrite(program, replayed, [str(ex.answer) for ex in older])
-        return self._reflection_rewrite(program, replayed, older)
+            return style_rewrite(program, cases, _past_texts(older))
+        return self._reflection_rewrite(program, cases, older)
 
     def _reflection_rewrite(self, program: PersonaProgram, replayed: list[Answered],
                             older: list[dspy.Example]) -> tuple[Persona, str]:
@@ -485,16 +499,22 @@ def style_persona(persona: Persona, texts: list[str]) -> Persona:
                    preferences=[], rules=rules)
 
 
-def style_rewrite(program: PersonaProgram, replayed: list[Answered], texts: list[str]) -> tuple[Persona, str]:
+def _past_texts(examples: list[dspy.Example]) -> list[str]:
+    """The user's own texts in `examples` (their history before the validation window): what a style
+    is computed from."""
+    return [str(ex.answer) for ex in examples if str(ex.answer).strip()]
+
+
+def style_rewrite(program: PersonaProgram, cases: list[Answered], texts: list[str]) -> tuple[Persona, str]:
     """The style candidate (`style_persona` of the user's texts before the validation window) and
-    its feedback: those texts' facts and how the replayed answers missed them."""
+    its feedback: those texts' facts and how the answers in `cases` (the window's) missed them."""
     task = program.task
-    cases = "\n\n".join(f"Case {i}\n{miss(task, a, Combination())}" for i, a in enumerate(replayed, 1))
-    return style_persona(program.persona, texts), f"{task.output_stats(texts)}\n\n{cases}"
+    shown = "\n\n".join(f"Case {i}\n{miss(task, a, Combination())}" for i, a in enumerate(cases, 1))
+    return style_persona(program.persona, texts), f"{task.output_stats(texts)}\n\n{shown}"
 
 
 def miss(task, answered: Answered, combination: Combination) -> str:
-    """A replayed case as computed facts: the answers, and the size and direction of the miss (for
+    """An answered case as computed facts: the answers, and the size and direction of the miss (for
     generated text, how it differs from the real one in length, casing, punctuation and words)."""
     line = f"assistant's answer: {answered.answer}\nuser's real answer: {answered.gold}\n"
     if answered.answer.strip().lower() == answered.gold.strip().lower():

@@ -257,9 +257,22 @@ def test_a_generation_rewrite_states_the_users_style_from_their_history(headline
     assert any("colon" in r and "100%" in r for r in rules) and any("Never use" in r and "a question" in r for r in rules)
     assert "length: the assistant wrote 2 words, the user" in rewrite.feedback
     assert not any(h.lower() in aligned.current.instructions["answer"].lower() for h in HEADLINES)
-    # The history (window and replays), then the window under the computed text: no reflection LM
-    # call, and no second validation of the same text.
-    assert usage.calls == 3 + 3 + 3
+    # The window, then the window under the computed text: no replays (the text is computed from
+    # the history, not learned from answers), no reflection LM call, no second validation.
+    assert usage.calls == 3 + 3
+
+
+def test_a_style_is_computed_once_and_only_from_past_texts(headlines):
+    program, trainset = headlines
+    lm = _headline_lm(lambda article, gold: gold)
+    with use_lm(lm), UsageMeter(lm) as usage:
+        twice = PersonaAlignment(n_recent=3, iterations=2, max_lm_calls=30).align(program, trainset=trainset)
+    # A second iteration would compute the same text again: it does not run, nor replay anything.
+    assert usage.calls == 3 + 3 and [v.accepted for v in twice.versions[1:]] == [True]
+    # Six interactions: three replays and a window of three, no past text to compute a style from.
+    with use_lm(lm), UsageMeter(lm) as usage:
+        early = PersonaAlignment(n_recent=3).align(program, trainset=trainset[:6])
+    assert usage.calls == 3 and [v.note for v in early.versions] == ["initial persona"]
 
 
 def _align_styled(headlines, lm, effect):
