@@ -316,7 +316,8 @@ def plot(task: TaskSpec, summaries: list[dict], out: Path, name: str) -> None:
     ax.bar([s["method"] for s in scored], [s[metric] for s in scored], yerr=errors, capsize=3, color="#4c72b0")
     ax.set_ylabel(metric + (" (lower is better)" if metric == "mae" else ""))
     ax.set_title(f"{task.name}: {metric} per method, 95% bootstrap CI (n={max(s['n'] for s in summaries)})")
-    ax.tick_params(axis="x", rotation=30)
+    # Rotated labels end at their bar's tick: centred ones read as the next bar's.
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=120)
     plt.close(fig)
