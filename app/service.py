@@ -205,6 +205,14 @@ log = logging.getLogger(__name__)
 REGISTRY_REFRESH_S = 30  # with `persona_alias`: how often a user's persona is read again from the registry
 
 
+def _keep_recent(entries: OrderedDict, key, value, size: int) -> None:
+    """Put `value` under `key` as the most recently used, dropping the least recently used past `size`."""
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > size:
+        entries.popitem(last=False)
+
+
 class _RegisteredPersonas:
     """Each user's persona under the service's alias in the prompt registry: `(text, version)`, or
     None where the registry has none (or is out of reach). Read again when the user's files changed
@@ -233,10 +241,7 @@ class _RegisteredPersonas:
             persona = None
         with self._lock:
             if forgotten == self._forgotten:  # else the alias may have moved during the read
-                self._read[user_id] = (now, files, persona)
-                self._read.move_to_end(user_id)
-                while len(self._read) > self.size:
-                    self._read.popitem(last=False)
+                _keep_recent(self._read, user_id, (now, files, persona), self.size)
         return persona
 
     def forget(self, user_id: str) -> None:
@@ -265,9 +270,7 @@ class _ConversationPasts:
 
     def put(self, key: tuple[str, str, str], past: str) -> None:
         with self._lock:
-            self._pasts[key] = past
-            while len(self._pasts) > self.size:
-                self._pasts.popitem(last=False)
+            _keep_recent(self._pasts, key, past, self.size)
 
     def forget(self, user_id: str) -> None:
         with self._lock:
@@ -412,10 +415,7 @@ class PersonaService:
                 raise _unknown(user_id)
             loaded = self._load(user_id, stamp)
             with self._lock:
-                self._programs[user_id] = loaded
-                self._programs.move_to_end(user_id)
-                while len(self._programs) > self.max_loaded:
-                    self._programs.popitem(last=False)
+                _keep_recent(self._programs, user_id, loaded, self.max_loaded)
         return loaded
 
     def _load(self, user_id: str, stamp: tuple) -> _Loaded:
