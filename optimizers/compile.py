@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -31,9 +31,9 @@ from ..program.store import ProgramState, UserStore
 from .engines import Engine, LocalEngine
 from .persona import Aligned
 from .pipeline import (CompileConfig, Ingested, Stage, align, answer_history, ingest, population_model, run_stages,
-                       save, stage_keys, write_profile)
+                       profile, save, stage_keys)
 from .population import Answered, PopulationModel
-from .tracking import MlflowObserver, Observer, Tracker, tracking_uri_or_default, untraced
+from .tracking import MlflowObserver, Observer, StageTimes, Tracker, tracking_uri_or_default, untraced
 
 
 @dataclass
@@ -77,9 +77,11 @@ def compile_user(store_root: str, task_dict: dict, user: UserData | dict, config
     try:
         with store.lock(user.user_id):
             keys = stage_keys(config, task, user, population)
-            if until:  # untracked: this user's run is the next pass's
+            if until:  # untracked: this user's run is the next pass's, which logs where this time went
+                times = StageTimes()
                 with untraced():
-                    return _compile(store, task, user, config, keys, lm, Observer(), model, until=until)
+                    result = _compile(store, task, user, config, keys, lm, times, model, until=until)
+                return replace(result, timings=times.seconds)
             previous = store.load_state(user.user_id)
             # The program names the key it was saved under: the one truth of what it was compiled
             # from, even when a kill came between writing it and logging its stage.
@@ -111,7 +113,7 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
         with use_lm(lm), UsageMeter(lm) as usage:
             stages = [
                 Stage("ingest", lambda _: ingest(store, user), lambda logged: Ingested(**logged), asdict),
-                Stage("profile", lambda _: write_profile(store, uid, task), lambda _: store.profile(uid)),
+                Stage("profile", lambda _: profile(store, uid, task), lambda _: store.profile(uid)),
                 Stage("history", lambda _: answer_history(store, user, task, config, previous),
                       lambda logged: [Answered(**a) for a in logged], lambda out: [asdict(a) for a in out]),
                 Stage("align", lambda done: align(store, user, task, config, previous, lm, observer, done["history"],
@@ -122,16 +124,17 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
             if until:
                 stages = stages[:[stage.name for stage in stages].index(until) + 1]
             done, ran = run_stages(store, uid, stages, keys, observer)
+        for name, seconds in spent.get("timings", {}).items():  # the first pass's stages, in this user's run
+            observer.stage(name, seconds, ran=True)
         if until:
             return UserResult(uid, "compiled", lm_calls=usage.calls, tokens=usage.tokens,
                               seconds=time.perf_counter() - started, stages_run=ran)
-        history_seconds = {"history": spent["seconds"]} if spent["seconds"] else {}
         state: ProgramState = done["save"]
         aligned: Aligned = done["align"]
         result = UserResult(uid, "compiled", scores=[v.score for v in state.versions], score_after=state.current.score,
                             lm_calls=usage.calls + spent["lm_calls"], tokens=usage.tokens + spent["tokens"],
                             seconds=time.perf_counter() - started + spent["seconds"],
-                            timings={**history_seconds, **aligned.timings}, stages_run=spent["stages_run"] + ran,
+                            timings={**spent.get("timings", {}), **aligned.timings}, stages_run=spent["stages_run"] + ran,
                             persona_before=aligned.versions[0].instructions.get("answer", ""),
                             persona_after=state.current.instructions.get("answer", ""))
     except Exception as exc:  # one user's failure must not stop the others
@@ -191,8 +194,8 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
             if population:
                 observer.population(population, UserStore(store).save_population(population))
         # The first pass's cost is the user's too: their result and run count it.
-        spent = {uid: {"lm_calls": r.lm_calls, "tokens": r.tokens, "seconds": r.seconds, "stages_run": r.stages_run}
-                 for uid, r in first.items()}
+        spent = {uid: {"lm_calls": r.lm_calls, "tokens": r.tokens, "seconds": r.seconds, "stages_run": r.stages_run,
+                       "timings": r.timings} for uid, r in first.items()}
         jobs = [(str(store), task_dict, row, config, parent_id, uri, population, spent.get(row["user_id"]))
                 for row in rows if first.get(row["user_id"]) is None or first[row["user_id"]].status != "failed"]
         results = [r for r in first.values() if r.status == "failed"]

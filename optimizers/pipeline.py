@@ -4,7 +4,7 @@ A user's program is made in named stages, each a function with typed inputs and 
 saved, as STORM's engine runs and saves its stages:
 
     ingest   the user's interactions -> their episodic memory     (episodic.sqlite, .faiss)
-    profile  their memory -> the semantic profile (one LM call)    (profile.json)
+    profile  their memory -> the semantic profile (one LM call)    (profile.json; not for a styled text)
     history  their latest interactions, answered as of their times (stages.json)
     align    history, the population model, config -> the versions the optimizer ran (stages.json)
     save     those versions -> the user's program history          (program.json)
@@ -101,9 +101,18 @@ def ingest(store: UserStore, user: UserData) -> Ingested:
 
 def write_profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
     """The semantic profile, updated from the records it does not cover yet (one LM call)."""
-    profile = SemanticMemory()(task=task, records=store.memory(user_id).all(), previous=store.profile(user_id)).profile
-    store.save_profile(user_id, profile)
-    return profile
+    written = SemanticMemory()(task=task, records=store.memory(user_id).all(), previous=store.profile(user_id)).profile
+    store.save_profile(user_id, written)
+    return written
+
+
+def profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
+    """The profile stage: the profile written where the user's persona program reads it. A text in
+    the user's own style (a headline) has no use for it: its context is the similar past
+    interactions alone (`default_sources`) and its text is computed from the user's past texts
+    (`optimizers.persona.style_rewrite`), so writing it would spend one generation, about 12 s of a
+    LaMP-4 compile's 30 s, on nothing. Methods that show it (`eval`'s MemBank, ReAct) write it."""
+    return store.profile(user_id) if task.styled else write_profile(store, user_id, task)
 
 
 def _student(store: UserStore, user_id: str, task: TaskSpec, previous: ProgramState | None) -> PersonaProgram:

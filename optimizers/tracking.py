@@ -174,6 +174,18 @@ class Observer:
         """A compile of many users ended (a `CompileReport`)."""
 
 
+class StageTimes(Observer):
+    """Records each stage's seconds and logs nothing: for the compile's first pass, whose user's
+    run opens in the second pass, which logs them there (`Observer.stage`)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name, seconds, ran, metrics=None):
+        if ran:
+            self.seconds[name] = seconds
+
+
 def prompt_name(user_id: str) -> str:
     """The user's prompt in MLflow's prompt registry, whose names allow letters, digits, '-', '_'
     and '.': the id's hash keeps apart two ids that read alike there."""

@@ -68,6 +68,9 @@ def test_compile_saves_versions_logs_runs_and_skips_unchanged_users(tmp_path, da
     metrics = children[VARIED].data.metrics
     assert metrics["validation_score"] == rewrite.score and metrics["validation_likelihood"] == rewrite.likelihood
     assert {"seconds_validation", "seconds_adaptation", "seconds_reflection"} <= set(metrics)
+    # The first pass (up to the answered history) ran before the user's run opened: its time is there too.
+    assert {"seconds_ingest", "seconds_profile", "seconds_history"} <= set(metrics) and metrics["seconds_history"] > 0
+    assert children[VARIED].data.tags["stage.history"] == "ran"
     assert "seconds_reflection" not in children[STEADY].data.metrics
     # The UI shows what changed: each version's diff, the run's description, the users' table.
     client = mlflow.MlflowClient(uri)
@@ -191,3 +194,23 @@ def test_bad_config_is_refused():
 def test_an_unknown_acceptance_is_refused_when_configured():
     with pytest.raises(ValueError, match="unknown acceptance 'guarded'"):
         CompileConfig(acceptance="guarded")
+
+
+def test_a_headline_compile_writes_no_profile_its_program_never_reads(tmp_path):
+    """A styled text's persona shows no profile and computes its text from past headlines: the
+    compile answers the window plainly and under the style text, and spends no call on a profile."""
+    headlines = ["Senate Passes Budget: What Comes Next", "Mayor Quits Amid Scandal: Five Questions",
+                 "Storm Hits Coast: Towns Brace", "Court Blocks Rule: Who Wins Now", "Team Wins Title: A Look Back",
+                 "Star Returns Home: Fans Rejoice", "Market Falls Again: Why It Matters"]
+    profile = [{"id": str(i), "text": f"story {i} about events", "title": h, "date": f"2020-01-0{i + 1}"}
+               for i, h in enumerate(headlines)]
+    question = {"id": "q1", "user_id": "hana", "profile": profile,
+                "input": "Generate a headline for the following article: story 9 about events"}
+    (tmp_path / "questions.json").write_text(json.dumps([question]))
+    (tmp_path / "outputs.json").write_text(json.dumps({"task": "LaMP_4", "golds": [{"id": "q1", "output": "Rain Falls"}]}))
+    data = load(tmp_path, task="LaMP-4")
+    report = compile_users(data, tmp_path / "store", CompileConfig(), progress=False,
+                           lm=fake_lm({"title": "Events Happen: A Look"}))
+    assert report.counts["compiled"] == 1, [r.error for r in report.results]
+    assert report.results[0].lm_calls == 3 + 3  # the window, then the window under the style text
+    assert not (UserStore(tmp_path / "store").user_dir("hana") / "profile.json").exists()
