@@ -18,9 +18,10 @@ For one user, whose past interactions come oldest first:
    the persona's text and the tools its answer call is shown; demonstrations come from the user's
    history before the validation window. A degenerate rewrite, or one that names items from the
    examples or copies a past answer, is rejected without being scored. There is no reflection
-   when every replay was answered right (no loss), or when there is no validation window. A text
-   in the user's own style (a headline) is computed from their history instead, with no LM call
-   and no replays (`answer_history`): its feedback compares the window's answers;
+   when every replay was answered right (no loss), or when there is no validation window. Where
+   a candidate comes from is a `TextSource`: that reflection (`ReflectedText`), or, for a text in
+   the user's own style (a headline), the style computed from their history, with no LM call and
+   no replays (`ComputedStyle`): its feedback compares the window's answers;
 5. update: a text candidate replaces the current state only if the acceptance strategy says so:
    `validated` (default) when a one-sided paired sign test over the window's interactions says it
    is better (`SIGN_TEST_LEVEL`): with a window of 3, only a candidate better on all three and worse
@@ -324,7 +325,6 @@ class PersonaAlignment(VersionedTeleprompter):
         self.max_lm_calls = max_lm_calls
         self.reflection_lm = reflection_lm
         self.on_version = on_version  # an observer (a tracker): told of each version as it is made
-        self.reflect = dspy.Predict(ReflectOnAnswers)
 
     def windows(self, trainset: list) -> tuple[list, list, list]:
         """(older, validation, replays): the latest n to learn from, the window before them to
@@ -340,22 +340,9 @@ class PersonaAlignment(VersionedTeleprompter):
 
     def answer_history(self, program: PersonaProgram, trainset: list[dspy.Example]) -> list[Answered]:
         """The validation window and the replays, answered by `program` as of their own times: what
-        the adaptation learns from, and the population model from every user's.
-
-        For a text in the user's own style, the window alone, then again under the text computed
-        from the history before it: this user's paired items of the population's evidence on
-        whether such a text pays. That text is computed from the history, not learned from answers,
-        so replays would only be shown in its feedback (a third of a LaMP-4 compile's generations);
-        the window's answers are shown instead."""
-        older, window, replays = self.windows(trainset)
-        if not program.task.styled:
-            return self._answer(program, [*window, *replays])
-        answered = self._answer(program, window)
-        texts = _past_texts(older)
-        if window and texts:
-            styled = program.with_persona(style_persona(program.persona, texts))
-            answered += [replace(a, candidate=True) for a in self._answer(styled, window)]
-        return answered
+        the adaptation learns from, and the population model from every user's (for a text computed
+        from the history, the window without and with it: `ComputedStyle.answer_history`)."""
+        return text_source(program.task).answer_history(program, *self.windows(trainset))
 
     def align(self, student: PersonaProgram, *, trainset: list[dspy.Example], population: Combination | None = None,
               strength: float = DEFAULT_STRENGTH, answered: list[Answered] | None = None,
@@ -372,9 +359,9 @@ class PersonaAlignment(VersionedTeleprompter):
                 answered = self.answer_history(program, trainset)
         initial = [a for a in answered if not a.candidate]
         validated, replayed = initial[:len(window)], initial[len(window):]
-        styled = [a for a in answered if a.candidate]  # the window under the computed text (`answer_history`)
-        # A computed text is judged with the population's evidence where there is some, else alone.
-        acceptance = PopulationBacked(text_effect) if task.styled and text_effect and styled else self.acceptance
+        candidates = [a for a in answered if a.candidate]  # the window under a text answered with the history
+        source = text_source(task, self.reflection_lm)
+        acceptance = source.acceptance(self.acceptance, text_effect, candidates)
         current = score_answers(task, validated, _combination(program.persona))
         versions = [self._emit(program.snapshot(note="initial persona", **_scored(current)))]
 
@@ -392,15 +379,14 @@ class PersonaAlignment(VersionedTeleprompter):
         for _ in range(self.iterations):  # 4-5. textual loss and gradient, rewrite, validate
             # No loss, no gradient; and a candidate that could not be accepted is not written: with
             # no window, or one on which even a perfect candidate would not pass the sign test.
-            # A style needs the user's past texts to be computed from.
             replay_score = score_answers(task, replayed, _combination(program.persona))
             if ((replay_score and replay_score.task == 1.0) or not acceptance.could_accept(current, len(window))
-                    or (task.styled and not _past_texts(older))):
+                    or not source.can_write(older)):
                 break
             with timings.phase("reflection"):
                 try:
-                    # A styled text's feedback shows the window's answers: it has no replays answered.
-                    candidate, feedback = self._rewrite(program, replayed or validated, older)
+                    # Without replays answered (a computed text's history), the feedback shows the window's.
+                    candidate, feedback = source.rewrite(program, replayed or validated, older)
                 except AdapterParseError as exc:
                     note = f"the reflection LM's output did not parse ({gist(str(exc).splitlines()[0], 200)})"
                     versions.append(self._emit(program.snapshot(accepted=False, note=note)))
@@ -414,50 +400,79 @@ class PersonaAlignment(VersionedTeleprompter):
             score = None
             if acceptance.validates and window:
                 with timings.phase("validation"):
-                    score = score_answers(task, styled or self._answer(trial, window), _combination(candidate))
+                    score = score_answers(task, candidates or answer(trial, window), _combination(candidate))
             accepted = acceptance.accept(score, current)
             versions.append(self._emit(trial.snapshot(
                 feedback=feedback, accepted=accepted, note=acceptance.explain(accepted), **_scored(score))))
             if accepted:
                 program, current = trial, score or current
-            if task.styled:  # computed, not learned: another iteration would compute the same text
+            if not source.learns:  # another iteration would write the same text
                 break
             if accepted and self.iterations > 1:
                 with timings.phase("replay"):
-                    replayed = self._answer(program, replays)
+                    replayed = answer(program, replays)
         return Aligned(versions, timings.seconds)
 
-    # ------------------------------------------------------------------ steps
 
-    @staticmethod
-    def _answer(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:
-        """Answer each interaction as of its own time, keeping every tool's evidence for refitting."""
-        return [Answered(ex.question, str(ex.answer), str(pred.answer), pred.get("lm_scores"),
-                         pred.get("evidence") or {})
-                for ex in examples for pred in [program(question=ex.question, as_of=ex.get("as_of"))]]
+# ---------------------------------------------------------------- where a text candidate comes from
 
-    def _reflect(self):
-        return use_lm(self.reflection_lm) if self.reflection_lm else contextlib.nullcontext()
+def answer(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:
+    """Answer each interaction as of its own time, keeping every tool's evidence for refitting."""
+    return [Answered(ex.question, str(ex.answer), str(pred.answer), pred.get("lm_scores"), pred.get("evidence") or {})
+            for ex in examples for pred in [program(question=ex.question, as_of=ex.get("as_of"))]]
 
-    def _rewrite(self, program: PersonaProgram, cases: list[Answered],
-                 older: list[dspy.Example]) -> tuple[Persona, str]:
-        """A candidate persona and its feedback: for a short text in the user's own style (a
-        headline), that style as their own history shows it (a 1.5B reflection LM described topics
-        instead, on held-out LaMP-4 users); otherwise the reflection LM's rewrite."""
-        if program.task.styled:
-            return style_rewrite(program, cases, _past_texts(older))
-        return self._reflection_rewrite(program, cases, older)
 
-    def _reflection_rewrite(self, program: PersonaProgram, replayed: list[Answered],
-                            older: list[dspy.Example]) -> tuple[Persona, str]:
+class TextSource(Protocol):
+    """Where a persona text candidate comes from, and what that asks of the user's history."""
+
+    reads_profile: bool  # whether writing a candidate reads the user's semantic profile
+    learns: bool  # whether another iteration, on new answers, could write a different text
+
+    def answer_history(self, program: PersonaProgram, older: list[dspy.Example], window: list[dspy.Example],
+                       replays: list[dspy.Example]) -> list[Answered]:
+        """What the alignment learns from, answered by `program` as of each interaction's own time."""
+
+    def acceptance(self, default: Acceptance, text_effect: TextEffect | None,
+                   candidates: list[Answered]) -> Acceptance:
+        """How a candidate is accepted, given the configured strategy, the population's evidence on
+        such texts, and the window answered under a candidate with the history (if it was)."""
+
+    def can_write(self, older: list[dspy.Example]) -> bool:
+        """Whether a candidate can be written from the history before the validation window."""
+
+    def rewrite(self, program: PersonaProgram, cases: list[Answered],
+                older: list[dspy.Example]) -> tuple[Persona, str]:
+        """A candidate persona and its feedback (the textual gradient), from the answered `cases`."""
+
+
+class ReflectedText:
+    """The paper's textual loss and gradient: the reflection LM (default: the configured LM) compares
+    the replayed answers with what the user really did, given computed facts, and rewrites the
+    persona's text and the tools its answer call is shown."""
+
+    reads_profile, learns = True, True
+
+    def __init__(self, reflection_lm: dspy.LM | None = None):
+        self.reflection_lm = reflection_lm
+        self.reflect = dspy.Predict(ReflectOnAnswers)
+
+    def answer_history(self, program, older, window, replays):
+        return answer(program, [*window, *replays])
+
+    def acceptance(self, default, text_effect, candidates):
+        return default
+
+    def can_write(self, older):
+        return True
+
+    def rewrite(self, program, cases, older):
         task = program.task
         facts = f"{task.output_stats([r.output for r in program.memory.all()])}\nProfile: {program.profile.render()}"
-        cases = "\n\n".join(f"Case {i}\nquestion: {gist(a.question, 300)}\n"
-                            f"{miss(task, a, _combination(program.persona))}"
-                            for i, a in enumerate(replayed, 1))
+        shown = "\n\n".join(f"Case {i}\nquestion: {gist(a.question, 300)}\n"
+                             f"{miss(task, a, _combination(program.persona))}" for i, a in enumerate(cases, 1))
         tools = "\n".join(f"{name}: {tool.desc}" for name, tool in program.tools.items())
-        with self._reflect():
-            out = self.reflect(task=task.description, persona=program.instructions, user_facts=facts, cases=cases,
+        with use_lm(self.reflection_lm) if self.reflection_lm else contextlib.nullcontext():
+            out = self.reflect(task=task.description, persona=program.instructions, user_facts=facts, cases=shown,
                                tools=tools)
         notes = "".join(f"\n- {n}" for n in out.notes if n.strip())
         feedback = f"{out.gradient.strip()}\nNotes on the replayed cases:{notes}"
@@ -471,6 +486,46 @@ class PersonaAlignment(VersionedTeleprompter):
             demos=[{"question": ex.question, "answer": ex.answer} for ex in older[-2:]],
         )
         return candidate, feedback
+
+
+class ComputedStyle:
+    """A text in the user's own style (a headline): the style their past texts show (`style_persona`),
+    computed, not learned from answers (a 1.5B reflection LM described topics instead, on held-out
+    LaMP-4 users), so it reads no profile and another iteration would compute the same text."""
+
+    reads_profile, learns = False, False
+
+    def answer_history(self, program, older, window, replays):
+        """The window alone, then again under the text computed from the history before it: this
+        user's paired items of the population's evidence on whether such a text pays. Replays would
+        only be shown in its feedback (a third of a LaMP-4 compile's generations); the window's
+        answers are shown instead."""
+        answered = answer(program, window)
+        texts = _past_texts(older)
+        if window and texts:
+            styled = program.with_persona(style_persona(program.persona, texts))
+            answered += [replace(a, candidate=True) for a in answer(styled, window)]
+        return answered
+
+    def acceptance(self, default, text_effect, candidates):
+        """Judged with the population's evidence where there is some (`PopulationBacked`), else alone."""
+        return PopulationBacked(text_effect) if text_effect and candidates else default
+
+    def can_write(self, older):
+        return bool(_past_texts(older))
+
+    def rewrite(self, program, cases, older):
+        """The style of the user's texts before the window, and as feedback those texts' facts and
+        how the answers in `cases` (the window's) missed them."""
+        task, texts = program.task, _past_texts(older)
+        shown = "\n\n".join(f"Case {i}\n{miss(task, a, Combination())}" for i, a in enumerate(cases, 1))
+        return style_persona(program.persona, texts), f"{task.output_stats(texts)}\n\n{shown}"
+
+
+def text_source(task, reflection_lm: dspy.LM | None = None) -> TextSource:
+    """Where `task`'s persona text candidates come from: for a text in the user's own style, their
+    style computed from their past texts; for any other answer, the reflection LM's rewrite."""
+    return ComputedStyle() if task.styled else ReflectedText(reflection_lm)
 
 
 CASING_RULES = {"Title Case": "Capitalize every major word (Title Case).",
@@ -503,14 +558,6 @@ def _past_texts(examples: list[dspy.Example]) -> list[str]:
     """The user's own texts in `examples` (their history before the validation window): what a style
     is computed from."""
     return [str(ex.answer) for ex in examples if str(ex.answer).strip()]
-
-
-def style_rewrite(program: PersonaProgram, cases: list[Answered], texts: list[str]) -> tuple[Persona, str]:
-    """The style candidate (`style_persona` of the user's texts before the validation window) and
-    its feedback: those texts' facts and how the answers in `cases` (the window's) missed them."""
-    task = program.task
-    shown = "\n\n".join(f"Case {i}\n{miss(task, a, Combination())}" for i, a in enumerate(cases, 1))
-    return style_persona(program.persona, texts), f"{task.output_stats(texts)}\n\n{shown}"
 
 
 def miss(task, answered: Answered, combination: Combination) -> str:

@@ -44,7 +44,8 @@ from ..program.persona import Persona, PersonaVersion
 from ..program.storage import MAX_VERSIONS
 from ..program.store import ProgramState, UserStore
 from .gepa import GepaAlignment
-from .persona import Aligned, AlignmentConfig, PersonaAlignment, Unaligned, VersionedTeleprompter, past_interaction
+from .persona import (Aligned, AlignmentConfig, PersonaAlignment, Unaligned, VersionedTeleprompter, past_interaction,
+                      text_source)
 from .population import Answered, PopulationModel, fit_population, fit_text_effects
 from .tracking import Observer, seconds_metrics
 
@@ -107,12 +108,11 @@ def write_profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
 
 
 def profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
-    """The profile stage: the profile written where the user's persona program reads it. A text in
-    the user's own style (a headline) has no use for it: its context is the similar past
-    interactions alone (`default_sources`) and its text is computed from the user's past texts
-    (`optimizers.persona.style_rewrite`), so writing it would spend one generation, about 12 s of a
-    LaMP-4 compile's 30 s, on nothing. Methods that show it (`eval`'s MemBank, ReAct) write it."""
-    return store.profile(user_id) if task.styled else write_profile(store, user_id, task)
+    """The profile stage: the profile written where writing the user's persona text reads it
+    (`TextSource.reads_profile`). A style computed from the user's past texts (a headline) does not,
+    nor does its program show one (`default_sources`): writing it would spend one generation, about
+    12 s of a LaMP-4 compile's 30 s, on nothing. Methods that show it (`eval`'s MemBank, ReAct) write it."""
+    return write_profile(store, user_id, task) if text_source(task).reads_profile else store.profile(user_id)
 
 
 def _student(store: UserStore, user_id: str, task: TaskSpec, previous: ProgramState | None) -> PersonaProgram:

@@ -21,7 +21,7 @@ estimate under a Gaussian prior centred on a starting combination:
 
 For text the user writes (a headline: `TaskSpec.styled`), there is no distribution to combine, and
 what the population learns is whether a persona text computed from a user's own history (their
-style: `optimizers.persona.style_rewrite`) makes the program's answers better: every user's
+style: `optimizers.persona.ComputedStyle`) makes the program's answers better: every user's
 validation window is answered with it and without it, and the paired wins and losses of the task's
 score over the other users (`TextEffect`) decide, by a sign test with the evidence of all of them,
 what one user's three items cannot.
