@@ -107,12 +107,18 @@ def write_profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
     return written
 
 
+def writes_profile(task: TaskSpec) -> bool:
+    """Whether the profile stage writes a profile for `task`: where writing the user's persona text
+    reads it (`TextSource.reads_profile`). A style computed from the user's past texts (a headline)
+    does not, nor does its program show one (`default_sources`): writing it would spend one
+    generation, about 12 s of a LaMP-4 compile's 30 s, on nothing. Methods that show it (`eval`'s
+    MemBank, ReAct) write it."""
+    return text_source(task).reads_profile
+
+
 def profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
-    """The profile stage: the profile written where writing the user's persona text reads it
-    (`TextSource.reads_profile`). A style computed from the user's past texts (a headline) does not,
-    nor does its program show one (`default_sources`): writing it would spend one generation, about
-    12 s of a LaMP-4 compile's 30 s, on nothing. Methods that show it (`eval`'s MemBank, ReAct) write it."""
-    return write_profile(store, user_id, task) if text_source(task).reads_profile else store.profile(user_id)
+    """The profile stage: the profile written (one LM call) where `writes_profile`, else as it is."""
+    return write_profile(store, user_id, task) if writes_profile(task) else store.profile(user_id)
 
 
 def _student(store: UserStore, user_id: str, task: TaskSpec, previous: ProgramState | None) -> PersonaProgram:

@@ -94,6 +94,21 @@ def test_summaries_count_generated_answers_and_keep_each_compiled_users_validati
     assert summary["compile_lm_calls_per_user"] == 10 and "replay_scores" not in summary
 
 
+def test_the_offline_cost_is_a_fresh_runs_compile_and_profile_and_an_ablation_has_its_own_none():
+    task = LAMP_TASKS["LaMP-3"]
+    answer = {"id": "q", "pred": "4", "gold": "5", "lm_calls": 1, "tokens": 10, "seconds": 1.0}
+    profile = {"lm_calls": 1, "tokens": 50, "seconds": 8.0}
+    compiled = {"status": "compiled", "lm_calls": 6, "tokens": 100, "seconds": 20.0, "scores": [0.5]}
+    persona = summarize(task, "persona", [{"user_id": "a", "answers": [answer], "compile": compiled, "profile": profile}])
+    assert (persona["offline_lm_calls_per_user"], persona["offline_seconds_per_user"]) == (7, 28.0)
+    membank = summarize(task, "membank", [{"user_id": "a", "answers": [answer], "compile": None, "profile": profile}])
+    assert (membank["offline_lm_calls_per_user"], membank["offline_seconds_per_user"]) == (1, 8.0)
+    ablation = summarize(task, "persona_nopersona", [{"user_id": "a", "answers": [answer], "profile": profile,
+                                                      "compile": {**compiled, "status": "skipped"}}])
+    rag = summarize(task, "rag", [{"user_id": "a", "answers": [answer], "compile": None, "profile": None}])
+    assert "offline_lm_calls_per_user" not in ablation and "offline_lm_calls_per_user" not in rag
+
+
 def _rows(correct: list[bool], label: str = "[1]") -> list[dict]:
     other = "[2]" if label == "[1]" else "[1]"
     return [{"user_id": f"u{i}", "answers": [{"id": f"q{i}", "pred": label if ok else other, "gold": label,
@@ -191,8 +206,8 @@ def test_a_compiled_method_is_prepared_by_the_pipeline_and_answers_the_same_on_a
 
     prepared = []
     for stage in ("ingest", "write_profile"):  # the shared store is made by the compile's own stages
-        monkeypatch.setattr(pipeline, stage, lambda *args, _run=getattr(pipeline, stage), _name=stage:
-                            prepared.append(_name) or _run(*args))
+        monkeypatch.setattr(pipeline, stage, lambda store, *args, _run=getattr(pipeline, stage), _name=stage:
+                            prepared.append((_name, store.root.name)) or _run(store, *args))
     data = load(SAMPLE_DIR / "LaMP-3-amazon").select(2)
     answers = {}
     for name, engine in (("in-process", None), ("local", LocalEngine(1))):
@@ -202,7 +217,11 @@ def test_a_compiled_method_is_prepared_by_the_pipeline_and_answers_the_same_on_a
         rows = evaluation.run_method("persona")
         assert all(not r.get("error") and r["compile"]["status"] == "compiled" for r in rows), rows
         answers[name] = [(r["user_id"], a["id"], a["pred"]) for r in rows for a in r["answers"]]
+        # A fresh compile writes the profile the eval shares: its cost is the row's too.
+        assert all(r["profile"]["lm_calls"] == 1 for r in rows)
+        summary = summarize(data.task, "persona", rows)
+        assert summary["offline_lm_calls_per_user"] == summary["compile_lm_calls_per_user"] + 1
         for user_id in data.users:  # each compiled store starts from the shared profile, through the store
             assert UserStore(out / "stores" / "persona").profile(user_id) == UserStore(out / "stores" / "base").profile(user_id)
     assert answers["in-process"] == answers["local"] and len(answers["local"]) == 2
-    assert prepared.count("ingest") == prepared.count("write_profile") == 2 * len(data.users)
+    assert prepared.count(("ingest", "base")) == prepared.count(("write_profile", "base")) == 2 * len(data.users)
