@@ -351,8 +351,8 @@ def _ask_command(commands, when_named) -> None:
 
 def _compile_command(commands, when_named) -> None:
     p = commands.add_parser("compile", help="compile per-user programs offline",
-                            description="Ingest each user's history, write their profile and align their persona; "
-                                        "resumable.")
+                            description="Ingest each user's history, write their profile (where their program reads "
+                                        "one) and align their persona; resumable.")
     p.add_argument("--data", required=True, help="LaMP folder or questions file, or a .jsonl interaction log")
     p.add_argument("--store", required=True, help="output directory for the users' programs")
     p.add_argument("--task", default=None, help="task name (e.g. LaMP-3) when the data does not say; for .jsonl: "

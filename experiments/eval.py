@@ -52,6 +52,7 @@ from ..program.tools import author_history, candidate_scores
 
 NON_LLM = ("global_majority", "user_majority", "word_overlap")
 BASELINES = tuple(name for name, strategy in STRATEGIES.items() if not strategy.follows_persona)
+UNKNOWN_COST = {"unknown": True}  # a profile written before the eval kept what profiles cost
 COMPILED = {"persona_noalign": "unaligned", "persona": "persona", "gepa": "gepa"}  # method -> optimizer
 ABLATED = {f"persona_{name}": name for name in ABLATIONS}  # method -> ablation of the aligned program
 METHODS = NON_LLM + BASELINES + ("persona_noalign", "persona", *ABLATED, "gepa")
@@ -125,7 +126,7 @@ class Evaluation:
                 except Exception as exc:  # one user's failure is recorded; the others go on
                     record = {"user_id": user.user_id, "error": f"{type(exc).__name__}: {exc}", "answers": []}
                 path.write_text(json.dumps(record, ensure_ascii=False, indent=1))
-            rows.append(json.loads(path.read_text()))
+            rows.append({**json.loads(path.read_text()), "profile": self._profile_cost(method, user.user_id)})
         return rows
 
     def _run_user(self, method: str, user: UserData) -> dict:
@@ -159,8 +160,7 @@ class Evaluation:
                                 "tools": [step["tool"] for step in pred.trajectory],
                                 "confidence": pred.get("confidence"), "scoring": pred.get("scoring")})
         store.close()
-        profile_cost = self._profile_cost(user.user_id) if self._writes_profile(method) else None
-        return {"user_id": user.user_id, "answers": answers, "compile": compile_cost, "profile": profile_cost}
+        return {"user_id": user.user_id, "answers": answers, "compile": compile_cost}
 
     def _writes_profile(self, method: str) -> bool:
         """Whether a fresh run of `method` writes the user's profile: a compile whose profile stage
@@ -172,14 +172,18 @@ class Evaluation:
 
     def _profile_cost_path(self, user_id: str) -> Path:
         # Beside the answers (committed), so a resumed run still counts what the shared profile cost.
-        return self.out / "raw" / "profile" / f"{user_id}.json"
+        return self.out / "raw" / "_profile" / f"{user_id}.json"
 
-    def _profile_cost(self, user_id: str) -> dict | None:
+    def _profile_cost(self, method: str, user_id: str) -> dict | None:
+        """What writing the user's profile cost, where a fresh run of `method` writes it (None where
+        it does not; `UNKNOWN_COST` for a profile written before its cost was kept)."""
+        if method in NON_LLM or not self._writes_profile(method):
+            return None
         path = self._profile_cost_path(user_id)
-        return json.loads(path.read_text()) if path.exists() else None
+        return json.loads(path.read_text()) if path.exists() else UNKNOWN_COST
 
     def _base(self, user: UserData, with_profile: bool = True) -> UserStore:
-        """The store every method shares, made by the compile's own `ingest` and `profile` stages:
+        """The store every method shares, made by the compile's own `ingest` and `write_profile`:
         the user's memory, and their profile (one generation, made once, its cost kept) for the
         methods whose fresh run writes it."""
         base = UserStore(self.out / "stores" / "base")
@@ -247,10 +251,11 @@ def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:
         summary["validation_scores"] = [c["scores"] for c in compiles]
     # What a user costs a fresh run before their first answer: their compile and the profile it (or
     # the baseline) writes; the eval writes each profile once and keeps what it cost. An ablation
-    # reuses the compile it ablates (skipped): its cost is that row's.
+    # reuses the compile it ablates (skipped): its cost is that row's. Left out where a profile's
+    # cost was not kept (written by an earlier version of the eval): a part would read as the whole.
     fresh = [r for r in rows if not r.get("error") and (not r.get("compile") or r["compile"]["status"] == "compiled")]
     offline = [[c for c in (r.get("compile"), r.get("profile")) if c] for r in fresh]
-    if any(offline):
+    if any(offline) and not any(r.get("profile") == UNKNOWN_COST for r in fresh):
         summary["offline_lm_calls_per_user"] = sum(c["lm_calls"] for cs in offline for c in cs) / len(offline)
         summary["offline_seconds_per_user"] = sum(c["seconds"] for cs in offline for c in cs) / len(offline)
     return summary

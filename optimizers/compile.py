@@ -45,7 +45,7 @@ class UserResult:
     lm_calls: int = 0
     tokens: int = 0
     seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)  # stage or alignment phase -> seconds
+    timings: dict[str, float] = field(default_factory=dict)  # stage (that ran) or alignment phase -> seconds
     persona_before: str = ""
     persona_after: str = ""
     details: str = ""  # the traceback of a failure, for the MLflow run
@@ -106,7 +106,7 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
              spent: dict | None = None, until: str | None = None) -> UserResult:
     lm = lm or make_lm(config.lm, api_base=config.api_base)
     started = time.perf_counter()
-    spent = spent or {"lm_calls": 0, "tokens": 0, "seconds": 0.0, "stages_run": []}
+    spent = spent or {"lm_calls": 0, "tokens": 0, "seconds": 0.0, "stages_run": [], "timings": {}}
     uid = user.user_id
     try:
         previous = store.load_state(uid)
@@ -123,9 +123,11 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
             ]
             if until:
                 stages = stages[:[stage.name for stage in stages].index(until) + 1]
-            done, ran = run_stages(store, uid, stages, keys, observer)
-        for name, seconds in spent.get("timings", {}).items():  # the first pass's stages, in this user's run
-            observer.stage(name, seconds, ran=True)
+            try:
+                done, ran = run_stages(store, uid, stages, keys, observer)
+            finally:  # the first pass's stages, in this user's run, whether or not the rest failed
+                for name, seconds in spent["timings"].items():
+                    observer.stage(name, seconds, ran=True)
         if until:
             return UserResult(uid, "compiled", lm_calls=usage.calls, tokens=usage.tokens,
                               seconds=time.perf_counter() - started, stages_run=ran)
@@ -134,7 +136,7 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
         result = UserResult(uid, "compiled", scores=[v.score for v in state.versions], score_after=state.current.score,
                             lm_calls=usage.calls + spent["lm_calls"], tokens=usage.tokens + spent["tokens"],
                             seconds=time.perf_counter() - started + spent["seconds"],
-                            timings={**spent.get("timings", {}), **aligned.timings}, stages_run=spent["stages_run"] + ran,
+                            timings={**spent["timings"], **aligned.timings}, stages_run=spent["stages_run"] + ran,
                             persona_before=aligned.versions[0].instructions.get("answer", ""),
                             persona_after=state.current.instructions.get("answer", ""))
     except Exception as exc:  # one user's failure must not stop the others

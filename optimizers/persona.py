@@ -342,7 +342,7 @@ class PersonaAlignment(VersionedTeleprompter):
         """The validation window and the replays, answered by `program` as of their own times: what
         the adaptation learns from, and the population model from every user's (for a text computed
         from the history, the window without and with it: `ComputedStyle.answer_history`)."""
-        return text_source(program.task).answer_history(program, *self.windows(trainset))
+        return text_source(program.task, self.reflection_lm).answer_history(program, *self.windows(trainset))
 
     def align(self, student: PersonaProgram, *, trainset: list[dspy.Example], population: Combination | None = None,
               strength: float = DEFAULT_STRENGTH, answered: list[Answered] | None = None,
@@ -400,7 +400,7 @@ class PersonaAlignment(VersionedTeleprompter):
             score = None
             if acceptance.validates and window:
                 with timings.phase("validation"):
-                    score = score_answers(task, candidates or answer(trial, window), _combination(candidate))
+                    score = score_answers(task, candidates or answer_as_of(trial, window), _combination(candidate))
             accepted = acceptance.accept(score, current)
             versions.append(self._emit(trial.snapshot(
                 feedback=feedback, accepted=accepted, note=acceptance.explain(accepted), **_scored(score))))
@@ -410,13 +410,13 @@ class PersonaAlignment(VersionedTeleprompter):
                 break
             if accepted and self.iterations > 1:
                 with timings.phase("replay"):
-                    replayed = answer(program, replays)
+                    replayed = answer_as_of(program, replays)
         return Aligned(versions, timings.seconds)
 
 
 # ---------------------------------------------------------------- where a text candidate comes from
 
-def answer(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:
+def answer_as_of(program: PersonaProgram, examples: list[dspy.Example]) -> list[Answered]:
     """Answer each interaction as of its own time, keeping every tool's evidence for refitting."""
     return [Answered(ex.question, str(ex.answer), str(pred.answer), pred.get("lm_scores"), pred.get("evidence") or {})
             for ex in examples for pred in [program(question=ex.question, as_of=ex.get("as_of"))]]
@@ -454,10 +454,9 @@ class ReflectedText:
 
     def __init__(self, reflection_lm: dspy.LM | None = None):
         self.reflection_lm = reflection_lm
-        self.reflect = dspy.Predict(ReflectOnAnswers)
 
     def answer_history(self, program, older, window, replays):
-        return answer(program, [*window, *replays])
+        return answer_as_of(program, [*window, *replays])
 
     def acceptance(self, default, text_effect, candidates):
         return default
@@ -472,8 +471,8 @@ class ReflectedText:
                              f"{miss(task, a, _combination(program.persona))}" for i, a in enumerate(cases, 1))
         tools = "\n".join(f"{name}: {tool.desc}" for name, tool in program.tools.items())
         with use_lm(self.reflection_lm) if self.reflection_lm else contextlib.nullcontext():
-            out = self.reflect(task=task.description, persona=program.instructions, user_facts=facts, cases=shown,
-                               tools=tools)
+            out = dspy.Predict(ReflectOnAnswers)(task=task.description, persona=program.instructions,
+                                                 user_facts=facts, cases=shown, tools=tools)
         notes = "".join(f"\n- {n}" for n in out.notes if n.strip())
         feedback = f"{out.gradient.strip()}\nNotes on the replayed cases:{notes}"
         persona = program.persona
@@ -500,11 +499,11 @@ class ComputedStyle:
         user's paired items of the population's evidence on whether such a text pays. Replays would
         only be shown in its feedback (a third of a LaMP-4 compile's generations); the window's
         answers are shown instead."""
-        answered = answer(program, window)
+        answered = answer_as_of(program, window)
         texts = _past_texts(older)
         if window and texts:
             styled = program.with_persona(style_persona(program.persona, texts))
-            answered += [replace(a, candidate=True) for a in answer(styled, window)]
+            answered += [replace(a, candidate=True) for a in answer_as_of(styled, window)]
         return answered
 
     def acceptance(self, default, text_effect, candidates):

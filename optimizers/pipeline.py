@@ -108,12 +108,11 @@ def write_profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:
 
 
 def writes_profile(task: TaskSpec) -> bool:
-    """Whether the profile stage writes a profile for `task`: where writing the user's persona text
-    reads it (`TextSource.reads_profile`). A style computed from the user's past texts (a headline)
-    does not, nor does its program show one (`default_sources`): writing it would spend one
-    generation, about 12 s of a LaMP-4 compile's 30 s, on nothing. Methods that show it (`eval`'s
-    MemBank, ReAct) write it."""
-    return text_source(task).reads_profile
+    """Whether the profile stage writes a profile for `task`: where the user's program shows it
+    (`default_sources`) or writing their persona text reads it (`TextSource.reads_profile`). A
+    headline does neither (its style is computed from their past headlines): writing one would
+    spend a generation, about 12 s of a LaMP-4 compile's 30 s, on nothing."""
+    return "read_profile" in default_sources(task) or text_source(task).reads_profile
 
 
 def profile(store: UserStore, user_id: str, task: TaskSpec) -> Profile:

@@ -196,20 +196,10 @@ def test_an_unknown_acceptance_is_refused_when_configured():
         CompileConfig(acceptance="guarded")
 
 
-def test_a_headline_compile_writes_no_profile_its_program_never_reads(tmp_path):
+def test_a_headline_compile_writes_no_profile_its_program_never_reads(tmp_path, headline_data):
     """A styled text's persona shows no profile and computes its text from past headlines: the
     compile answers the window plainly and under the style text, and spends no call on a profile."""
-    headlines = ["Senate Passes Budget: What Comes Next", "Mayor Quits Amid Scandal: Five Questions",
-                 "Storm Hits Coast: Towns Brace", "Court Blocks Rule: Who Wins Now", "Team Wins Title: A Look Back",
-                 "Star Returns Home: Fans Rejoice", "Market Falls Again: Why It Matters"]
-    profile = [{"id": str(i), "text": f"story {i} about events", "title": h, "date": f"2020-01-0{i + 1}"}
-               for i, h in enumerate(headlines)]
-    question = {"id": "q1", "user_id": "hana", "profile": profile,
-                "input": "Generate a headline for the following article: story 9 about events"}
-    (tmp_path / "questions.json").write_text(json.dumps([question]))
-    (tmp_path / "outputs.json").write_text(json.dumps({"task": "LaMP_4", "golds": [{"id": "q1", "output": "Rain Falls"}]}))
-    data = load(tmp_path, task="LaMP-4")
-    report = compile_users(data, tmp_path / "store", CompileConfig(), progress=False,
+    report = compile_users(headline_data, tmp_path / "store", CompileConfig(), progress=False,
                            lm=fake_lm({"title": "Events Happen: A Look"}))
     assert report.counts["compiled"] == 1, [r.error for r in report.results]
     assert report.results[0].lm_calls == 3 + 3  # the window, then the window under the style text

@@ -6,8 +6,8 @@ import pytest
 from personaagent.data import SAMPLE_DIR
 from personaagent.data.loaders import TaskData, UserData, load
 from personaagent.data.tasks import LAMP_TASKS, Interaction
-from personaagent.experiments.eval import (BASELINES, COMPILED, Evaluation, bootstrap_interval, compare_to_reference,
-                                           markdown_table, plot, summarize)
+from personaagent.experiments.eval import (BASELINES, COMPILED, UNKNOWN_COST, Evaluation, bootstrap_interval,
+                                           compare_to_reference, markdown_table, plot, summarize)
 from personaagent.optimizers.pipeline import OPTIMIZERS, CompileConfig
 
 
@@ -106,7 +106,24 @@ def test_the_offline_cost_is_a_fresh_runs_compile_and_profile_and_an_ablation_ha
     ablation = summarize(task, "persona_nopersona", [{"user_id": "a", "answers": [answer], "profile": profile,
                                                       "compile": {**compiled, "status": "skipped"}}])
     rag = summarize(task, "rag", [{"user_id": "a", "answers": [answer], "compile": None, "profile": None}])
-    assert "offline_lm_calls_per_user" not in ablation and "offline_lm_calls_per_user" not in rag
+    # A profile written before its cost was kept: the compile alone would read as the whole cost.
+    unknown = summarize(task, "persona", [{"user_id": "a", "answers": [answer], "compile": compiled,
+                                           "profile": UNKNOWN_COST}])
+    assert not {"offline_lm_calls_per_user"} & (set(ablation) | set(rag) | set(unknown))
+
+
+def test_a_headline_eval_writes_a_profile_for_membank_only_and_counts_it_there(tmp_path, headline_data):
+    from personaagent.program.lm import FAKE_LM
+    from personaagent.program.store import UserStore
+
+    evaluation = Evaluation(headline_data, tmp_path / "out", FAKE_LM, CompileConfig(lm=FAKE_LM), None)
+    persona = evaluation.run_method("persona")
+    assert persona[0]["compile"]["status"] == "compiled" and persona[0]["profile"] is None
+    assert not (UserStore(tmp_path / "out" / "stores" / "base").user_dir("hana") / "profile.json").exists()
+    membank = evaluation.run_method("membank")
+    assert membank[0]["profile"]["lm_calls"] == 1
+    resumed = Evaluation(headline_data, tmp_path / "out", FAKE_LM, CompileConfig(lm=FAKE_LM), None)
+    assert resumed.run_method("membank")[0]["profile"] == membank[0]["profile"]  # read back, not written again
 
 
 def _rows(correct: list[bool], label: str = "[1]") -> list[dict]:
