@@ -167,6 +167,21 @@ def test_a_failing_lm_fails_users_without_stopping_the_run_or_losing_the_last_pe
     assert UserStore(tmp_path / "store").load_state(VARIED).current == before
 
 
+def test_a_user_whose_alignment_fails_still_has_their_first_pass_times_in_their_run(tmp_path, data, monkeypatch):
+    import personaagent.optimizers.compile as compile_module
+
+    def failing_align(*args, **kwargs):
+        raise RuntimeError("alignment broke")
+
+    monkeypatch.setattr(compile_module, "align", failing_align)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    report = compile_users(data.select(user_ids=[VARIED]), tmp_path / "store", CompileConfig(), tracking_uri=uri,
+                           progress=False, lm=fake_lm(answers(data)))
+    assert report.counts["failed"] == 1 and "alignment broke" in report.results[0].error
+    run = next(r for r in _runs(uri) if r.data.tags.get("user_id") == VARIED)
+    assert run.data.tags["status"] == "failed" and run.data.metrics["seconds_history"] > 0
+
+
 def test_gepa_and_no_optimizer(tmp_path, data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     gepa = compile_users(data, tmp_path / "gepa", CompileConfig(optimizer="gepa", gepa_budget=6), tracking_uri=uri,
