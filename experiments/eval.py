@@ -47,6 +47,7 @@ from ..optimizers.pipeline import CompileConfig
 from ..optimizers.tracking import setup_mlflow
 from ..program.agent import ABLATIONS, STRATEGIES
 from ..program.lm import DEFAULT_LM, UsageMeter, make_lm, use_lm
+from ..program.storage import write_json_atomic
 from ..program.store import UserStore
 from ..program.tools import author_history, candidate_scores
 
@@ -79,6 +80,11 @@ def _past_answers(task: TaskSpec, user: UserData) -> list[str]:
     history item's own output is its reference list, its replay's output is a label)."""
     answers = [r.output for r in (user.replays or user.memories) if r.output]
     return [a for a in answers if a in task.labels] if task.labels else answers
+
+
+def _compiled(method: str) -> str:
+    """The compiled method whose program `method` answers with: an ablation's is PersonaAgent's."""
+    return "persona" if method in ABLATED else method
 
 
 class Evaluation:
@@ -114,7 +120,7 @@ class Evaluation:
         # The global majority depends on which users are chosen: the free baselines are always
         # recomputed, never resumed.
         pending = {u.user_id for u in users if method in NON_LLM or not self.raw_path(method, u.user_id).exists()}
-        compiled = "persona" if method in ABLATED else method
+        compiled = _compiled(method)
         if compiled in COMPILED and pending:
             self._compile(compiled, [u for u in users if u.user_id in pending])
         for user in tqdm(users, desc=method, unit="user"):
@@ -139,7 +145,7 @@ class Evaluation:
                 {"id": q.id, "pred": _word_overlap(q.question, user) if method == "word_overlap" else guess,
                  "gold": q.answer, "lm_calls": 0, "tokens": 0, "seconds": 0.0}
                 for q in self.questions(user)]}
-        compiled = "persona" if method in ABLATED else method
+        compiled = _compiled(method)
         store, compile_cost = self._prepare(compiled, user)
         if compile_cost and compile_cost["status"] == "failed":
             raise RuntimeError(f"compile failed: {compile_cost['error']}")
@@ -165,7 +171,7 @@ class Evaluation:
     def _writes_profile(self, method: str) -> bool:
         """Whether a fresh run of `method` writes the user's profile: a compile whose profile stage
         writes one (`pipeline.writes_profile`), or a baseline that shows it."""
-        compiled = "persona" if method in ABLATED else method
+        compiled = _compiled(method)
         if compiled in COMPILED:
             return pipeline.writes_profile(self.data.task)
         return STRATEGIES[compiled].reads_profile
@@ -193,9 +199,8 @@ class Evaluation:
             lm = self._lm()
             with use_lm(lm), UsageMeter(lm) as usage:
                 pipeline.write_profile(base, user.user_id, self.data.task)
-            path = self._profile_cost_path(user.user_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"lm_calls": usage.calls, "tokens": usage.tokens, "seconds": usage.seconds}))
+            write_json_atomic(self._profile_cost_path(user.user_id),
+                              {"lm_calls": usage.calls, "tokens": usage.tokens, "seconds": usage.seconds})
         return base
 
     def _compile(self, method: str, users: list[UserData]) -> None:

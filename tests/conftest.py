@@ -23,6 +23,13 @@ def embedder():
     return default_embedder()
 
 
+# A journalist's headlines in a steady style (Title Case, a colon), oldest first.
+HEADLINES = ["Senate Passes Budget: What Comes Next", "Mayor Quits Amid Scandal: Five Questions", "Storm Hits Coast: Towns Brace",
+             "Court Blocks Rule: Who Wins Now", "Team Wins Title: A Look Back", "Star Returns Home: Fans Rejoice",
+             "Market Falls Again: Why It Matters", "Bridge Reopens Downtown: Traffic Eases",
+             "School Board Votes: Parents React", "Factory Closes Doors: Jobs Lost", "Festival Draws Crowds: Streets Fill"]
+
+
 def interactions(n: int, prefix: str = "item", output: str | None = "5") -> list[Interaction]:
     return [Interaction(f"{prefix} {i}: a review of guitar strings number {i}", output, float(i)) for i in range(n)]
 
@@ -33,11 +40,8 @@ def headline_data(tmp_path):
     steady style (Title Case, a colon) and one question, loaded."""
     from personaagent.data import load
 
-    headlines = ["Senate Passes Budget: What Comes Next", "Mayor Quits Amid Scandal: Five Questions",
-                 "Storm Hits Coast: Towns Brace", "Court Blocks Rule: Who Wins Now", "Team Wins Title: A Look Back",
-                 "Star Returns Home: Fans Rejoice", "Market Falls Again: Why It Matters"]
     profile = [{"id": str(i), "text": f"story {i} about events", "title": h, "date": f"2020-01-0{i + 1}"}
-               for i, h in enumerate(headlines)]
+               for i, h in enumerate(HEADLINES[:7])]
     question = {"id": "q1", "user_id": "hana", "profile": profile,
                 "input": "Generate a headline for the following article: story 9 about events"}
     folder = tmp_path / "LaMP-4-sample"

@@ -12,6 +12,8 @@ from personaagent.program.persona import Persona
 from personaagent.program.store import UserStore
 from personaagent.program.testing import fake_lm
 
+from conftest import HEADLINES
+
 
 TASK = LAMP_TASKS["LaMP-3"]
 N = 7  # one older interaction, a validation window of 3, 3 replays
@@ -212,10 +214,6 @@ def test_student_is_not_modified_and_bad_settings_are_refused(program):
         PersonaAlignment().compile(program, trainset=[])
 
 
-HEADLINES = ["Senate Passes Budget: What Comes Next", "Mayor Quits Amid Scandal: Five Questions", "Storm Hits Coast: Towns Brace",
-             "Court Blocks Rule: Who Wins Now", "Team Wins Title: A Look Back", "Star Returns Home: Fans Rejoice",
-             "Market Falls Again: Why It Matters", "Bridge Reopens Downtown: Traffic Eases",
-             "School Board Votes: Parents React", "Factory Closes Doors: Jobs Lost", "Festival Draws Crowds: Streets Fill"]
 ARTICLES = [f"Generate a headline for the following article: story number {i} about events" for i in range(len(HEADLINES))]
 WINDOW = ARTICLES[-6:-3]  # with 3 replays and a window of 3: the 5 headlines before it teach the style
 
