@@ -359,6 +359,7 @@ def _citation_interaction(item: dict, profile: list[dict]) -> Interaction | None
 
 
 CANDIDATES = re.compile(r'\[(\d+)\]: "([^"]*)"')
+PAPER_TITLE = re.compile(r'the paper with the title "(.*)", which reference')  # a citation question's own paper
 
 
 def swap_candidates(inputs: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, str]]]:

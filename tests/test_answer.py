@@ -133,6 +133,26 @@ def test_a_new_authors_choice_is_asked_from_the_question_alone_with_the_comparis
     store.close()
 
 
+def test_the_candidate_evidence_prefers_the_reference_on_the_papers_topic_where_history_is_silent(tmp_path, embedder):
+    # A cited reference is on its paper's topic and an unrelated paper seldom is: where the author's
+    # history has neither candidate's words, the question's own title still tells them apart.
+    from personaagent.data.tasks import Interaction
+    from personaagent.program.store import UserStore
+
+    store = UserStore(tmp_path, embedder)
+    store.memory("ann").add([Interaction("title: Bird songs of the Alps", "Alpine ecology", 1.0)])
+    question = ('For an author who has written the paper with the title "Parsing with neural nets", which '
+                'reference is related? Just answer with [1] or [2] without explanation. '
+                '[1]: "A survey of cooking" [2]: "Neural dependency parsing"')
+    with use_lm(fake_lm({"answer": _prefers("A survey of cooking")})):
+        pred = store.build("ann", CITATION)(question=question)
+    assert pred.evidence["compare_candidates"]["[2]"] > 0.9
+    tool = next(t for t in store.build("ann", CITATION).tools.values() if t.name == "compare_candidates")
+    assert "\"Neural dependency parsing\": cited by this author before: no; share of its words in the author's " \
+           "work: 0.00; in this paper's title: 0.67" in tool(question=question)
+    store.close()
+
+
 def test_a_choice_asked_in_both_orders_falls_back_to_generation_for_both():
     lm = dspy.LM("fake/plain", engine=GeneratingEngine({"answer": _prefers("Neural parsing")}), cache=False)
     with use_lm(lm):
