@@ -37,6 +37,14 @@ def test_label_scores_are_a_distribution_from_one_call_per_order():
     assert any('[1]: "Neural parsing" [2]: "A survey of cooking"' in r for r in lm.engine.requests)
 
 
+def test_a_label_answer_is_in_dspys_trace_for_optimizers_that_learn_from_it():
+    module = answer_module(CITATION, BASE_INSTRUCTION)
+    with use_lm(fake_lm({"answer": _prefers("Neural parsing")})), dspy.context(trace=[]):
+        pred = module(question=QUESTION, context="(nothing)")
+        (predictor, inputs, traced), = dspy.settings.trace
+    assert predictor is module and inputs["question"] == QUESTION and traced.answer == pred.answer == "[2]"
+
+
 def test_swapping_the_candidates_does_not_change_the_choice():
     swapped = QUESTION.replace('[1]: "A survey of cooking" [2]: "Neural parsing"',
                                '[1]: "Neural parsing" [2]: "A survey of cooking"')

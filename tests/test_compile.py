@@ -184,11 +184,13 @@ def test_a_user_whose_alignment_fails_still_has_their_first_pass_times_in_their_
 
 def test_gepa_and_no_optimizer(tmp_path, data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # GEPA's reflection proposes the rule, the one instruction that rates better: it learns only from
+    # the label answers' traces, so a kept rule shows GEPA saw them.
     gepa = compile_users(data, tmp_path / "gepa", CompileConfig(optimizer="gepa", gepa_budget=6), tracking_uri=uri,
-                         progress=False, lm=fake_lm({**answers(data), "new_instruction": "Answer 5 for this user."}))
+                         progress=False, lm=fake_lm({**answers(data), "new_instruction": f"Answer as the user: {RULE}."}))
     assert gepa.counts["compiled"] == 2, [r.error for r in gepa.results]
-    state = UserStore(tmp_path / "gepa").load_state(gepa.results[0].user_id)
-    assert state.current.note == "gepa" and state.current.instructions
+    state = UserStore(tmp_path / "gepa").load_state(VARIED)
+    assert state.current.note == "gepa" and RULE in state.current.instructions["answer"]
     plain = compile_users(data, tmp_path / "unaligned", CompileConfig(optimizer="unaligned"), tracking_uri=uri,
                           progress=False, lm=fake_lm(answers(data)))
     assert all(r.lm_calls == 1 for r in plain.results)  # the profile only
