@@ -178,17 +178,8 @@ class LabelPredict(dspy.Predict):
                 totals[relabel.get(label, label)] += value / len(variants)
         distribution = normalized(totals)
         answer = self.decide(distribution)
-        prediction = dspy.Prediction(answer=answer, label_scores=distribution, confidence=distribution[answer],
-                                     scoring=scorer.name)
-        self._record(inputs, prediction)
-        return prediction
-
-    def _record(self, inputs: dict, prediction: dspy.Prediction) -> None:
-        """Add the call to DSPy's trace as `dspy.Predict` does: optimizers that learn from traces
-        (GEPA's reflective examples, bootstrapped demonstrations) see nothing of a predictor without it."""
-        trace = dspy.settings.trace
-        if trace is None or dspy.settings.max_trace_size <= 0:
-            return
-        if len(trace) >= dspy.settings.max_trace_size:
-            trace.pop(0)
-        trace.append((self, dict(inputs), prediction))
+        # DSPy's own ending of a call: the Prediction, recorded in DSPy's trace as any Predict's is
+        # (optimizers that learn from traces, GEPA's reflection among them, see nothing without it).
+        return self._forward_postprocess([{"answer": answer, "label_scores": distribution,
+                                           "confidence": distribution[answer], "scoring": scorer.name}],
+                                         signature, **inputs)
