@@ -18,7 +18,9 @@ Every LM method decodes a closed-set answer the same way, from label likelihoods
 Users are the first N of the file (deterministic). Each (method, user) result is written as soon as
 it exists, so a run can be resumed, and runs over different users or methods can share one output
 directory: each writes its summary under its own `name` (`<name>.json`, `<name>.md`, `<name>.png`,
-`<name>-alignment.png`; "results" by default) and logs one MLflow run per method. Each headline
+`<name>-alignment.png`; "results" by default) and logs one MLflow run per method. What a user's
+compile and profile cost is kept beside the answers (`raw/_compile`, `raw/_profile`), so a resumed run,
+or an ablation run before its compiled row, still counts it where a fresh run pays it. Each headline
 metric comes with a 95% bootstrap interval over the users (each drawn with all of its questions),
 and each method's difference to PersonaAgent with a paired one: they say how far a ranking can be
 trusted.
@@ -146,7 +148,7 @@ class Evaluation:
                  "gold": q.answer, "lm_calls": 0, "tokens": 0, "seconds": 0.0}
                 for q in self.questions(user)]}
         compiled = _compiled(method)
-        store, compile_cost = self._prepare(compiled, user)
+        store, compile_cost = self._prepare(method, user)
         if compile_cost and compile_cost["status"] == "failed":
             raise RuntimeError(f"compile failed: {compile_cost['error']}")
         if compiled in COMPILED:
@@ -219,19 +221,34 @@ class Evaluation:
         report = compile_users(self.data.select(user_ids=[u.user_id for u in users]), root, config,
                                tracking_uri=self.tracking_uri, lm=self._lm(), engine=self.engine)
         self.compiles[method] = {r.user_id: r for r in report.results}
+        for result in report.results:
+            if result.status == "compiled":
+                write_json_atomic(self._compile_cost_path(method, result.user_id),
+                                  {"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds})
+
+    def _compile_cost_path(self, method: str, user_id: str) -> Path:
+        # Beside the answers, as the profile's: the row a fresh run pays it in reads it back, whichever
+        # row (an ablation's, or an interrupted run) happened to compile the user first.
+        return self.out / "raw" / "_compile" / method / f"{user_id}.json"
 
     def _prepare(self, method: str, user: UserData) -> tuple[UserStore, dict | None]:
-        """The store the method answers from (compiled methods: their own, compiled by `_compile`),
-        and what compiling the user cost."""
-        base = self._base(user, with_profile=self._writes_profile(method))
-        if method not in COMPILED:
+        """The store `method` answers from (compiled methods: their own, compiled by `_compile`),
+        and what compiling the user cost a fresh run of it: an ablation reuses the compile it
+        ablates (skipped, its cost is that row's); the compiled row counts its compile, kept when it ran."""
+        compiled = _compiled(method)
+        base = self._base(user, with_profile=self._writes_profile(compiled))
+        if compiled not in COMPILED:
             return base, None
         base.close()
-        result = self.compiles[method][user.user_id]
-        store = UserStore(self.out / "stores" / method)
+        result = self.compiles[compiled][user.user_id]
+        cost = {"status": result.status, "lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds}
+        if method != compiled and result.status != "failed":
+            cost = {"status": "skipped", "lm_calls": 0, "tokens": 0, "seconds": 0.0}
+        elif result.status == "skipped" and (kept := self._compile_cost_path(compiled, user.user_id)).exists():
+            cost = {"status": "compiled", **json.loads(kept.read_text())}
+        store = UserStore(self.out / "stores" / compiled)
         state = store.load_state(user.user_id)
-        return store, {"status": result.status, "error": result.error, "lm_calls": result.lm_calls,
-                       "tokens": result.tokens, "seconds": result.seconds, "scores": result.scores,
+        return store, {**cost, "error": result.error, "scores": result.scores,
                        "text_kept": bool(state and state.current.persona.text.strip())}
 
 

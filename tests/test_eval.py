@@ -126,6 +126,24 @@ def test_a_headline_eval_writes_a_profile_for_membank_only_and_counts_it_there(t
     assert resumed.run_method("membank")[0]["profile"] == membank[0]["profile"]  # read back, not written again
 
 
+def test_the_compiled_row_counts_its_compile_whichever_row_or_run_compiled_first(tmp_path):
+    from personaagent.program.lm import FAKE_LM
+
+    data = load(SAMPLE_DIR / "LaMP-3-amazon").select(1)
+    out = tmp_path / "out"
+    ablation = Evaluation(data, out, FAKE_LM, CompileConfig(lm=FAKE_LM), 1).run_method("persona_nopersona")
+    assert ablation[0]["compile"]["status"] == "skipped" and ablation[0]["compile"]["lm_calls"] == 0
+    # The aligned row, run after its ablation compiled the user, and again after an interrupted run:
+    # both times the compile is skipped, and both times a fresh run's cost is the row's.
+    persona = Evaluation(data, out, FAKE_LM, CompileConfig(lm=FAKE_LM), 1).run_method("persona")
+    (out / "raw" / "persona" / f"{persona[0]['user_id']}.json").unlink()
+    resumed = Evaluation(data, out, FAKE_LM, CompileConfig(lm=FAKE_LM), 1).run_method("persona")
+    for rows in (persona, resumed):
+        assert rows[0]["compile"]["status"] == "compiled" and rows[0]["compile"]["lm_calls"] > 0
+        assert summarize(data.task, "persona", rows)["compile_lm_calls_per_user"] == rows[0]["compile"]["lm_calls"]
+    assert resumed[0]["compile"]["seconds"] == persona[0]["compile"]["seconds"]
+
+
 def _rows(correct: list[bool], label: str = "[1]") -> list[dict]:
     other = "[2]" if label == "[1]" else "[1]"
     return [{"user_id": f"u{i}", "answers": [{"id": f"q{i}", "pred": label if ok else other, "gold": label,
