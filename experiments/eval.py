@@ -43,7 +43,7 @@ from ..app.cli import add_engine, add_lm, add_settings, config_from, engine_from
 from ..data.loaders import TaskData, UserData, load
 from ..data.tasks import METRICS, TaskSpec
 from ..optimizers import pipeline
-from ..optimizers.compile import UserResult, compile_users
+from ..optimizers.compile import compile_users
 from ..optimizers.engines import Engine
 from ..optimizers.pipeline import CompileConfig
 from ..optimizers.tracking import setup_mlflow
@@ -223,7 +223,7 @@ class Evaluation:
         self.compiles[method] = {r.user_id: r for r in report.results}
         for result in report.results:
             if result.status == "compiled":
-                write_json_atomic(self._compile_cost_path(method, result.user_id), _usage(result))
+                write_json_atomic(self._compile_cost_path(method, result.user_id), result.usage)
 
     def _compile_cost_path(self, method: str, user_id: str) -> Path:
         # Beside the answers, as the profile's: the row a fresh run pays it in reads it back, whichever
@@ -246,16 +246,11 @@ class Evaluation:
         elif result.status == "skipped" and kept.exists():
             cost = {"status": "compiled", **json.loads(kept.read_text())}
         else:
-            cost = {"status": result.status, **_usage(result)}
+            cost = {"status": result.status, **result.usage}
         store = UserStore(self.out / "stores" / compiled)
         state = store.load_state(user.user_id)
         return store, {**cost, "error": result.error, "scores": result.scores,
                        "text_kept": bool(state and state.current.persona.text.strip())}
-
-
-def _usage(result: UserResult) -> dict:
-    """What a user's compile spent, as the eval keeps and reports it."""
-    return {"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds}
 
 
 def summarize(task: TaskSpec, method: str, rows: list[dict]) -> dict:

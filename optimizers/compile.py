@@ -53,6 +53,11 @@ class UserResult:
     score_after: float | None = None  # the validation score of the persona in force after the compile
     stages_run: list[str] = field(default_factory=list)  # the stages that ran (the others resumed)
 
+    @property
+    def usage(self) -> dict:
+        """What the compile spent: LM calls, tokens and seconds."""
+        return {"lm_calls": self.lm_calls, "tokens": self.tokens, "seconds": self.seconds}
+
 
 # ---------------------------------------------------------------- one user
 
@@ -142,7 +147,7 @@ def _compile(store: UserStore, task: TaskSpec, user: UserData, config: CompileCo
     except Exception as exc:  # one user's failure must not stop the others
         result = UserResult(uid, "failed", f"{type(exc).__name__}: {exc}",
                             seconds=time.perf_counter() - started, details=traceback.format_exc(limit=3))
-    observer.finished(result.status, {"lm_calls": result.lm_calls, "tokens": result.tokens, "seconds": result.seconds},
+    observer.finished(result.status, result.usage,
                       f"{result.error}\n\n{result.details}" if result.error else "")
     return result
 
@@ -196,8 +201,7 @@ def compile_users(data: TaskData, store: str | Path, config: CompileConfig, work
             if population:
                 observer.population(population, UserStore(store).save_population(population))
         # The first pass's cost is the user's too: their result and run count it.
-        spent = {uid: {"lm_calls": r.lm_calls, "tokens": r.tokens, "seconds": r.seconds, "stages_run": r.stages_run,
-                       "timings": r.timings} for uid, r in first.items()}
+        spent = {uid: {**r.usage, "stages_run": r.stages_run, "timings": r.timings} for uid, r in first.items()}
         jobs = [(str(store), task_dict, row, config, parent_id, uri, population, spent.get(row["user_id"]))
                 for row in rows if first.get(row["user_id"]) is None or first[row["user_id"]].status != "failed"]
         results = [r for r in first.values() if r.status == "failed"]
